@@ -1,0 +1,1 @@
+"""Small utilities shared by every OmniRay package (no heavy imports here)."""
