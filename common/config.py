@@ -137,9 +137,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()
-) -> T:
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """YAML file (optional) + dotted overrides -> validated dataclass ``cls``."""
     data: dict[str, Any] = read_yaml(path) if path else {}
     data = deep_merge(data, parse_overrides(overrides))

@@ -52,9 +52,7 @@ def shard_schema(modalities: Sequence[str] = MODALITIES) -> pa.Schema:
     return pa.schema(fields)
 
 
-def pack_tensors(
-    modality: str, tensors: Sequence[np.ndarray | None]
-) -> tuple[pa.Array, pa.Array]:
+def pack_tensors(modality: str, tensors: Sequence[np.ndarray | None]) -> tuple[pa.Array, pa.Array]:
     """Packs per-row tensors (or None) into the ``(m, m_shape)`` column pair."""
     dtype = MODALITY_DTYPES[modality]
     offsets = [0]
@@ -108,8 +106,11 @@ def unpack_column(
 
 def unpack_table(table: pa.Table, modalities: Sequence[str] | None = None) -> dict[str, list]:
     """Reads a shard table (or Ray Data pyarrow batch) into python lists/ndarrays."""
-    cols = {c: table.column(c).to_pylist() for c in ("id", "label", "group", "modalities")
-            if c in table.column_names}
+    cols = {
+        c: table.column(c).to_pylist()
+        for c in ("id", "label", "group", "modalities")
+        if c in table.column_names
+    }
     for m in modalities or [m for m in MODALITIES if m in table.column_names]:
         cols[m] = unpack_column(m, table.column(m), table.column(f"{m}_shape"))
     return cols
