@@ -1,0 +1,160 @@
+"""Loading an export and turning a split into embeddings / logits (batched, no grad).
+
+The only module of the evaluation package that touches ``models/``; everything it
+returns is numpy so that the metrics stay framework-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from jobs.evaluation.data import EvaluationError, SplitData
+
+EXPORT_FILES = ("model.safetensors", "model_config.yaml")
+
+
+def check_export(export_dir: str | Path) -> Path:
+    """Validates the export layout (Contract 3) before anything heavy is loaded.
+
+    Raises:
+        EvaluationError: missing directory or files, or an unreadable model_config.yaml.
+    """
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise EvaluationError(f"export directory not found: {export_dir}")
+    missing = [f for f in EXPORT_FILES if not (export_dir / f).is_file()]
+    if missing:
+        raise EvaluationError(
+            f"{export_dir} is not an export: missing {missing} (expected {list(EXPORT_FILES)}, "
+            "written by `python -m jobs.export`)"
+        )
+    try:
+        cfg = yaml.safe_load((export_dir / "model_config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise EvaluationError(f"corrupt {export_dir / 'model_config.yaml'}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise EvaluationError(
+            f"corrupt {export_dir / 'model_config.yaml'}: top level must be a mapping, "
+            f"got {type(cfg).__name__}"
+        )
+    return export_dir
+
+
+def load_model(export_dir: Path, device: str = "cpu") -> torch.nn.Module:
+    """``OmniModel.from_pretrained`` in eval mode on ``device``.
+
+    Raises:
+        EvaluationError: the export cannot be rebuilt (bad config, weights mismatch).
+    """
+    from models import OmniModel
+
+    try:
+        model = OmniModel.from_pretrained(export_dir)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad export, not a bug of ours
+        raise EvaluationError(
+            f"cannot load the model from {export_dir}: {type(e).__name__}: {e}"
+        ) from e
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise EvaluationError(f"device {device!r} requested but CUDA is not available")
+    except RuntimeError as e:
+        raise EvaluationError(f"bad device {device!r}: {e}") from e
+    return model.to(dev).eval()
+
+
+def model_modalities(model: torch.nn.Module) -> list[str]:
+    """Modalities the model has an encoder for."""
+    cfg = getattr(model, "config", None)
+    mods = getattr(cfg, "modalities", None)
+    if mods:
+        return list(mods)
+    encoders = getattr(model, "encoders", None)
+    return list(encoders.keys()) if encoders is not None else []
+
+
+def num_classes(model: torch.nn.Module) -> int:
+    """Classes of the classification head (0: the export has none)."""
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "num_classes", 0) or 0)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _collate(samples: list[dict], modalities: Sequence[str]) -> dict[str, Any]:
+    from models.data import collate
+
+    return collate(samples, modalities=tuple(modalities))
+
+
+@torch.no_grad()
+def embed_rows(
+    model: torch.nn.Module,
+    data: SplitData,
+    modality: str,
+    rows: np.ndarray,
+    batch_size: int,
+) -> np.ndarray:
+    """Embeddings of one modality for the given rows.
+
+    Args:
+        rows: (n,) row indices, each having ``modality``.
+
+    Returns:
+        (n, E) float32 L2-normalized embeddings in the shared space.
+    """
+    dev = _device(model)
+    col = data.tensors[modality]
+    chunks = []
+    for s in range(0, len(rows), batch_size):
+        samples = [{modality: col[i]} for i in rows[s : s + batch_size]]
+        out = model(_to_device(_collate(samples, [modality]), dev), modalities=[modality])
+        chunks.append(out.embeds[modality].float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def embed_arrays(
+    model: torch.nn.Module, modality: str, arrays: list[np.ndarray], batch_size: int
+) -> np.ndarray:
+    """(n, E) embeddings of featurized arrays of one modality (e.g. tokenized prompts)."""
+    data = SplitData(ids=[str(i) for i in range(len(arrays))], labels=[None] * len(arrays))
+    data.tensors[modality] = list(arrays)
+    return embed_rows(model, data, modality, np.arange(len(arrays)), batch_size)
+
+
+@torch.no_grad()
+def classify_rows(
+    model: torch.nn.Module,
+    data: SplitData,
+    modalities: Sequence[str],
+    rows: np.ndarray,
+    batch_size: int,
+) -> np.ndarray:
+    """Classification-head logits on the fused embedding of ``modalities``.
+
+    With a single modality this is the same fusion + head path fed one branch, so the
+    fused and single-modality accuracies are comparable.
+
+    Returns:
+        (n, C) float32 logits.
+    """
+    dev = _device(model)
+    chunks = []
+    for s in range(0, len(rows), batch_size):
+        samples = [{m: data.tensors[m][i] for m in modalities} for i in rows[s : s + batch_size]]
+        out = model(_to_device(_collate(samples, modalities), dev), modalities=list(modalities))
+        chunks.append(model.classify(out.fused).float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)

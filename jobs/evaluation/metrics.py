@@ -1,0 +1,256 @@
+"""Evaluation metrics on plain numpy embeddings: retrieval R@K, zero-shot and head accuracy.
+
+Everything here is framework-free (numpy/scipy only) so that it can be checked on hand-made
+embeddings with known answers. Embeddings are compared by dot product; callers pass
+L2-normalized vectors, which makes the score the cosine similarity.
+
+Ties. Collapsed or quantized embeddings produce exactly equal scores, and a plain
+``argsort`` would then reward or punish a query depending on gallery order. Recall here is
+the *expected* recall under a uniformly random order among tied items, computed exactly
+(hypergeometric), so it is deterministic, independent of gallery order, and a fully
+collapsed model scores chance level instead of 0 or 1. Scores are rounded to
+``tie_decimals`` decimals first so that float noise in the matmul does not split ties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import permutations
+
+import numpy as np
+from scipy.special import gammaln
+
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+
+
+def _log_comb(n: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """log C(n, r) elementwise; callers guarantee 0 <= r <= n."""
+    return gammaln(n + 1.0) - gammaln(r + 1.0) - gammaln(n - r + 1.0)
+
+
+def similarity(query: np.ndarray, gallery: np.ndarray, tie_decimals: int | None = 6) -> np.ndarray:
+    """Dot-product scores.
+
+    Args:
+        query: (Q, E) float embeddings.
+        gallery: (G, E) float embeddings.
+        tie_decimals: round scores to this many decimals (None: no rounding) so that
+            numerically equal scores are treated as ties.
+
+    Returns:
+        (Q, G) float64 scores.
+    """
+    query = np.asarray(query, dtype=np.float64)
+    gallery = np.asarray(gallery, dtype=np.float64)
+    if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"query and gallery must be (Q, E) and (G, E); got {query.shape} and {gallery.shape}"
+        )
+    scores = query @ gallery.T
+    if tie_decimals is not None:
+        scores = np.round(scores, tie_decimals)
+    return scores
+
+
+def hits_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> np.ndarray:
+    """Expected hit@K per query under random tie-breaking.
+
+    A query hits when at least one positive gallery item is among its K best-scored items.
+    Items scoring strictly above the K-th best score are always in the top K; of the ``n``
+    items tied with the K-th best score only ``r`` fit, drawn uniformly, so the miss
+    probability given no positive above is C(n - p, r) / C(n, r) with ``p`` tied positives.
+
+    Args:
+        scores: (Q, G) similarity scores.
+        positives: (Q, G) bool, True where the gallery item counts as a correct answer.
+        k: cut-off, >= 1 (clipped to G).
+
+    Returns:
+        (Q,) float64 in [0, 1]; exactly 0/1 when there are no ties at the cut-off.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    if scores.shape != positives.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and positives {positives.shape} must match")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q, g = scores.shape
+    if q == 0:
+        return np.zeros(0)
+    if g == 0:
+        return np.zeros(q)
+    k = min(k, g)
+    # K-th largest score per query: (Q,)
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+    above = scores > kth[:, None]
+    tied = scores == kth[:, None]
+    hit_above = (positives & above).any(axis=1)
+    n = tied.sum(axis=1).astype(np.float64)
+    p = (positives & tied).sum(axis=1).astype(np.float64)
+    r = k - above.sum(axis=1).astype(np.float64)  # slots left for the tied block, 1 <= r <= n
+    can_miss = (n - p) >= r
+    log_miss = np.where(can_miss, _log_comb(n - p, np.minimum(r, n - p)) - _log_comb(n, r), -np.inf)
+    p_hit_tied = 1.0 - np.exp(log_miss)
+    return np.where(hit_above, 1.0, np.clip(p_hit_tied, 0.0, 1.0))
+
+
+def recall_at_ks(
+    scores: np.ndarray, positives: np.ndarray, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """Mean expected hit@K over queries that have at least one positive.
+
+    Returns:
+        ``{"R@1": ..., "R@5": ..., "n_queries": Q'}`` (R values NaN-free; 0.0 when Q' = 0).
+    """
+    positives = np.asarray(positives, dtype=bool)
+    valid = positives.any(axis=1)
+    out: dict[str, float] = {}
+    for k in ks:
+        h = hits_at_k(scores[valid], positives[valid], k)
+        out[f"R@{k}"] = float(h.mean()) if h.size else 0.0
+    out["n_queries"] = int(valid.sum())
+    return out
+
+
+def label_positives(query_labels: Sequence[str | None], gallery_labels: Sequence[str | None]):
+    """(Q, G) bool: same non-null label (category-level relevance, INTERFACES §7)."""
+    ql = np.asarray([("\0none" if x is None else str(x)) for x in query_labels], dtype=object)
+    gl = np.asarray([("\0none" if x is None else str(x)) for x in gallery_labels], dtype=object)
+    pos = ql[:, None] == gl[None, :]
+    pos &= (ql != "\0none")[:, None]
+    return pos.astype(bool)
+
+
+def retrieval_metrics(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    labels: Sequence[str | None] | None = None,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    tie_decimals: int | None = 6,
+) -> dict[str, object]:
+    """Cross-modal retrieval where query row i and gallery row i come from the same sample.
+
+    Args:
+        query: (N, E) embeddings of the query modality.
+        gallery: (N, E) embeddings of the gallery modality, row-aligned with ``query``.
+        labels: (N,) label per row (None where unknown); enables category-level recall.
+        ks: recall cut-offs.
+        tie_decimals: see :func:`similarity`.
+
+    Returns:
+        ``{"category": {"R@1", ..., "n_queries", "chance@1"} | None,
+        "instance": {"R@1", ..., "n_queries", "chance@1"}, "gallery_size": N}``.
+        ``chance@1`` is the expected R@1 of a random ranking.
+    """
+    if len(query) != len(gallery):
+        raise ValueError(f"query ({len(query)}) and gallery ({len(gallery)}) must be row-aligned")
+    n = len(query)
+    scores = similarity(query, gallery, tie_decimals)
+    inst_pos = np.eye(n, dtype=bool)
+    instance = recall_at_ks(scores, inst_pos, ks)
+    instance["chance@1"] = 1.0 / n if n else 0.0
+    category = None
+    if labels is not None and any(x is not None for x in labels):
+        if len(labels) != n:
+            raise ValueError(f"labels ({len(labels)}) must have one entry per row ({n})")
+        cat_pos = label_positives(labels, labels)
+        category = recall_at_ks(scores, cat_pos, ks)
+        valid = cat_pos.any(axis=1)
+        category["chance@1"] = float(cat_pos[valid].mean(axis=1).mean()) if valid.any() else 0.0
+    return {"category": category, "instance": instance, "gallery_size": n}
+
+
+def ordered_pairs(modalities: Sequence[str]) -> list[tuple[str, str]]:
+    """Every ordered (query, gallery) pair of distinct modalities, in the given order."""
+    return list(permutations(modalities, 2))
+
+
+def normalize_pair(pair: str | Sequence[str]) -> frozenset[str]:
+    """``"text-image"``, ``"text,image"``, ``["text", "image"]`` -> frozenset({"text", "image"})."""
+    if isinstance(pair, str):
+        parts = [p.strip() for p in pair.replace(",", "-").replace(":", "-").split("-")]
+    else:
+        parts = [str(p).strip() for p in pair]
+    parts = [p for p in parts if p]
+    if len(parts) != 2 or parts[0] == parts[1]:
+        raise ValueError(f"an aligned pair names two different modalities, got {pair!r}")
+    return frozenset(parts)
+
+
+def emergent_pairs(
+    modalities: Sequence[str], aligned: Sequence[str | Sequence[str]]
+) -> list[tuple[str, str]]:
+    """Ordered pairs of ``modalities`` whose unordered pair never appears in ``aligned``."""
+    seen = {normalize_pair(p) for p in aligned}
+    return [(a, b) for a, b in ordered_pairs(modalities) if frozenset((a, b)) not in seen]
+
+
+def class_embeddings(prompt_embeds: np.ndarray) -> np.ndarray:
+    """Averages prompt embeddings over templates and re-normalizes.
+
+    Args:
+        prompt_embeds: (C, T, E) embeddings of C classes × T templates.
+
+    Returns:
+        (C, E) unit-norm class embeddings.
+    """
+    mean = np.asarray(prompt_embeds, dtype=np.float64).mean(axis=1)
+    norm = np.linalg.norm(mean, axis=1, keepdims=True)
+    return mean / np.maximum(norm, 1e-12)
+
+
+def top1_accuracy(
+    scores: np.ndarray, targets: Sequence[int] | np.ndarray, tie_decimals: int | None = 6
+) -> dict[str, float]:
+    """Expected top-1 accuracy of class scores, ties split uniformly; targets < 0 skipped.
+
+    Args:
+        scores: (N, C) class scores (logits or similarities).
+        targets: (N,) class index, -1 (or any negative) where unknown.
+
+    Returns:
+        ``{"accuracy": float, "n": N'}``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    if scores.ndim != 2 or len(scores) != len(targets):
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} do not match")
+    valid = targets >= 0
+    if not valid.any():
+        return {"accuracy": 0.0, "n": 0}
+    s = scores[valid]
+    if tie_decimals is not None:
+        s = np.round(s, tie_decimals)
+    t = targets[valid]
+    pos = np.zeros_like(s, dtype=bool)
+    pos[np.arange(len(t)), t] = True
+    acc = hits_at_k(s, pos, 1)
+    return {"accuracy": float(acc.mean()), "n": int(valid.sum())}
+
+
+def zero_shot_accuracy(
+    embeds: np.ndarray,
+    labels: Sequence[str | None],
+    class_embeds: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    tie_decimals: int | None = 6,
+) -> dict[str, float]:
+    """Zero-shot classification: nearest class-prompt embedding.
+
+    Args:
+        embeds: (N, E) unit-norm sample embeddings.
+        labels: (N,) label names (rows whose label is None or not a class are skipped).
+        class_embeds: (C, E) unit-norm class embeddings (see :func:`class_embeddings`).
+        class_names: (C,) names matching ``class_embeds`` rows.
+
+    Returns:
+        ``{"accuracy", "n", "chance"}``.
+    """
+    index = {str(c): i for i, c in enumerate(class_names)}
+    targets = np.asarray([index.get(str(x), -1) if x is not None else -1 for x in labels])
+    scores = similarity(embeds, class_embeds, tie_decimals)
+    out = top1_accuracy(scores, targets, tie_decimals=None)
+    out["chance"] = 1.0 / len(class_names) if len(class_names) else 0.0
+    return out
