@@ -1,0 +1,176 @@
+"""Audio featurizer: WAV/FLAC/OGG (soundfile) -> float16 (T, F) log-mel or MFCC frames.
+
+Any sample rate and channel count is accepted: channels are averaged to mono and the
+signal is resampled (polyphase, scipy) to ``sample_rate``. Features use numpy/scipy only
+(no torchaudio): Hann window ``win_ms``, hop ``hop_ms``, power spectrum, HTK mel
+filterbank, log; MFCC adds an orthonormal DCT-II. Each bin is mean/variance normalized
+over the utterance, and clips longer than ``max_frames`` are centre-cropped.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from functools import lru_cache
+from math import gcd
+from typing import Any
+
+import numpy as np
+import scipy.fft
+import scipy.signal
+import soundfile as sf
+
+from pipelines.featurize import register
+from pipelines.featurize.base import Featurizer, SampleError, check_finite
+
+
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    return 2595.0 * np.log10(1.0 + f / 700.0)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+
+@lru_cache(maxsize=16)
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """Triangular HTK-mel filters, float32 (n_mels, n_fft // 2 + 1)."""
+    freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
+    edges = _mel_to_hz(np.linspace(0.0, _hz_to_mel(np.array(sample_rate / 2.0)), n_mels + 2))
+    lower, center, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up = (freqs[None, :] - lower) / np.maximum(center - lower, 1e-9)
+    down = (upper - freqs[None, :]) / np.maximum(upper - center, 1e-9)
+    return np.maximum(0.0, np.minimum(up, down)).astype(np.float32)
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Polyphase resampling of a 1-D float signal from ``sr_in`` to ``sr_out`` Hz."""
+    if sr_in == sr_out:
+        return x
+    g = gcd(int(sr_in), int(sr_out))
+    return scipy.signal.resample_poly(x, sr_out // g, sr_in // g).astype(np.float32)
+
+
+def wav_truncation(data: bytes) -> str | None:
+    """For RIFF/WAVE bytes, a message if the header promises more bytes than exist."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    riff_size = struct.unpack("<I", data[4:8])[0]
+    if riff_size != 0xFFFFFFFF and riff_size + 8 > len(data):
+        return f"RIFF header declares {riff_size + 8} bytes, file has {len(data)}"
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
+        if cid == b"data":
+            if size != 0xFFFFFFFF and pos + 8 + size > len(data):
+                return f"data chunk declares {size} bytes, {len(data) - pos - 8} present"
+            return None
+        pos += 8 + size + (size & 1)
+    return "no data chunk"
+
+
+@register("audio")
+class AudioFeaturizer(Featurizer):
+    """Audio -> float16 (T, F), T <= ``max_frames``, F = n_mels (logmel) or n_mfcc."""
+
+    suffixes = (".wav", ".flac", ".ogg", ".aiff", ".aif")
+    dtype = np.dtype(np.float16)
+
+    def output_shape(self) -> tuple[int | None, int]:
+        return (None, self.config.audio.num_features)
+
+    def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
+        """Decodes one audio file and featurizes it.
+
+        Raises:
+            SampleError: ``empty``, ``truncated``, ``decode_error``, ``too_large``,
+                ``non_finite``.
+        """
+        if not data:
+            raise SampleError("empty", "zero-byte audio file")
+        cfg = self.config.audio
+        trunc = wav_truncation(data)
+        if trunc is not None:
+            raise SampleError("truncated", trunc)
+        try:
+            f = sf.SoundFile(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 - libsndfile refuses garbage with many errors
+            raise SampleError("decode_error", str(e)) from e
+        with f:
+            if f.samplerate <= 0 or f.channels <= 0:
+                raise SampleError("decode_error", f"rate={f.samplerate} channels={f.channels}")
+            if f.frames <= 0:
+                raise SampleError("empty", "no audio frames")
+            seconds = f.frames / f.samplerate
+            if seconds > cfg.max_seconds or f.channels > 64:
+                raise SampleError(
+                    "too_large",
+                    f"{seconds:.1f} s x {f.channels} ch > max_seconds={cfg.max_seconds}",
+                )
+            try:
+                x = f.read(dtype="float32", always_2d=True)  # (N, C)
+            except Exception as e:  # noqa: BLE001
+                msg = str(e)
+                reason = "truncated" if "sync" in msg or "truncat" in msg else "decode_error"
+                raise SampleError(reason, msg) from e
+            if len(x) < f.frames:
+                raise SampleError("truncated", f"read {len(x)} of {f.frames} frames")
+            sr = f.samplerate
+        return self._features(x, sr)
+
+    def from_array(self, array: np.ndarray, sample_rate: int | None = None, **_: Any) -> np.ndarray:
+        """Featurizes a waveform (N,) or (N, C); ints are scaled to [-1, 1].
+
+        Args:
+            array: Samples, time first.
+            sample_rate: Its rate (defaults to ``config.audio.sample_rate``).
+        """
+        a = np.asarray(array)
+        if a.dtype.kind == "i":
+            a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
+        elif a.dtype.kind == "u":
+            info = np.iinfo(a.dtype)
+            a = (a.astype(np.float32) - (info.max + 1) / 2) / ((info.max + 1) / 2)
+        elif a.dtype.kind != "f":
+            raise SampleError("bad_dtype", f"audio array dtype {a.dtype}")
+        if a.ndim == 1:
+            a = a[:, None]
+        if a.ndim != 2:
+            raise SampleError("bad_shape", f"audio array shape {a.shape}")
+        if a.shape[0] == 0:
+            raise SampleError("empty", "no audio samples")
+        sr = int(sample_rate or self.config.audio.sample_rate)
+        if a.shape[0] / sr > self.config.audio.max_seconds or a.shape[1] > 64:
+            raise SampleError("too_large", f"audio array shape {a.shape} at {sr} Hz")
+        return self._features(a.astype(np.float32, copy=False), sr)
+
+    def _features(self, x: np.ndarray, sr: int) -> np.ndarray:
+        """(N, C) float32 waveform at ``sr`` -> float16 (T, F) features."""
+        cfg = self.config.audio
+        check_finite(x, "audio")
+        mono = x.mean(axis=1)
+        mono = resample(mono, sr, cfg.sample_rate)
+        win = max(1, int(round(cfg.sample_rate * cfg.win_ms / 1000.0)))
+        hop = max(1, int(round(cfg.sample_rate * cfg.hop_ms / 1000.0)))
+        n_fft = 1 << (win - 1).bit_length()
+        if len(mono) < win:
+            mono = np.pad(mono, (0, win - len(mono)))
+        n_frames = 1 + (len(mono) - win) // hop
+        if n_frames > cfg.max_frames:
+            # Centre crop in the time domain before the FFT: cost independent of length.
+            start = ((n_frames - cfg.max_frames) // 2) * hop
+            mono = mono[start : start + (cfg.max_frames - 1) * hop + win]
+            n_frames = cfg.max_frames
+        frames = np.lib.stride_tricks.sliding_window_view(mono, win)[::hop][:n_frames]  # (T, win)
+        window = scipy.signal.get_window("hann", win, fftbins=True).astype(np.float32)
+        power = np.abs(np.fft.rfft(frames * window, n=n_fft, axis=1)) ** 2  # (T, n_fft/2+1)
+        fb = mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels)
+        feats = np.log(power.astype(np.float32) @ fb.T + 1e-6)  # (T, n_mels)
+        if cfg.features == "mfcc":
+            feats = scipy.fft.dct(feats, type=2, norm="ortho", axis=1)[:, : cfg.n_mfcc]
+        if cfg.normalize:
+            feats = (feats - feats.mean(axis=0, keepdims=True)) / (
+                feats.std(axis=0, keepdims=True) + 1e-5
+            )
+        check_finite(feats, "audio features")
+        return feats.astype(np.float16)

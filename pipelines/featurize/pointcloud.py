@@ -1,0 +1,133 @@
+"""Point-cloud featurizer: PLY/PCD/XYZ (open3d) -> float16 (N, 3[+3][+3]).
+
+Points are centred on their mean, scaled into the unit sphere and reduced to
+``num_points`` by farthest-point sampling (open3d); smaller clouds are tiled. Optional
+normals and colours are appended as extra channels.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from pipelines.featurize import register
+from pipelines.featurize.base import Featurizer, SampleError, check_finite, normalize_suffix
+
+
+@register("pointcloud")
+class PointCloudFeaturizer(Featurizer):
+    """Point clouds -> float16 (num_points, C), C = 3 (+3 normals) (+3 colours)."""
+
+    suffixes = (".ply", ".pcd", ".xyz", ".xyzn", ".xyzrgb", ".pts")
+    dtype = np.dtype(np.float16)
+
+    def output_shape(self) -> tuple[int, int]:
+        c = self.config.pointcloud
+        return (c.num_points, c.num_channels)
+
+    def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
+        """Reads one point-cloud file (format from ``suffix``) and featurizes it.
+
+        Raises:
+            SampleError: ``empty``, ``decode_error``, ``unsupported_format``,
+                ``non_finite``, ``too_large``.
+        """
+        if not data:
+            raise SampleError("empty", "zero-byte point cloud")
+        suffix = normalize_suffix(suffix, ".ply")
+        if suffix not in self.suffixes:
+            raise SampleError("unsupported_format", f"point cloud suffix {suffix}")
+        import open3d as o3d  # lazy: heavy import
+
+        # open3d reads PLY/PCD only from files; a private temp file keeps workers isolated.
+        fd, path = tempfile.mkstemp(suffix=suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            try:
+                pcd = o3d.io.read_point_cloud(
+                    path, format="auto", remove_nan_points=False, remove_infinite_points=False
+                )
+            except Exception as e:  # noqa: BLE001
+                raise SampleError("decode_error", f"{type(e).__name__}: {e}") from e
+        finally:
+            os.unlink(path)
+        pts = np.asarray(pcd.points)
+        if len(pts) == 0:
+            raise SampleError("decode_error", f"no points could be read from the {suffix} file")
+        normals = np.asarray(pcd.normals) if pcd.has_normals() else None
+        colors = np.asarray(pcd.colors) if pcd.has_colors() else None
+        return self._features(pts, normals, colors)
+
+    def from_array(
+        self,
+        array: np.ndarray,
+        normals: np.ndarray | None = None,
+        colors: np.ndarray | None = None,
+        **_: Any,
+    ) -> np.ndarray:
+        """Featurizes points (P, 3), or (P, 6)/(P, 9) with normals/colours appended."""
+        a = np.asarray(array)
+        if a.dtype.kind not in "uif":
+            raise SampleError("bad_dtype", f"point array dtype {a.dtype}")
+        if a.ndim != 2 or a.shape[1] not in (3, 6, 9):
+            raise SampleError("bad_shape", f"point array shape {a.shape}, want (P, 3|6|9)")
+        if a.shape[1] >= 6 and normals is None and self.config.pointcloud.normals:
+            normals = a[:, 3:6]
+        if a.shape[1] >= 6 and colors is None and self.config.pointcloud.colors:
+            colors = a[:, -3:]
+        return self._features(a[:, :3].astype(np.float64), normals, colors)
+
+    def _features(
+        self, pts: np.ndarray, normals: np.ndarray | None, colors: np.ndarray | None
+    ) -> np.ndarray:
+        cfg = self.config.pointcloud
+        if len(pts) == 0:
+            raise SampleError("empty", "no points")
+        if len(pts) > cfg.max_points:
+            raise SampleError("too_large", f"{len(pts)} points > max_points={cfg.max_points}")
+        check_finite(pts, "point coordinates")
+        pts = pts - pts.mean(axis=0, keepdims=True)
+        radius = float(np.linalg.norm(pts, axis=1).max())
+        if radius > 0:
+            pts = pts / radius
+        if cfg.normals and normals is not None:
+            check_finite(np.asarray(normals, float), "point normals")
+        if cfg.colors and colors is not None:
+            check_finite(np.asarray(colors, float), "point colours")
+        return self._sample(pts, normals, colors).astype(np.float16)
+
+    def _sample(
+        self, pts: np.ndarray, normals: np.ndarray | None, colors: np.ndarray | None
+    ) -> np.ndarray:
+        """(P, 3) points (+ attributes) -> (num_points, C): FPS, or tiling when P < N."""
+        cfg = self.config.pointcloud
+        n = cfg.num_points
+        normals = np.zeros_like(pts) if normals is None else np.asarray(normals, np.float64)
+        colors = np.zeros_like(pts) if colors is None else np.asarray(colors, np.float64)
+        if len(pts) <= n:
+            idx = np.resize(np.arange(len(pts)), n)
+            pts, normals, colors = pts[idx], normals[idx], colors[idx]
+        else:
+            import open3d as o3d
+
+            # open3d's FPS starts from point 0 (deterministic) and carries normals and
+            # colours along with the chosen points.
+            pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+            pcd.normals = o3d.utility.Vector3dVector(normals)
+            pcd.colors = o3d.utility.Vector3dVector(colors)
+            down = pcd.farthest_point_down_sample(n)
+            pts, normals, colors = (
+                np.asarray(down.points),
+                np.asarray(down.normals),
+                np.asarray(down.colors),
+            )
+        chans = [pts]
+        if cfg.normals:
+            chans.append(normals)
+        if cfg.colors:
+            chans.append(colors)
+        return np.concatenate(chans, axis=1)  # (N, C)
