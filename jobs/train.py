@@ -1,0 +1,48 @@
+"""Train an OmniRay model: Ray Train ``TorchTrainer`` + DeepSpeed ZeRO, three stages.
+
+    python -m jobs.train --config configs/train/demo_small.yaml [key=value ...] [--stages all]
+    ray job submit --working-dir . -- python -m jobs.train --config configs/train/tiny.yaml
+
+Stages ``pretrain`` -> ``align`` -> ``finetune`` each start from the previous one's weights;
+re-running the same command resumes an interrupted stage and skips finished ones. The last
+stage's weights are exported (Contract 3) to ``export_dir`` (default ``runs/<name>/export``).
+The library behind this script is :mod:`jobs.training`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common.config import ConfigError
+from jobs.training.config import load_train_config, parse_stages
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="training YAML (configs/train/*.yaml)")
+    p.add_argument(
+        "--stages", default="all", help="'all' or a comma list of pretrain,align,finetune"
+    )
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        stages = parse_stages(args.stages, cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"jobs.train: {e}", file=sys.stderr)
+        return 2
+    from jobs.training.runner import run_training
+
+    result = run_training(cfg, stages)
+    print(json.dumps({"run_dir": result["run_dir"], "export_dir": result["export_dir"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

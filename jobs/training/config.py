@@ -1,0 +1,222 @@
+"""Typed training config (YAML mirror: ``configs/train/*.yaml``).
+
+Launch: ``python -m jobs.train --config configs/train/tiny.yaml [key=value ...] [--stages all]``.
+Every field below can be overridden on the command line with a dotted key, e.g.
+``pretrain.steps=20 scaling.num_workers=1 deepspeed.zero_stage=3``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.config import ConfigError, load_config
+
+STAGES: tuple[str, ...] = ("pretrain", "align", "finetune")
+FREEZE_CHOICES: tuple[str, ...] = ("none", "encoders", "top_k")
+
+
+@dataclass
+class ScalingSection:
+    """Ray Train ``ScalingConfig`` fields.
+
+    Attributes:
+        num_workers: Data-parallel training workers (one DeepSpeed rank each).
+        use_gpu: One GPU per worker, NCCL + bf16 (else gloo + fp32 on CPU).
+        cpus_per_worker: CPUs reserved per worker.
+        gpus_per_worker: GPUs per worker when ``use_gpu``.
+    """
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass
+class DataSection:
+    """Where the shards are and how batches are formed.
+
+    Attributes:
+        shards_dir: Output dir of ``jobs.prepare`` (Contract 2), relative to CWD or absolute/URI.
+        batch_size: Micro-batch size per worker (DeepSpeed ``train_micro_batch_size_per_gpu``).
+        cache: Keep this rank's rows in worker memory after the first streamed epoch (small
+            corpora: avoids re-launching a Ray Data execution every epoch).
+        shuffle: Shuffle rows every epoch (seeded: ``seed + epoch``).
+        modalities: Modalities to train on; ``None`` = every modality the shards hold.
+    """
+
+    shards_dir: str = "data/omnidigits/shards"
+    batch_size: int = 8
+    cache: bool = True
+    shuffle: bool = True
+    modalities: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class DeepSpeedSection:
+    """DeepSpeed settings; the base JSON-like config is a YAML in ``configs/deepspeed/``.
+
+    Attributes:
+        config: Path of the base DeepSpeed YAML (``{zero_stage}`` is substituted).
+        zero_stage: ZeRO stage 1, 2 or 3 (overrides the YAML's ``zero_optimization.stage``).
+        moe_impl: ``"native"`` (the model's own MoE) or ``"deepspeed"`` (DeepSpeed MoE layers
+            with expert parallelism; ZeRO-1/2 only).
+        ep_size: Expert-parallel group size for ``moe_impl=deepspeed``.
+    """
+
+    config: str = "configs/deepspeed/zero{zero_stage}.yaml"
+    zero_stage: int = 2
+    moe_impl: str = "native"
+    ep_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.moe_impl not in ("native", "deepspeed"):
+            raise ValueError(f"deepspeed.moe_impl must be native|deepspeed, got {self.moe_impl!r}")
+        if self.moe_impl == "deepspeed" and self.zero_stage == 3:
+            # DeepSpeed's MoE asserts under ZeRO-3; fail before any worker starts.
+            raise ValueError(
+                "deepspeed.moe_impl=deepspeed needs zero_stage 1 or 2 (ZeRO-3 asserts)"
+            )
+
+
+@dataclass
+class StageSection:
+    """One training stage (``pretrain``, ``align`` or ``finetune``).
+
+    Attributes:
+        enabled: Run this stage under ``--stages all``.
+        steps: Optimizer steps (each = ``grad_accum`` micro-batches per worker).
+        lr: Peak learning rate (after linear warm-up, then cosine decay to ``lr * min_lr_ratio``).
+        warmup_steps: Linear warm-up steps.
+        min_lr_ratio: Final LR as a fraction of ``lr``.
+        weight_decay: AdamW weight decay.
+        grad_accum: Gradient accumulation steps.
+        grad_clip: Global gradient-norm clip (0 disables).
+        mask_ratio: Token/patch mask ratio (pretrain masked modelling, align reconstruction).
+        pairs: align: modality pairs aligned with InfoNCE; ``None`` = every pair.
+        loss_weights: Weight per loss term name (missing names weigh 1.0).
+        modality_dropout: finetune: probability of dropping a modality from a row.
+        freeze: finetune: ``none`` (train all), ``encoders`` (freeze modality encoders), or
+            ``top_k`` (train only the top ``train_top_k`` trunk layers + adapters/fusion/heads).
+        train_top_k: Trunk layers trained when ``freeze=top_k``.
+        tasks: finetune tasks among ``classification``, ``retrieval``, ``description``.
+        checkpoint_every: Report a DeepSpeed checkpoint every N steps (and at the end).
+    """
+
+    enabled: bool = True
+    steps: int = 100
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    mask_ratio: float = 0.3
+    pairs: list[list[str]] | None = None
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    modality_dropout: float = 0.3
+    freeze: str = "none"
+    train_top_k: int = 1
+    tasks: list[str] = field(default_factory=lambda: ["classification", "retrieval", "description"])
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.freeze not in FREEZE_CHOICES:
+            raise ValueError(f"freeze must be one of {FREEZE_CHOICES}, got {self.freeze!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        unknown = set(self.tasks) - {"classification", "retrieval", "description"}
+        if unknown:
+            raise ValueError(f"unknown finetune task(s) {sorted(unknown)}")
+        for p in self.pairs or []:
+            if len(p) != 2 or p[0] == p[1]:
+                raise ValueError(f"align pair {p!r} must name two different modalities")
+
+
+@dataclass
+class FaultInjection:
+    """Tests only: make one worker raise once, mid-run.
+
+    Attributes:
+        at_step: Raise on reaching this optimizer step (``None`` = never).
+        rank: Which rank raises.
+        stage: Which stage it fires in.
+        marker: File created before raising so that it fires once (relative to the run dir).
+    """
+
+    at_step: int | None = None
+    rank: int = 1
+    stage: str = "pretrain"
+    marker: str = "fault_injected.marker"
+
+
+@dataclass
+class TrainConfig:
+    """The whole training job.
+
+    Attributes:
+        name: Run name; the run dir is ``{runs_dir}/{name}``.
+        runs_dir: Parent of run dirs (local metrics/plots; shared storage on a cluster).
+        storage_path: Ray Train storage (checkpoints); ``None`` = ``{run_dir}/ray``.
+            On a multi-node cluster it must be shared storage or a URI (``s3://...``).
+        model: Model size name (``tiny``, ``small``, ``base``).
+        model_overrides: Extra ``OmniConfig`` fields (e.g. ``{num_experts: 4}``).
+        export_dir: Where the final export goes; ``None`` = ``{run_dir}/export``.
+        seed: Global seed (per-rank RNG = ``seed + rank``).
+        max_failures: Ray Train ``FailureConfig.max_failures`` (worker-group restarts).
+        log_every: Report metrics every N steps.
+        export_at_end: Export after the last stage.
+    """
+
+    name: str = "run"
+    runs_dir: str = "runs"
+    storage_path: str | None = None
+    model: str = "tiny"
+    model_overrides: dict[str, object] = field(default_factory=dict)
+    export_dir: str | None = None
+    seed: int = 0
+    max_failures: int = 2
+    log_every: int = 1
+    export_at_end: bool = True
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    data: DataSection = field(default_factory=DataSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    pretrain: StageSection = field(default_factory=StageSection)
+    align: StageSection = field(default_factory=StageSection)
+    finetune: StageSection = field(default_factory=StageSection)
+    fault_injection: FaultInjection = field(default_factory=FaultInjection)
+
+    def stage(self, name: str) -> StageSection:
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; choose from {STAGES}")
+        return getattr(self, name)
+
+
+def load_train_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Loads and validates a training YAML plus dotted overrides."""
+    return load_config(TrainConfig, path, overrides)
+
+
+def parse_stages(spec: str, cfg: TrainConfig) -> list[str]:
+    """``"all"`` -> enabled stages in order; ``"align,finetune"`` -> those, in pipeline order."""
+    if spec == "all":
+        return [s for s in STAGES if cfg.stage(s).enabled]
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise ConfigError(f"--stages {spec!r}: choose 'all' or a comma list of {STAGES}")
+    return [s for s in STAGES if s in names]

@@ -1,0 +1,115 @@
+"""Worker-side set-up: model building, layer freezing, DeepSpeed config, distributed helpers."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.config import read_yaml
+from jobs.training.config import StageSection, TrainConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(tc: TrainConfig, st: StageSection, *, use_gpu: bool) -> dict[str, Any]:
+    """Base YAML of ``configs/deepspeed/`` + the stage's batch, accumulation, clip and optimizer.
+
+    Args:
+        tc: The training config (``deepspeed.config`` path, ZeRO stage, batch size).
+        st: The stage (lr, weight decay, accumulation, clipping).
+        use_gpu: bf16 on GPU; fp32 on CPU (DeepSpeed's CPU accelerator has no fused kernels).
+    """
+    path = tc.deepspeed.config.format(zero_stage=tc.deepspeed.zero_stage)
+    base = copy.deepcopy(read_yaml(path if os.path.isabs(path) else os.path.abspath(path)))
+    cfg = dict(base)
+    cfg["train_micro_batch_size_per_gpu"] = tc.data.batch_size
+    cfg["gradient_accumulation_steps"] = st.grad_accum
+    cfg["gradient_clipping"] = float(st.grad_clip)
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accum x world
+    zero = dict(cfg.get("zero_optimization", {}))
+    zero["stage"] = tc.deepspeed.zero_stage
+    cfg["zero_optimization"] = zero
+    opt = dict(cfg.get("optimizer", {"type": "AdamW", "params": {}}))
+    params = dict(opt.get("params", {}))
+    params["lr"] = float(st.lr)
+    params["weight_decay"] = float(st.weight_decay)
+    if not use_gpu:
+        params["torch_adam"] = True  # DeepSpeed's FusedAdam/CPUAdam need compiled ops
+    opt["params"] = params
+    cfg["optimizer"] = opt
+    if use_gpu:
+        cfg["bf16"] = {"enabled": True}
+    else:
+        cfg.pop("bf16", None)
+        cfg.pop("fp16", None)
+    if tc.deepspeed.zero_stage == 3:
+        # Consolidation at export reads the fp32 partitions (zero_to_fp32), not a 16-bit gather.
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", False)
+    return cfg
+
+
+def apply_freeze(model: torch.nn.Module, st: StageSection) -> dict[str, int]:
+    """Sets ``requires_grad`` per the stage's freeze policy.
+
+    ``encoders``: modality encoders (and their tokenizers) frozen. ``top_k``: encoders and all
+    but the top ``train_top_k`` trunk layers frozen; adapters, fusion and heads always train.
+
+    Returns:
+        ``{"trainable": n, "frozen": n}`` parameter counts.
+    """
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if st.freeze in ("encoders", "top_k"):
+        encoders = getattr(model, "encoders", None)
+        if encoders is None:
+            raise AttributeError("model has no `encoders` module to freeze")
+        for p in encoders.parameters():
+            p.requires_grad_(False)
+    if st.freeze == "top_k":
+        trunk = getattr(model, "trunk", None)
+        layers = getattr(trunk, "layers", None) if trunk is not None else None
+        if layers is None:
+            raise AttributeError("model.trunk has no `layers` to freeze")
+        keep = max(0, min(st.train_top_k, len(layers)))
+        for i, layer in enumerate(layers):
+            if i < len(layers) - keep:
+                for p in layer.parameters():
+                    p.requires_grad_(False)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    return {"trainable": n_train, "frozen": n_all - n_train}
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gathers ``x`` (B, E) from every rank into (world*B, E), keeping gradients.
+
+    As OpenCLIP's ``gather_features(gather_with_grad=True)``: the autograd-aware all_gather of
+    ``torch.distributed.nn`` sends each rank's gradient of the gathered copy back to its owner,
+    so the "local loss" (local queries vs all keys) trains every rank's encoder correctly.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Averages scalar metrics over ranks (one small all-reduce)."""
+    if not values or not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))

@@ -1,0 +1,111 @@
+"""Consolidating DeepSpeed checkpoints into the export directory of Contract 3.
+
+``consolidate_checkpoint`` turns any ZeRO stage's checkpoint into a full fp32 state dict with
+DeepSpeed's ``zero_to_fp32`` utilities (ZeRO-3: the partitioned fp32 master weights are
+stitched together; ZeRO-1/2: the flat fp32 groups), loads it into a model rebuilt from
+``model_config.yaml`` (strict: no key may be missing or left over) and saves it with
+``save_pretrained``. ``write_export`` adds ``tokenizer/``, ``data_config.yaml`` (copied from
+the shards dir), ``metrics.json`` and ``training.yaml`` (aligned pairs, label names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from jobs.training.checkpoint import DS_TAG
+
+
+def consolidate_checkpoint(
+    ckpt_dir: str | Path, model_config: str | Path, out_dir: str | Path
+) -> Path:
+    """DeepSpeed checkpoint dir (local) -> ``out_dir/model.safetensors`` + ``model_config.yaml``.
+
+    Args:
+        ckpt_dir: A checkpoint written by the training loop (holds ``ds/`` and ``latest``).
+        model_config: The run's ``model_config.yaml`` (OmniConfig).
+        out_dir: Destination; created if missing.
+
+    Raises:
+        FileNotFoundError: When ``ckpt_dir`` holds no DeepSpeed checkpoint.
+        RuntimeError: When the consolidated weights do not match the model's parameters.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from models import OmniConfig, build_model
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / DS_TAG).is_dir():
+        raise FileNotFoundError(f"{ckpt_dir} holds no DeepSpeed checkpoint (no '{DS_TAG}/')")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
+    cfg = OmniConfig.from_yaml(model_config)
+    model = build_model(cfg)
+    expected = model.state_dict()
+    unknown_extra = [k for k in state if k not in expected]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Keys absent from the checkpoint are acceptable only when they are tied aliases of
+    # parameters that are present (same storage in the model).
+    missing = [k for k in missing if not _shares_storage(model, k, state)]
+    unexpected = sorted(set(unexpected) | set(unknown_extra))
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {ckpt_dir} does not match the model: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    return out
+
+
+def _shares_storage(model: torch.nn.Module, key: str, loaded: dict[str, Any]) -> bool:
+    sd = model.state_dict(keep_vars=True)
+    t = sd.get(key)
+    if t is None:
+        return False
+    ptr = t.data_ptr()
+    return any(k in loaded and v.data_ptr() == ptr for k, v in sd.items() if k != key)
+
+
+def write_export(
+    weights_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    shards_dir: str | Path | None,
+    metrics: dict[str, Any],
+    training_info: dict[str, Any],
+) -> Path:
+    """Assembles the export dir: weights + tokenizer + data config + metrics + training info.
+
+    Args:
+        weights_dir: Dir with ``model.safetensors`` + ``model_config.yaml`` (from
+            :func:`consolidate_checkpoint`).
+        out_dir: The export dir (replaced atomically-ish: written to ``<out>.tmp`` then moved).
+        shards_dir: Prepared shards (``tokenizer/``, ``data_config.yaml`` are copied).
+        metrics: Written as ``metrics.json``.
+        training_info: Written as ``training.yaml`` (``aligned_pairs``, ``label_names``, ...).
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(weights_dir, tmp)
+    if shards_dir is not None:
+        sd = Path(shards_dir)
+        if (sd / "tokenizer").is_dir():
+            shutil.copytree(sd / "tokenizer", tmp / "tokenizer", dirs_exist_ok=True)
+        if (sd / "data_config.yaml").is_file():
+            shutil.copy2(sd / "data_config.yaml", tmp / "data_config.yaml")
+    with open(tmp / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2, default=str)
+    with open(tmp / "training.yaml", "w") as f:
+        yaml.safe_dump(training_info, f, sort_keys=False)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

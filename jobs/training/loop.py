@@ -1,0 +1,261 @@
+"""The per-worker training loop run by Ray Train's ``TorchTrainer`` (one DeepSpeed rank each).
+
+Everything arrives through ``train_loop_config`` (no globals): the resolved ``TrainConfig``
+as a dict, the stage name, the model's constructor arguments, label names, the previous
+stage's weights and the run paths.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import torch
+
+from common.config import from_dict
+from jobs.training.checkpoint import (
+    DS_TAG,
+    TrainState,
+    checkpoint_dir_name,
+    find_resumable,
+    read_rank_state,
+    write_rank_state,
+)
+from jobs.training.config import TrainConfig
+from jobs.training.data import RankBatches
+from jobs.training.engine import (
+    all_reduce_mean,
+    apply_freeze,
+    deepspeed_config,
+    seed_everything,
+)
+from jobs.training.metrics import JsonlWriter, expert_load_fractions, mean_gates
+from jobs.training.objectives import StageObjective, build_model_from_kwargs, to_device
+from jobs.training.schedule import build_scheduler
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Trains one stage on this rank; reports metrics and DeepSpeed checkpoints to Ray Train.
+
+    Args:
+        config: ``train_config`` (TrainConfig as dict), ``stage``, ``model_kwargs``,
+            ``label_names``, ``modalities``, ``init_from`` (dir with ``model.safetensors`` or
+            None), ``run_dir``, ``experiment_path`` (Ray Train run dir of this stage).
+    """
+    import deepspeed
+
+    tc = from_dict(TrainConfig, config["train_config"])
+    stage: str = config["stage"]
+    st = tc.stage(stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = tc.scaling.use_gpu and torch.cuda.is_available()
+    if use_gpu:
+        device = torch.device("cuda", ctx.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # One intra-op thread per reserved CPU: oversubscribing 2 cores makes gloo crawl.
+        torch.set_num_threads(max(1, int(tc.scaling.cpus_per_worker)))
+    seed_everything(tc.seed + rank)
+
+    model = build_model_from_kwargs(config["model_kwargs"], init_from=config.get("init_from"))
+    counts = apply_freeze(model, st)
+    objective = StageObjective(
+        stage, st, modalities=config["modalities"], label_names=config["label_names"]
+    )
+    model_params = [p for p in model.parameters() if p.requires_grad]
+    if tc.deepspeed.zero_stage == 3:
+        _mark_z3_leaves(model)
+
+    ds_cfg = deepspeed_config(tc, st, use_gpu=use_gpu)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=_param_groups(model, model_params, tc),
+        config=ds_cfg,
+        lr_scheduler=lambda opt: build_scheduler(
+            opt, warmup_steps=st.warmup_steps, total_steps=st.steps, min_lr_ratio=st.min_lr_ratio
+        ),
+        dist_init_required=False,
+    )
+
+    # -- resume: Ray's latest checkpoint if complete, else the newest complete one (#41700).
+    state = TrainState(world_size=world, stage=stage)
+    offered = ray.train.get_checkpoint()
+    found = find_resumable(config["experiment_path"], offered.path if offered else None)
+    resumed_from = None
+    if found is not None:
+        path, fs = found
+        with ray.train.Checkpoint(path=path, filesystem=fs).as_directory() as d:
+            load_path, _ = engine.load_checkpoint(
+                d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+            state = read_rank_state(d, rank)
+        state.world_size = world
+        resumed_from = state.step
+
+    writer = JsonlWriter(os.path.join(config["run_dir"], "metrics.jsonl")) if rank == 0 else None
+    if writer:
+        writer.write(
+            {
+                "event": "start",
+                "stage": stage,
+                "start_step": state.step,
+                "resumed_from": resumed_from,
+                "world_size": world,
+                "time": time.time(),
+                "zero_stage": tc.deepspeed.zero_stage,
+                **counts,
+            }
+        )
+
+    batches = RankBatches(
+        ray.train.get_dataset_shard("train"),
+        modalities=config["modalities"],
+        batch_size=tc.data.batch_size,
+        cache=tc.data.cache,
+        shuffle=tc.data.shuffle,
+        seed=tc.seed,
+        rank=rank,
+    )
+    fault = tc.fault_injection
+    marker = os.path.join(config["run_dir"], fault.marker)
+    label_names = config["label_names"]
+    engine.train()
+
+    acc: dict[str, float] = {}
+    n_acc, samples, tokens, t_last = 0, 0, 0, time.perf_counter()
+    while state.step < st.steps:
+        got_any = False
+        for samples_list in batches.epoch(state.epoch, skip=state.batch):
+            got_any = True
+            batch = to_device(objective.collate(samples_list, label_names), device)
+            out_terms, out = objective(engine, batch, step=state.step)
+            loss = out_terms["loss"]
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            state.batch += 1
+            for k, v in out_terms.items():
+                acc[k] = acc.get(k, 0.0) + float(v.detach())
+            n_acc += 1
+            samples += len(samples_list)
+            tokens += objective.count_tokens(out)
+            if not boundary:
+                continue
+            state.step += 1
+
+            if (
+                fault.at_step is not None
+                and stage == fault.stage
+                and rank == fault.rank
+                and state.step == fault.at_step
+                and not os.path.exists(marker)
+            ):
+                open(marker, "w").close()  # fires once: the restarted group finds the marker
+                raise RuntimeError(f"fault injection: rank {rank} fails at step {state.step}")
+
+            last = state.step >= st.steps
+            if state.step % tc.log_every == 0 or last or state.step % st.checkpoint_every == 0:
+                dt = max(time.perf_counter() - t_last, 1e-9)
+                metrics = {k: v / max(n_acc, 1) for k, v in acc.items()}
+                metrics["samples_per_s"] = samples / dt
+                metrics["tokens_per_s"] = tokens / dt
+                metrics = all_reduce_mean(metrics, device)
+                # Throughput is per rank after the mean; the job's is world x that.
+                metrics["samples_per_s"] *= world
+                metrics["tokens_per_s"] *= world
+                record = {
+                    "stage": stage,
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "lr": scheduler.get_last_lr()[0] if scheduler else None,
+                    **{
+                        ("loss" if k == "loss" else f"loss/{k}"): v
+                        for k, v in metrics.items()
+                        if k not in ("samples_per_s", "tokens_per_s")
+                    },
+                    "samples_per_s": metrics["samples_per_s"],
+                    "tokens_per_s": metrics["tokens_per_s"],
+                    "grad_norm": _grad_norm(engine),
+                    "expert_load": expert_load_fractions(getattr(out, "expert_load", {}) or {}),
+                    "gates": mean_gates(
+                        getattr(out, "gates", None),
+                        list(getattr(out, "fusion_modalities", []) or []),
+                        batch,
+                    ),
+                    "time": time.time(),
+                }
+                if writer:
+                    writer.write(record)
+                acc, n_acc, samples, tokens = {}, 0, 0, 0
+                t_last = time.perf_counter()
+                scalar = {k: v for k, v in record.items() if isinstance(v, int | float)}
+                if state.step % st.checkpoint_every == 0 or last:
+                    _save_and_report(engine, state, rank, scalar)
+                else:
+                    ray.train.report(scalar)
+            if state.step >= st.steps:
+                break
+        if not got_any:
+            raise RuntimeError(
+                f"rank {rank}: epoch {state.epoch} yielded no batch of {tc.data.batch_size} "
+                "rows; lower data.batch_size or use fewer workers"
+            )
+        if state.step < st.steps:
+            state.epoch += 1
+            state.batch = 0
+    if writer:
+        writer.write({"event": "end", "stage": stage, "step": state.step, "time": time.time()})
+
+
+def _save_and_report(engine: Any, state: TrainState, rank: int, metrics: dict[str, Any]) -> None:
+    """Every rank saves its DeepSpeed shard + state, then reports it (Ray merges the dirs)."""
+    tmp = tempfile.mkdtemp(prefix="omni_ckpt_")
+    try:
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": state.step})
+        write_rank_state(tmp, rank, state)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=checkpoint_dir_name(state.step),
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _grad_norm(engine: Any) -> float | None:
+    try:
+        g = engine.get_global_grad_norm()
+    except Exception:  # noqa: BLE001 - not every ZeRO stage exposes it on every step
+        return None
+    return float(g) if g is not None else None
+
+
+def _param_groups(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], tc: TrainConfig
+) -> list[dict[str, Any]] | list[torch.nn.Parameter]:
+    """DeepSpeed MoE needs expert params in their own groups (expert-data-parallel reduce)."""
+    if tc.deepspeed.moe_impl != "deepspeed":
+        return params
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "dense"})
+
+
+def _mark_z3_leaves(model: torch.nn.Module) -> None:
+    """Marks MoE blocks as ZeRO-3 leaf modules: their expert params are gathered once per call
+    instead of per expert, so data-dependent expert skipping cannot desynchronize ranks."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    moe_types = {
+        type(m) for m in model.modules() if type(m).__name__ in ("NativeMoE", "MoE", "SparseMoE")
+    }
+    if moe_types:
+        set_z3_leaf_modules(model, list(moe_types))

@@ -1,0 +1,109 @@
+"""Training metrics: JSONL records (``runs/<name>/metrics.jsonl``) and loss-curve PNGs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+
+class JsonlWriter:
+    """Appends one JSON object per line; flushes every write so a crash loses nothing."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_plain(record)) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """All records of a JSONL file (missing file -> empty list)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def expert_load_fractions(expert_load: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """``{m: (L, E) token counts}`` -> ``{m: [E fractions]}`` summed over trunk layers."""
+    out = {}
+    for m, load in expert_load.items():
+        tot = load.detach().float().sum(0)
+        out[m] = (tot / tot.sum().clamp_min(1.0)).tolist()
+    return out
+
+
+def mean_gates(
+    gates: torch.Tensor | None, modalities: list[str], batch: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Mean fusion gate weight per modality over the rows that hold it.
+
+    Args:
+        gates: ``(B, M)`` gate weights in ``modalities`` order (or None).
+        modalities: The fusion order (``out.fusion_modalities``).
+        batch: The collated batch (for ``<m>_present``).
+    """
+    if gates is None:
+        return {}
+    out = {}
+    g = gates.detach().float()
+    if g.dim() == 3:  # (B, M, d) elementwise gates -> per-modality mean
+        g = g.mean(-1)
+    for i, m in enumerate(modalities):
+        present = batch.get(f"{m}_present")
+        if present is None:
+            continue
+        sel = g[present.to(g.device).bool(), i]
+        if sel.numel():
+            out[m] = float(sel.mean())
+    return out
+
+
+def plot_losses(records: list[dict[str, Any]], stage: str, path: str) -> str | None:
+    """Saves the loss terms of ``stage`` over steps as a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in records:
+        if r.get("stage") != stage or "step" not in r or r.get("event"):
+            continue
+        for k, v in r.items():
+            if (k == "loss" or k.startswith("loss/")) and isinstance(v, int | float):
+                series[k][int(r["step"])] = float(v)  # a resumed step overwrites its first try
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, pts in sorted(series.items()):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], label=k, lw=2 if k == "loss" else 1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{stage} losses")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().tolist() if x.numel() > 1 else float(x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x

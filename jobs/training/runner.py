@@ -1,0 +1,415 @@
+"""Driver side of ``jobs.train``: one ``TorchTrainer`` per stage, resume, export.
+
+Each stage is its own Ray Train run (``{storage_path}/{name}-{stage}``) started from the
+previous stage's consolidated weights (``{run_dir}/{stage}/final``). A finished stage leaves
+``{run_dir}/{stage}/DONE.json`` and is skipped when the same command runs again; an
+interrupted stage resumes from its newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from common.config import to_dict
+from jobs.training.checkpoint import find_resumable
+from jobs.training.config import STAGES, TrainConfig
+from jobs.training.data import ShardInfo, inspect_shards, join_path, resolve_path
+from jobs.training.metrics import plot_losses, read_jsonl
+
+log = logging.getLogger("jobs.train")
+
+
+class RunPaths:
+    """Every path of a run, resolved once on the driver (relative to the CWD)."""
+
+    def __init__(self, tc: TrainConfig) -> None:
+        self.run_dir = resolve_path(os.path.join(tc.runs_dir, tc.name))
+        self.storage = resolve_path(tc.storage_path or os.path.join(self.run_dir, "ray"))
+        self.shards = resolve_path(tc.data.shards_dir)
+        self.export = resolve_path(tc.export_dir or os.path.join(self.run_dir, "export"))
+        self.model_config = os.path.join(self.run_dir, "model_config.yaml")
+        self.metrics = os.path.join(self.run_dir, "metrics.jsonl")
+        self.name = tc.name
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.run_dir, stage)
+
+    def final(self, stage: str) -> str:
+        return os.path.join(self.stage_dir(stage), "final")
+
+    def done(self, stage: str) -> str:
+        return os.path.join(self.stage_dir(stage), "DONE.json")
+
+    def experiment(self, stage: str) -> str:
+        return join_path(self.storage, f"{self.name}-{stage}")
+
+
+def model_kwargs_from_data(
+    tc: TrainConfig, shards_dir: str, info: ShardInfo, modalities: list[str]
+) -> dict[str, Any]:
+    """``OmniConfig.from_name`` arguments: size name + sizes read from the shards.
+
+    Feature sizes come from one train row per modality (the ground truth of what the model
+    will see), the vocabulary from ``tokenizer/tokenizer.json`` and the longest text/audio
+    from ``data_config.yaml``; ``model_overrides`` wins over all of them.
+    """
+    from common.config import read_yaml
+
+    kw: dict[str, Any] = {"modalities": list(modalities), "num_classes": len(info.label_names)}
+    data_cfg_path = join_path(shards_dir, "data_config.yaml")
+    feats: dict[str, Any] = {}
+    if os.path.exists(data_cfg_path):
+        feats = read_yaml(data_cfg_path).get("features", {}) or {}
+    tok_path = join_path(shards_dir, "tokenizer", "tokenizer.json")
+    if os.path.exists(tok_path):
+        with open(tok_path) as f:
+            vocab = json.load(f).get("model", {}).get("vocab", {})
+        if vocab:
+            added = 0
+            with open(tok_path) as f:
+                added = len(json.load(f).get("added_tokens", []) or [])
+            kw["vocab_size"] = max(len(vocab), added)
+    if "text" in feats and "max_len" in feats["text"]:
+        kw["max_text_len"] = int(feats["text"]["max_len"])
+    if "audio" in feats and "max_frames" in feats["audio"]:
+        kw["audio_max_frames"] = int(feats["audio"]["max_frames"])
+    shapes = _first_shapes(shards_dir, modalities)
+    if "image" in shapes:
+        kw["image_size"] = shapes["image"][0]
+    if "audio" in shapes:
+        kw["audio_bins"] = shapes["audio"][1]
+    if "video" in shapes:
+        kw["video_frames"], kw["video_size"] = shapes["video"][0], shapes["video"][1]
+    if "pointcloud" in shapes:
+        kw["pointcloud_points"], kw["pointcloud_channels"] = shapes["pointcloud"][:2]
+    if "signal" in shapes:
+        kw["signal_channels"], kw["signal_length"] = shapes["signal"][:2]
+    kw["moe_impl"] = tc.deepspeed.moe_impl
+    kw["ep_size"] = tc.deepspeed.ep_size
+    kw.update(tc.model_overrides)
+    return kw
+
+
+def _first_shapes(shards_dir: str, modalities: list[str]) -> dict[str, list[int]]:
+    ds = pq.ParquetDataset(join_path(shards_dir, "train"))
+    cols = [f"{m}_shape" for m in modalities if f"{m}_shape" in ds.schema.names]
+    table = ds.read(columns=cols)
+    out = {}
+    for c in cols:
+        for v in table.column(c).to_pylist():
+            if v is not None:
+                out[c[: -len("_shape")]] = [int(x) for x in v]
+                break
+    return out
+
+
+def aligned_pairs(tc: TrainConfig, modalities: list[str]) -> list[list[str]]:
+    """The align stage's pairs (``align.pairs`` or every pair of the trained modalities)."""
+    if tc.align.pairs is None:
+        return [list(p) for p in combinations(modalities, 2)]
+    bad = [p for p in tc.align.pairs if p[0] not in modalities or p[1] not in modalities]
+    if bad:
+        raise ValueError(f"align.pairs {bad} name modalities not in the data {modalities}")
+    return [list(p) for p in tc.align.pairs]
+
+
+def connect_ray() -> None:
+    """Connects to ``RAY_ADDRESS`` (``ray job submit`` sets it) or starts a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
+    """Runs the requested stages in order (skipping finished ones) and exports at the end.
+
+    Returns:
+        ``{"stages": {stage: summary}, "export_dir": path | None, "run_dir": path}``.
+    """
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.training.loop import train_loop_per_worker
+    from models import OmniConfig
+
+    paths = RunPaths(tc)
+    os.makedirs(paths.run_dir, exist_ok=True)
+    info = inspect_shards(paths.shards)
+    mods = [m for m in (tc.data.modalities or info.modalities) if m in info.modalities]
+    missing = sorted(set(tc.data.modalities or []) - set(info.modalities))
+    if missing:
+        raise ValueError(f"data.modalities {missing} are not in the shards at {paths.shards}")
+    kwargs = model_kwargs_from_data(tc, paths.shards, info, mods)
+    model_cfg = OmniConfig.from_name(tc.model, **kwargs)
+    model_cfg.save_yaml(paths.model_config)
+    pairs = aligned_pairs(tc, mods)
+    with open(os.path.join(paths.run_dir, "train_config.yaml"), "w") as f:
+        import yaml
+
+        yaml.safe_dump(to_dict(tc), f, sort_keys=False)
+
+    connect_ray()
+    summaries: dict[str, Any] = {}
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        done = Path(paths.done(stage))
+        if done.is_file():
+            log.info("stage %s already finished (%s): skipped", stage, done)
+            print(f"[train] stage {stage}: already finished, skipped", flush=True)
+            summaries[stage] = json.loads(done.read_text())
+            continue
+        prev = _previous_final(paths, stage)
+        if prev is None and stage != STAGES[0]:
+            print(f"[train] stage {stage}: no earlier stage weights, starting from scratch")
+        t0 = time.time()
+        st = tc.stage(stage)
+        use_gpu = tc.scaling.use_gpu
+        resources = {"CPU": tc.scaling.cpus_per_worker}
+        if use_gpu:
+            resources["GPU"] = tc.scaling.gpus_per_worker
+        loop_config = {
+            "train_config": to_dict(tc),
+            "stage": stage,
+            "model_kwargs": {"size": tc.model, **kwargs},
+            "label_names": info.label_names,
+            "modalities": mods,
+            "pairs": pairs,
+            "init_from": prev,
+            "run_dir": paths.run_dir,
+            "experiment_path": paths.experiment(stage),
+        }
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # reproducible data position on resume
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(
+                num_workers=tc.scaling.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker=resources,
+            ),
+            backend_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=f"{tc.name}-{stage}",
+                storage_path=paths.storage,
+                failure_config=FailureConfig(max_failures=tc.max_failures),
+                # Keep 3: if the newest is incomplete (#41700) an older one is still there.
+                checkpoint_config=CheckpointConfig(num_to_keep=3),
+            ),
+            datasets={"train": ray.data.read_parquet(join_path(paths.shards, "train"))},
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"stage {stage} failed: {result.error}") from result.error
+        found = find_resumable(
+            paths.experiment(stage), result.checkpoint.path if result.checkpoint else None
+        )
+        if found is None:
+            raise RuntimeError(f"stage {stage} finished without a complete checkpoint")
+        ckpt_path, fs = found
+        from ray.train import Checkpoint
+
+        from jobs.training.export import consolidate_checkpoint
+
+        with Checkpoint(path=ckpt_path, filesystem=fs).as_directory() as d:
+            consolidate_checkpoint(d, paths.model_config, paths.final(stage))
+        records = read_jsonl(paths.metrics)
+        png = plot_losses(records, stage, os.path.join(paths.run_dir, f"loss_{stage}.png"))
+        summary = _stage_summary(records, stage, st.steps)
+        summary.update(
+            {
+                "checkpoint": ckpt_path,
+                "final": paths.final(stage),
+                "wall_s": time.time() - t0,
+                "plot": png,
+            }
+        )
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(summary, indent=2))
+        summaries[stage] = summary
+        print(
+            f"[train] stage {stage}: done in {summary['wall_s']:.0f}s, "
+            f"final loss {summary.get('final_loss')}",
+            flush=True,
+        )
+
+    export_dir = None
+    last = next((s for s in reversed(STAGES) if Path(paths.done(s)).is_file()), None)
+    if tc.export_at_end and last is not None and stages and last == stages[-1]:
+        export_dir = export_run(tc, paths, info, pairs, mods)
+        print(f"[train] exported {last} weights to {export_dir}", flush=True)
+    return {"stages": summaries, "export_dir": export_dir, "run_dir": paths.run_dir}
+
+
+def export_run(
+    tc: TrainConfig,
+    paths: RunPaths,
+    info: ShardInfo,
+    pairs: list[list[str]],
+    mods: list[str],
+    stage: str | None = None,
+    out_dir: str | None = None,
+) -> str:
+    """Writes the export dir from the consolidated weights of ``stage`` (default: the last)."""
+    from jobs.training.export import write_export
+
+    stage = stage or next((s for s in reversed(STAGES) if os.path.isdir(paths.final(s))), None)
+    if stage is None or not os.path.isdir(paths.final(stage)):
+        raise FileNotFoundError(f"no finished stage with weights under {paths.run_dir}")
+    records = read_jsonl(paths.metrics)
+    metrics = {
+        "stages": {
+            s: _stage_summary(records, s, tc.stage(s).steps)
+            for s in STAGES
+            if any(r.get("stage") == s for r in records)
+        },
+        "exported_stage": stage,
+    }
+    training_info = {
+        "aligned_pairs": pairs,
+        "label_names": info.label_names,
+        "modalities": mods,
+        "exported_stage": stage,
+        "stages_done": [s for s in STAGES if os.path.isfile(paths.done(s))],
+        "model": tc.model,
+        "zero_stage": tc.deepspeed.zero_stage,
+        "num_workers": tc.scaling.num_workers,
+        "shards_dir": paths.shards,
+    }
+    return str(
+        write_export(
+            paths.final(stage),
+            out_dir or paths.export,
+            shards_dir=paths.shards,
+            metrics=metrics,
+            training_info=training_info,
+        )
+    )
+
+
+def _previous_final(paths: RunPaths, stage: str) -> str | None:
+    idx = STAGES.index(stage)
+    for prev in reversed(STAGES[:idx]):
+        if os.path.isfile(os.path.join(paths.final(prev), "model.safetensors")):
+            return paths.final(prev)
+    return None
+
+
+def _stage_summary(records: list[dict[str, Any]], stage: str, steps: int) -> dict[str, Any]:
+    rows = [r for r in records if r.get("stage") == stage and "loss" in r and not r.get("event")]
+    if not rows:
+        return {"steps": steps}
+    by_step = {int(r["step"]): r for r in rows}
+    ordered = [by_step[k] for k in sorted(by_step)]
+    k = max(1, len(ordered) // 10)
+    return {
+        "steps": steps,
+        "first_loss": float(np.mean([r["loss"] for r in ordered[:k]])),
+        "final_loss": float(np.mean([r["loss"] for r in ordered[-k:]])),
+        "samples_per_s": float(np.median([r["samples_per_s"] for r in ordered])),
+        "tokens_per_s": float(np.median([r["tokens_per_s"] for r in ordered])),
+        "restarts": sum(
+            1
+            for r in records
+            if r.get("event") == "start"
+            and r.get("stage") == stage
+            and r.get("resumed_from") is not None
+        ),
+    }
+
+
+def export_from_config(
+    tc: TrainConfig,
+    *,
+    stage: str | None = None,
+    checkpoint: str | None = None,
+    out: str | None = None,
+) -> str:
+    """``jobs.export``: consolidate (if needed) and write the export dir of a run.
+
+    Args:
+        tc: The run's training config.
+        stage: Stage to export (default: the last with weights or checkpoints).
+        checkpoint: Explicit DeepSpeed checkpoint dir (local) to consolidate.
+        out: Export dir (default: ``tc.export_dir`` or ``runs/<name>/export``).
+
+    Raises:
+        FileNotFoundError: When the run has no weights or checkpoint to export.
+    """
+    from ray.train import Checkpoint
+
+    from jobs.training.export import consolidate_checkpoint
+
+    paths = RunPaths(tc)
+    if not os.path.isfile(paths.model_config):
+        raise FileNotFoundError(f"{paths.model_config} missing: was this run trained?")
+    info = inspect_shards(paths.shards)
+    mods = [m for m in (tc.data.modalities or info.modalities) if m in info.modalities]
+    pairs = aligned_pairs(tc, mods)
+    if checkpoint is not None:
+        weights = os.path.join(paths.run_dir, "export_weights")
+        consolidate_checkpoint(resolve_path(checkpoint), paths.model_config, weights)
+        return _export_weights(tc, paths, info, pairs, mods, weights, stage or "checkpoint", out)
+    candidates = [stage] if stage else list(reversed(STAGES))
+    for s in candidates:
+        if os.path.isfile(os.path.join(paths.final(s), "model.safetensors")):
+            return export_run(tc, paths, info, pairs, mods, stage=s, out_dir=out)
+        found = find_resumable(paths.experiment(s))
+        if found is not None:  # an interrupted stage: its newest complete checkpoint
+            weights = os.path.join(paths.stage_dir(s), "partial")
+            with Checkpoint(path=found[0], filesystem=found[1]).as_directory() as d:
+                consolidate_checkpoint(d, paths.model_config, weights)
+            return _export_weights(tc, paths, info, pairs, mods, weights, s, out)
+    raise FileNotFoundError(
+        f"no weights or complete checkpoint for {candidates} in {paths.run_dir}"
+    )
+
+
+def _export_weights(
+    tc: TrainConfig,
+    paths: RunPaths,
+    info: ShardInfo,
+    pairs: list[list[str]],
+    mods: list[str],
+    weights: str,
+    stage: str,
+    out: str | None,
+) -> str:
+    from jobs.training.export import write_export
+
+    records = read_jsonl(paths.metrics)
+    return str(
+        write_export(
+            weights,
+            out or paths.export,
+            shards_dir=paths.shards,
+            metrics={
+                "stages": {
+                    s: _stage_summary(records, s, tc.stage(s).steps)
+                    for s in STAGES
+                    if any(r.get("stage") == s for r in records)
+                },
+                "exported_stage": stage,
+            },
+            training_info={
+                "aligned_pairs": pairs,
+                "label_names": info.label_names,
+                "modalities": mods,
+                "exported_stage": stage,
+                "model": tc.model,
+            },
+        )
+    )

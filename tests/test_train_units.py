@@ -1,0 +1,214 @@
+"""Unit tests of the training library (no Ray cluster): config, schedule, data, checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from common.config import ConfigError, read_yaml
+from jobs.training.checkpoint import (
+    TrainState,
+    find_resumable,
+    is_complete,
+    list_checkpoints,
+    read_rank_state,
+    write_rank_state,
+)
+from jobs.training.config import load_train_config, parse_stages
+from jobs.training.data import RankBatches, table_to_samples
+from jobs.training.engine import deepspeed_config
+from jobs.training.schedule import build_scheduler, lr_factor
+from pipelines.schema import pack_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIGS = sorted((ROOT / "configs/train").glob("*.yaml"))
+DS_CONFIGS = sorted((ROOT / "configs/deepspeed").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_every_train_yaml_loads_and_builds_a_deepspeed_config(path):
+    cfg = load_train_config(str(path))
+    assert parse_stages("all", cfg) == ["pretrain", "align", "finetune"]
+    for stage in ("pretrain", "align", "finetune"):
+        st = cfg.stage(stage)
+        ds = deepspeed_config(cfg, st, use_gpu=cfg.scaling.use_gpu)
+        assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+        assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+        assert ds["optimizer"]["params"]["lr"] == pytest.approx(st.lr)
+        assert ("bf16" in ds) == cfg.scaling.use_gpu
+        if not cfg.scaling.use_gpu:
+            assert ds["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_deepspeed_yamls_name_their_stage(path):
+    data = read_yaml(path)
+    assert data["zero_optimization"]["stage"] == int(path.stem[-1])
+    assert data["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_demo_config_leaves_an_emergent_pair_out():
+    cfg = load_train_config(str(ROOT / "configs/train/demo_small.yaml"))
+    pairs = {frozenset(p) for p in cfg.align.pairs}
+    assert frozenset({"audio", "pointcloud"}) not in pairs
+    assert len(pairs) == 14  # all 15 pairs of six modalities minus one
+
+
+def test_bad_config_values_are_rejected_clearly():
+    tiny = str(ROOT / "configs/train/tiny.yaml")
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_train_config(tiny, ["deepspeed.zero_stage=4"])
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        load_train_config(tiny, ["deepspeed.zero_stage=3", "deepspeed.moe_impl=deepspeed"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_train_config(tiny, ["pretrain.stepz=3"])
+    with pytest.raises(ConfigError, match="freeze"):
+        load_train_config(tiny, ["finetune.freeze=some"])
+    with pytest.raises(ConfigError, match="pair"):
+        load_train_config(tiny, ["align.pairs=[[text,text]]"])
+    cfg = load_train_config(tiny)
+    with pytest.raises(ConfigError, match="--stages"):
+        parse_stages("pretrain,decode", cfg)
+    assert parse_stages("finetune,pretrain", cfg) == ["pretrain", "finetune"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = [lr_factor(s, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) for s in range(25)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False))  # monotone decay
+    assert f[20] == pytest.approx(0.1) and f[24] == pytest.approx(0.1)
+    assert f[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    # The LambdaLR's state is its step count: a restored scheduler continues the curve.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched2 = build_scheduler(opt2, warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
+    sched2.load_state_dict(state)
+    assert sched2.get_last_lr()[0] == pytest.approx(f[7])
+
+
+def _table(n: int) -> pa.Table:
+    rng = np.random.default_rng(0)
+    texts = [rng.integers(5, 50, size=rng.integers(3, 9)).astype(np.int32) for _ in range(n)]
+    images = [
+        None if i % 3 == 0 else rng.integers(0, 255, (4, 4, 3), dtype=np.uint8) for i in range(n)
+    ]
+    t, ts = pack_tensors("text", texts)
+    im, ims = pack_tensors("image", images)
+    return pa.table(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "label": [str(i % 3) for i in range(n)],
+            "group": ["g"] * n,
+            "modalities": [
+                ["text"] + (["image"] if images[i] is not None else []) for i in range(n)
+            ],
+            "text": t,
+            "text_shape": ts,
+            "image": im,
+            "image_shape": ims,
+        }
+    )
+
+
+class _FakeShard:
+    """Stands in for a Ray DataIterator: ``iter_batches`` over an Arrow table."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.passes = 0
+
+    def iter_batches(self, *, batch_size, batch_format, drop_last, **_):
+        assert batch_format == "pyarrow"
+        self.passes += 1
+        for i in range(0, self.table.num_rows, batch_size):
+            chunk = self.table.slice(i, batch_size)
+            if drop_last and chunk.num_rows < batch_size:
+                return
+            yield chunk
+
+
+def test_table_to_samples_keeps_absent_modalities_as_none():
+    table = _table(6)
+    samples = table_to_samples(table, ["text", "image", "audio"])
+    assert [s["image"] is None for s in samples] == [True, False, False, True, False, False]
+    assert all(s["audio"] is None for s in samples)
+    assert samples[1]["image"].shape == (4, 4, 3) and samples[1]["label"] == "1"
+
+
+def test_rank_batches_cache_reproduces_the_data_position():
+    shard = _FakeShard(_table(23))
+    rb = RankBatches(
+        shard, modalities=["text", "image"], batch_size=4, cache=True, shuffle=True, seed=3, rank=1
+    )
+    e0 = [[s["id"] for s in b] for b in rb.epoch(0)]
+    e1 = [[s["id"] for s in b] for b in rb.epoch(1)]
+    assert len(e0) == len(e1) == 5  # 23 // 4, the tail is dropped: equal on every rank
+    assert e0 != e1  # reshuffled per epoch
+    assert shard.passes == 1  # streamed once, then cached
+    # A restarted worker (fresh object) skipping 2 batches sees exactly the rest of epoch 1.
+    rb2 = RankBatches(
+        _FakeShard(_table(23)),
+        modalities=["text", "image"],
+        batch_size=4,
+        cache=True,
+        shuffle=True,
+        seed=3,
+        rank=1,
+    )
+    assert [[s["id"] for s in b] for b in rb2.epoch(1, skip=2)] == e1[2:]
+
+
+def test_rank_batches_streaming_mode_skips_consumed_batches():
+    shard = _FakeShard(_table(20))
+    rb = RankBatches(
+        shard, modalities=["text"], batch_size=4, cache=False, shuffle=False, seed=0, rank=0
+    )
+    ids = [[s["id"] for s in b] for b in rb.epoch(0, skip=3)]
+    assert ids == [["r12", "r13", "r14", "r15"], ["r16", "r17", "r18", "r19"]]
+
+
+def _write_ckpt(root: Path, step: int, ranks: list[int], world: int) -> Path:
+    d = root / f"checkpoint_{step:08d}"
+    (d / "ds").mkdir(parents=True)
+    for r in ranks:
+        write_rank_state(
+            str(d), r, TrainState(step=step, epoch=1, batch=2, world_size=world, stage="pretrain")
+        )
+    return d
+
+
+def test_incomplete_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    fs = pafs.LocalFileSystem()
+    good = _write_ckpt(tmp_path, 10, [0, 1], 2)
+    bad = _write_ckpt(tmp_path, 20, [0], 2)  # rank 1's files never arrived (Ray #41700)
+    assert is_complete(fs, str(good)) and not is_complete(fs, str(bad))
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [20, 10]
+    path, _ = find_resumable(str(tmp_path), preferred=str(bad))
+    assert path == str(good)
+    assert find_resumable(str(tmp_path / "nothing")) is None
+
+
+def test_rank_state_round_trip_restores_rng(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(5)
+    d = tmp_path / "c"
+    d.mkdir()
+    write_rank_state(str(d), 0, TrainState(step=7, epoch=2, batch=3, world_size=1, stage="align"))
+    expect_t, expect_n = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(99)
+    np.random.seed(99)
+    st = read_rank_state(str(d), 0)
+    assert (st.step, st.epoch, st.batch, st.stage) == (7, 2, 3, "align")
+    assert torch.equal(torch.rand(3), expect_t)
+    assert np.array_equal(np.random.rand(3), expect_n)
