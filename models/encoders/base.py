@@ -1,0 +1,166 @@
+"""The uniform encoder contract.
+
+Every modality encoder turns its featurized batch into tokens in two steps:
+
+1. ``tokenize(batch)`` -> :class:`Tokenized`: patch/token embeddings ``(B, N, d)``
+   (before positions), position embeddings, the validity mask ``(B, N)`` and the
+   reconstruction targets of each token (ids or raw patch values) for masked modelling;
+2. ``encode(...)`` adds positions and the modality embedding, optionally replaces a random
+   subset of tokens by a learned ``[MASK]`` embedding, and runs a small transformer.
+
+``forward(batch) -> (tokens[B, N, d], mask[B, N])`` is the contract the rest of the model
+relies on; ``encode(batch, mask_ratio=...)`` additionally returns which tokens were masked
+and their targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.config import OmniConfig
+from models.layers import Block
+
+
+@dataclass
+class Tokenized:
+    """Output of :meth:`ModalityEncoder.tokenize`.
+
+    Attributes:
+        x: Token/patch embeddings ``(B, N, d)`` without positions.
+        pos: Position embeddings broadcastable to ``(B, N, d)``.
+        mask: ``(B, N)`` bool, True = real token.
+        targets: What masked modelling reconstructs: ``(B, N)`` int64 ids (``tokens``),
+            ``(B, N, P)`` float patch values (``patches``) or ``(B, N, K*3)`` local point
+            coordinates (``points``).
+    """
+
+    x: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    targets: torch.Tensor
+
+
+@dataclass
+class EncoderOutput:
+    """Output of :meth:`ModalityEncoder.encode`.
+
+    Attributes:
+        tokens: ``(B, N, d)``.
+        mask: ``(B, N)`` bool, True = real token.
+        masked: ``(B, N)`` bool, True = replaced by ``[MASK]`` (None without masking).
+        targets: Reconstruction targets (see :class:`Tokenized`), None without masking.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    masked: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+
+def random_token_mask(mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Picks ``round(ratio * n_valid)`` valid tokens per row (at least one, never all).
+
+    Args:
+        mask: ``(B, N)`` bool validity.
+        ratio: Fraction in (0, 1).
+
+    Returns:
+        ``(B, N)`` bool, True = masked; only valid positions are ever chosen.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {ratio}")
+    n_valid = mask.sum(1)  # (B,)
+    n_mask = (n_valid.to(torch.float32) * ratio).round().long()
+    # Keep at least one visible and one masked token when a row has >= 2 tokens.
+    n_mask = torch.minimum(n_mask.clamp_min(1), (n_valid - 1).clamp_min(0))
+    noise = torch.rand(mask.shape, device=mask.device)
+    noise = noise.masked_fill(~mask, 2.0)  # invalid positions sort last
+    rank = noise.argsort(1).argsort(1)  # (B, N) rank of each position
+    return (rank < n_mask[:, None]) & mask
+
+
+class ModalityEncoder(nn.Module):
+    """Base class: modality embedding, ``[MASK]`` token and a small transformer.
+
+    Subclasses set ``modality``, ``target_kind`` (``tokens`` | ``patches`` | ``points``) and
+    ``target_dim`` and implement :meth:`tokenize`.
+    """
+
+    modality: str = ""
+    target_kind: str = "patches"
+
+    def __init__(self, cfg: OmniConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.d_model = d
+        self.target_dim = 0
+        self.modality_embed = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        hidden = int(cfg.mlp_ratio * d)
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.n_heads, hidden, dropout=cfg.dropout) for _ in range(cfg.encoder_layers)
+        )
+        self.norm = nn.LayerNorm(d)
+
+    def tokenize(self, batch: dict[str, torch.Tensor]) -> Tokenized:
+        raise NotImplementedError
+
+    def input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The modality's tensor from ``batch`` with a clear error when absent."""
+        if self.modality not in batch:
+            raise KeyError(f"batch has no {self.modality!r} entry (keys: {sorted(batch)})")
+        return batch[self.modality]
+
+    def encode(
+        self,
+        batch: dict[str, torch.Tensor],
+        *,
+        mask_ratio: float | None = None,
+        present: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        """Tokenizes, masks (optionally) and encodes.
+
+        Args:
+            batch: Collated batch (``models.data.collate``).
+            mask_ratio: If set, this fraction of each row's valid tokens is replaced by
+                the learned ``[MASK]`` embedding and returned for reconstruction.
+            present: ``(B,)`` bool; rows without the modality get an all-False mask.
+
+        Returns:
+            :class:`EncoderOutput` with tokens ``(B, N, d)`` and mask ``(B, N)``.
+        """
+        tok = self.tokenize(batch)
+        x, mask = tok.x, tok.mask
+        if present is not None:
+            mask = mask & present[:, None]
+        masked = None
+        if mask_ratio:
+            masked = random_token_mask(mask, mask_ratio)
+            x = torch.where(masked.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = x + tok.pos + self.modality_embed
+        for blk in self.blocks:
+            x = blk(x, mask)
+        x = self.norm(x)
+        return EncoderOutput(
+            tokens=x,
+            mask=mask,
+            masked=masked,
+            targets=tok.targets if masked is not None else None,
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uniform contract: featurized batch -> ``(tokens (B, N, d), mask (B, N))``."""
+        out = self.encode(batch)
+        return out.tokens, out.mask
+
+
+def to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [-1, 1]; float input is taken as already in [0, 1]."""
+    if x.dtype == torch.uint8:
+        x = x.to(torch.float32) / 255.0
+    else:
+        x = x.to(torch.float32)
+    return x * 2.0 - 1.0

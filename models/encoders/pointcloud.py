@@ -1,0 +1,112 @@
+"""Point-cloud encoder: farthest-point grouping + a mini PointNet per group (Point-MAE)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import OmniConfig
+from models.encoders import register_encoder
+from models.encoders.base import ModalityEncoder, Tokenized
+
+
+@torch.no_grad()
+def farthest_point_sample(
+    xyz: torch.Tensor, n: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Farthest-point sampling, vectorized over the batch (loop over the ``n`` centres).
+
+    Args:
+        xyz: ``(B, N, 3)`` coordinates.
+        n: Number of centres.
+        valid: ``(B, N)`` bool, padded points are never chosen (optional).
+
+    Returns:
+        ``(B, n)`` int64 indices; deterministic (starts from the first valid point).
+    """
+    b, num, _ = xyz.shape
+    dist = torch.full((b, num), float("inf"), device=xyz.device)
+    if valid is not None:
+        dist = dist.masked_fill(~valid, -1.0)
+        far = valid.to(torch.int8).argmax(1)
+    else:
+        far = torch.zeros(b, dtype=torch.long, device=xyz.device)
+    idx = torch.empty(b, n, dtype=torch.long, device=xyz.device)
+    rows = torch.arange(b, device=xyz.device)
+    for i in range(n):
+        idx[:, i] = far
+        centre = xyz[rows, far]  # (B, 3)
+        d = ((xyz - centre[:, None]) ** 2).sum(-1)  # (B, N)
+        dist = torch.where(dist < 0, dist, torch.minimum(dist, d))
+        far = dist.argmax(1)
+    return idx
+
+
+def group_points(
+    points: torch.Tensor, n_groups: int, group_size: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FPS centres + k nearest neighbours.
+
+    Args:
+        points: ``(B, N, C)`` with xyz in the first 3 channels.
+        n_groups: ``G`` centres.
+        group_size: ``K`` neighbours per centre.
+        valid: ``(B, N)`` bool mask of real points.
+
+    Returns:
+        ``groups (B, G, K, C)`` with xyz relative to the centre, and ``centres (B, G, 3)``.
+    """
+    xyz = points[..., :3]
+    b = points.shape[0]
+    with torch.no_grad():
+        c_idx = farthest_point_sample(xyz, n_groups, valid)  # (B, G)
+        rows = torch.arange(b, device=points.device)[:, None]
+        centres = xyz[rows, c_idx]  # (B, G, 3)
+        d = torch.cdist(centres, xyz)  # (B, G, N)
+        if valid is not None:
+            d = d.masked_fill(~valid[:, None, :], float("inf"))
+        nn_idx = d.topk(group_size, dim=-1, largest=False).indices  # (B, G, K)
+    groups = points[rows[..., None], nn_idx]  # (B, G, K, C)
+    rel = groups[..., :3] - centres[:, :, None, :]
+    return torch.cat([rel, groups[..., 3:]], -1), centres
+
+
+@register_encoder("pointcloud")
+class PointCloudEncoder(ModalityEncoder):
+    """Tokens are FPS groups; positions are an MLP of the centre coordinates."""
+
+    target_kind = "points"
+
+    def __init__(self, cfg: OmniConfig) -> None:
+        super().__init__(cfg)
+        d = cfg.d_model
+        self.channels = cfg.pointcloud_channels
+        self.n_groups = cfg.pointcloud_groups
+        self.group_size = cfg.pointcloud_group_size
+        self.target_dim = cfg.pointcloud_group_size * 3
+        # Two-stage PointNet (per-point MLP, max-pool, concat global, MLP, max-pool).
+        self.point_mlp1 = nn.Sequential(nn.Linear(self.channels, d), nn.GELU(), nn.Linear(d, d))
+        self.point_mlp2 = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d))
+        self.pos_mlp = nn.Sequential(nn.Linear(3, d), nn.GELU(), nn.Linear(d, d))
+
+    def tokenize(self, batch: dict[str, torch.Tensor]) -> Tokenized:
+        pts = self.input(batch)
+        if pts.dim() != 3 or pts.shape[2] < self.channels:
+            raise ValueError(
+                f"pointcloud must be (B, N, C>={self.channels}), got {tuple(pts.shape)}"
+            )
+        if pts.shape[1] < self.group_size:
+            raise ValueError(
+                f"pointcloud has {pts.shape[1]} points, fewer than group size {self.group_size}"
+            )
+        pts = pts[..., : self.channels].to(torch.float32)
+        valid = batch.get("pointcloud_mask")
+        groups, centres = group_points(
+            pts, self.n_groups, self.group_size, None if valid is None else valid.bool()
+        )
+        f = self.point_mlp1(groups)  # (B, G, K, d)
+        g = f.max(2, keepdim=True).values.expand_as(f)
+        f = self.point_mlp2(torch.cat([f, g], -1)).max(2).values  # (B, G, d)
+        mask = torch.ones(f.shape[:2], dtype=torch.bool, device=pts.device)
+        targets = groups[..., :3].reshape(*groups.shape[:2], -1)  # (B, G, K*3)
+        return Tokenized(x=f, pos=self.pos_mlp(centres), mask=mask, targets=targets)

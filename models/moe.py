@@ -1,0 +1,312 @@
+"""The shared sparse Mixture-of-Experts trunk.
+
+Each trunk block is pre-LN self-attention followed by a top-k routed MoE FFN. The native
+implementation groups token->expert assignments by expert with one stable sort, gathers
+the tokens with one ``index_select``, runs each expert once on its contiguous slice and
+scatters the weighted results back with one ``index_add_``: no Python loop over tokens,
+only over experts. Experts are ``nn.Linear`` MLPs, so dynamic INT8 quantization covers
+them. ``moe_impl="deepspeed"`` swaps in ``deepspeed.moe.layer.MoE`` (expert parallelism
+over ``ep_size`` ranks) behind the same interface; ``moe_impl="dense"`` is a plain MLP
+with the same *active* parameters (``top_k * expert_hidden`` hidden units) for comparisons.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import OmniConfig
+from models.layers import MLP, Attention
+
+
+@dataclass
+class MoEStats:
+    """Routing statistics of one MoE layer call.
+
+    Attributes:
+        aux: Load-balancing loss ``E * sum_e f_e * P_e`` (1.0 when perfectly balanced).
+        z: Router z-loss ``mean(logsumexp(logits)^2)``.
+        counts: ``(E,)`` int64 token->expert assignments (before capacity drops).
+        dropped: Scalar int64, assignments dropped by the capacity limit.
+    """
+
+    aux: torch.Tensor
+    z: torch.Tensor
+    counts: torch.Tensor
+    dropped: torch.Tensor
+
+
+class TopKRouter(nn.Module):
+    """Linear router with softmax probabilities and renormalized top-k weights.
+
+    The weight is a plain parameter used through ``F.linear`` (not an ``nn.Linear``) so
+    that dynamic INT8 quantization leaves routing decisions in fp32.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.randn(num_experts, dim) * 0.02)
+
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routes tokens.
+
+        Args:
+            x: ``(T, d)``.
+
+        Returns:
+            ``weights (T, k)`` (sum to 1 per token), ``experts (T, k)`` int64,
+            ``probs (T, E)`` and ``logits (T, E)``, both fp32.
+        """
+        logits = F.linear(x.float(), self.weight.float())  # (T, E), fp32 for stable softmax
+        probs = logits.softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+        return weights, experts, probs, logits
+
+
+def load_balancing_loss(
+    probs: torch.Tensor, experts: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Switch/GShard balance loss generalized to top-k: ``E * sum_e f_e * P_e``.
+
+    Args:
+        probs: ``(T, E)`` router probabilities.
+        experts: ``(T, k)`` chosen experts.
+        num_experts: ``E``.
+
+    Returns:
+        Scalar; 1.0 for uniform routing, up to ``E`` when everything goes to one expert.
+    """
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
+    frac = counts / counts.sum()  # f_e, no gradient (argmax)
+    return num_experts * (frac * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss ``mean(logsumexp(logits)^2)``; keeps router logits small."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return torch.logsumexp(logits, -1).pow(2).mean()
+
+
+class NativeMoE(nn.Module):
+    """Top-k routed MoE FFN with optional capacity-based token dropping."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: float = 1.25,
+        dropless: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.dropless = dropless
+        self.router = TopKRouter(dim, num_experts, top_k)
+        self.experts = nn.ModuleList(MLP(dim, hidden, dropout=dropout) for _ in range(num_experts))
+
+    def capacity(self, num_tokens: int) -> int:
+        """Per-expert slot count when dropping: ``ceil(cf * T * k / E)``."""
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """Routes ``x`` ``(T, d)`` through the experts; returns ``(T, d)`` and stats."""
+        t, _ = x.shape
+        k, e = self.top_k, self.num_experts
+        weights, experts, probs, logits = self.router(x)
+        aux = load_balancing_loss(probs, experts, e)
+        z = router_z_loss(logits)
+        # k-major flattening: all first choices precede all second choices, so with a
+        # stable sort by expert the capacity limit drops lower-priority choices first.
+        flat_e = experts.t().reshape(-1)  # (k*T,)
+        flat_tok = torch.arange(t, device=x.device).repeat(k)  # (k*T,)
+        flat_w = weights.t().reshape(-1)
+        counts = torch.bincount(flat_e, minlength=e)  # (E,)
+        order = torch.sort(flat_e, stable=True).indices
+        sorted_e, tok, w = flat_e[order], flat_tok[order], flat_w[order]
+        kept = counts
+        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        if not self.dropless:
+            cap = self.capacity(t)
+            starts = torch.cumsum(counts, 0) - counts  # (E,) first slot of each expert
+            rank = torch.arange(sorted_e.numel(), device=x.device) - starts[sorted_e]
+            keep = rank < cap
+            dropped = (~keep).sum()
+            tok, w = tok[keep], w[keep]
+            kept = counts.clamp(max=cap)
+        xs = x.index_select(0, tok)  # (A, d) tokens grouped by expert
+        outs = []
+        for i, chunk in enumerate(xs.split(kept.tolist())):
+            if chunk.shape[0]:
+                outs.append(self.experts[i](chunk))
+        out = torch.zeros_like(x)
+        if outs:
+            y = torch.cat(outs) * w.to(x.dtype).unsqueeze(-1)  # (A, d)
+            out = out.index_add(0, tok, y)
+        return out, MoEStats(aux=aux, z=z, counts=counts, dropped=dropped)
+
+
+class DenseFFN(nn.Module):
+    """Dense MLP with the active parameters of a top-k MoE (for comparisons)."""
+
+    def __init__(
+        self, dim: int, hidden: int, *, num_experts: int, top_k: int, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.mlp = MLP(dim, hidden * top_k, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        zero = x.sum() * 0.0
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+        return self.mlp(x), MoEStats(aux=zero, z=zero, counts=counts, dropped=counts.sum())
+
+
+class DeepSpeedMoEFFN(nn.Module):
+    """``deepspeed.moe.layer.MoE`` behind the :class:`NativeMoE` interface.
+
+    Experts are sharded over ``ep_size`` ranks (expert parallelism); DeepSpeed must have
+    set up its expert-parallel groups (``deepspeed.initialize`` does, or call
+    ``layer.moe.set_deepspeed_parallelism()`` after ``torch.distributed`` is initialized).
+    DeepSpeed computes its own balance loss and does not expose router logits, so the
+    z-loss is reported as 0.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        *,
+        num_experts: int,
+        top_k: int,
+        ep_size: int = 1,
+        capacity_factor: float = 1.25,
+        dropless: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        from deepspeed.moe.layer import MoE  # lazy: models/ must import without deepspeed
+
+        self.num_experts = num_experts
+        self.moe = MoE(
+            hidden_size=dim,
+            expert=MLP(dim, hidden, dropout=dropout),
+            num_experts=num_experts,
+            ep_size=ep_size,
+            k=top_k,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=capacity_factor,
+            min_capacity=4,
+            drop_tokens=not dropless,
+            use_rts=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        out, l_aux, exp_counts = self.moe(x.unsqueeze(0))  # DeepSpeed wants (B, S, d)
+        counts = torch.as_tensor(exp_counts, device=x.device).reshape(-1).long()
+        if counts.numel() != self.num_experts:  # local experts only under expert parallelism
+            counts = F.pad(counts, (0, self.num_experts - counts.numel()))
+        zero = x.sum() * 0.0
+        return out.squeeze(0), MoEStats(
+            aux=l_aux, z=zero, counts=counts, dropped=torch.zeros((), dtype=torch.long)
+        )
+
+
+def build_ffn(cfg: OmniConfig) -> nn.Module:
+    """The trunk FFN selected by ``cfg.moe_impl``."""
+    kw = dict(num_experts=cfg.num_experts, top_k=cfg.top_k, dropout=cfg.dropout)
+    if cfg.moe_impl == "dense":
+        return DenseFFN(cfg.d_model, cfg.ffn_hidden, **kw)
+    if cfg.moe_impl == "deepspeed":
+        return DeepSpeedMoEFFN(
+            cfg.d_model,
+            cfg.ffn_hidden,
+            ep_size=cfg.ep_size,
+            capacity_factor=cfg.capacity_factor,
+            dropless=cfg.dropless,
+            **kw,
+        )
+    return NativeMoE(
+        cfg.d_model,
+        cfg.ffn_hidden,
+        capacity_factor=cfg.capacity_factor,
+        dropless=cfg.dropless,
+        **kw,
+    )
+
+
+class TrunkBlock(nn.Module):
+    """Pre-LN self-attention + MoE FFN; padded tokens are never routed."""
+
+    def __init__(self, cfg: OmniConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = Attention(d, cfg.n_heads, dropout=cfg.dropout)
+        self.norm2 = nn.LayerNorm(d)
+        self.ffn = build_ffn(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` -> ``(B, N, d)`` and routing stats."""
+        b, n, d = x.shape
+        x = x + self.attn(self.norm1(x), key_mask=mask)
+        idx = mask.reshape(-1).nonzero().squeeze(1)  # valid token rows of (B*N, d)
+        h = self.norm2(x).reshape(b * n, d).index_select(0, idx)  # (T, d)
+        y, stats = self.ffn(h)
+        x = x.reshape(b * n, d).index_add(0, idx, y).view(b, n, d)
+        return x, stats
+
+
+@dataclass
+class TrunkStats:
+    """Routing statistics of one trunk pass (one modality).
+
+    Attributes:
+        aux: Mean balance loss over layers.
+        z: Mean z-loss over layers.
+        counts: ``(L, E)`` assignments per layer and expert.
+        dropped: ``(L,)`` dropped assignments per layer.
+    """
+
+    aux: torch.Tensor
+    z: torch.Tensor
+    counts: torch.Tensor
+    dropped: torch.Tensor
+
+
+class MoETrunk(nn.Module):
+    """Stack of :class:`TrunkBlock`, shared by every modality."""
+
+    def __init__(self, cfg: OmniConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TrunkBlock(cfg) for _ in range(cfg.trunk_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, TrunkStats]:
+        """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` -> ``(B, N, d)`` and :class:`TrunkStats`."""
+        stats = []
+        for layer in self.layers:
+            x, s = layer(x, mask)
+            stats.append(s)
+        return self.norm(x), TrunkStats(
+            aux=torch.stack([s.aux for s in stats]).mean(),
+            z=torch.stack([s.z for s in stats]).mean(),
+            counts=torch.stack([s.counts for s in stats]),
+            dropped=torch.stack([s.dropped for s in stats]),
+        )
