@@ -178,6 +178,9 @@ class DedupeConfig:
         text_num_perm: MinHash permutations (must be divisible by ``text_bands``).
         text_bands: LSH bands used to find candidate pairs.
         text_min_chars: Texts shorter than this skip near-dedupe (too little evidence).
+        drop_text_of_duplicate_rows: When every other modality of a row is a duplicate of
+            the same survivor row, its text (the caption of duplicated content) goes too,
+            even when text is not deduplicated itself (templated captions repeat).
     """
 
     exact: list[str] = field(
@@ -191,6 +194,7 @@ class DedupeConfig:
     text_num_perm: int = 64
     text_bands: int = 16
     text_min_chars: int = 24
+    drop_text_of_duplicate_rows: bool = True
 
     def __post_init__(self) -> None:
         if self.text_num_perm % self.text_bands:

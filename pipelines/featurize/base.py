@@ -28,6 +28,14 @@ REASONS: tuple[str, ...] = (
     "control_chars",
     "not_found",
     "unsupported_format",
+    "bad_path",
+)
+#: Row-level reasons used by the pipeline (the whole row is dropped).
+ROW_REASONS: tuple[str, ...] = (
+    "parse_error",
+    "missing_id",
+    "duplicate_id",
+    "no_valid_modality",
 )
 
 

@@ -7,6 +7,7 @@ is resized (shorter side) and centre-cropped like images.
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,27 @@ def uniform_indices(n_total: int, n_sample: int) -> np.ndarray:
     )
 
 
+def isobmff_truncation(data: bytes) -> str | None:
+    """For MP4/MOV (ISO BMFF) bytes, a message if a top-level box runs past the end."""
+    if len(data) < 8 or data[4:8] not in (b"ftyp", b"styp", b"moov", b"mdat", b"free", b"wide"):
+        return None
+    pos = 0
+    while pos + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if size == 1:
+            if pos + 16 > len(data):
+                return f"box {kind!r} header cut at byte {pos}"
+            size = struct.unpack(">Q", data[pos + 8 : pos + 16])[0]
+        elif size == 0:  # box extends to the end of the file
+            return None
+        if size < 8:
+            return None  # not a sane box structure: let the decoder judge
+        if pos + size > len(data):
+            return f"box {kind.decode('latin-1')!r} needs {pos + size} bytes, file has {len(data)}"
+        pos += size
+    return None if pos == len(data) else f"{len(data) - pos} stray bytes after the last box"
+
+
 @register("video")
 class VideoFeaturizer(Featurizer):
     """Video -> uint8 (num_frames, size, size, 3)."""
@@ -39,13 +61,16 @@ class VideoFeaturizer(Featurizer):
         """Decodes one video file and samples its frames.
 
         Raises:
-            SampleError: ``empty``, ``decode_error``, ``too_large``.
+            SampleError: ``empty``, ``truncated``, ``decode_error``, ``too_large``.
         """
         if not data:
             raise SampleError("empty", "zero-byte video")
         import decord  # lazy: decord loads ffmpeg libraries
 
         cfg = self.config.video
+        trunc = isobmff_truncation(data)
+        if trunc is not None:
+            raise SampleError("truncated", trunc)
         try:
             vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # noqa: BLE001 - decord raises DECORDError/RuntimeError/Assertion

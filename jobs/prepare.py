@@ -1,0 +1,74 @@
+"""Prepare a corpus: manifest -> Parquet shards, tokenizer, quarantine, stats (Contract 2).
+
+Usage::
+
+    python -m jobs.prepare --manifest data/omnidigits/manifest.jsonl --out data/prepared \
+        [--config configs/data/omnidigits.yaml] [key=value ...]
+
+    # the same against a cluster:
+    ray job submit --working-dir . -- python -m jobs.prepare --manifest s3://b/m.jsonl --out ...
+
+Connects to the cluster given by ``--address`` or ``RAY_ADDRESS`` (as under
+``ray job submit``), otherwise starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from common.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.prepare", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--manifest", required=True, help="manifest path or URI (.jsonl/.csv/.parquet)"
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--config", default=None, help="data config YAML (configs/data/*.yaml)")
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)"
+    )
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    args = parser.parse_args(argv)
+
+    from pipelines.config import load_data_config
+    from pipelines.stages import ManifestError
+
+    try:
+        cfg = load_data_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from pipelines.prepare import run_prepare
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = False
+    if not ray.is_initialized():
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+        started = True
+    try:
+        run_prepare(args.manifest, args.out, cfg)
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""The Ray Data stages of ``prepare`` (run inside workers; pure functions of a batch).
+
+1. :class:`DecodeRows` (actor UDF): manifest rows -> decoded, validated, featurized
+   modalities + dedupe keys + quarantine records. Every failure is caught per modality;
+   a bad file never takes the worker down.
+2. :class:`FinalizeRows` (actor UDF): applies the driver's plan (duplicates, dropped
+   rows, split and shard), tokenizes text, lists each row's modalities.
+3. :func:`write_shard` (``map_groups``): one group = one output shard, written sorted
+   by id under a deterministic name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import traceback
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.config import DataConfig
+from pipelines.dedupe import content_hash, image_phash, text_minhash
+from pipelines.featurize import FEATURIZERS, SampleError, get_featurizer
+from pipelines.paths import PathResolver
+from pipelines.schema import MODALITIES, pack_tensors, shard_schema
+
+#: Manifest columns that are not modalities.
+META_COLUMNS: tuple[str, ...] = ("id", "label", "group")
+KNOWN_COLUMNS: frozenset[str] = frozenset(META_COLUMNS) | frozenset(MODALITIES)
+#: Columns Ray Data may add to what it reads.
+_IGNORED_COLUMNS: frozenset[str] = frozenset({"path"})
+_TXT_PATH = re.compile(r"^[^\s\n]+\.txt$", re.IGNORECASE)
+FILE_MODALITIES: tuple[str, ...] = tuple(m for m in MODALITIES if m != "text")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be processed as a whole (clear message, job stops)."""
+
+
+def stage1_schema() -> pa.Schema:
+    """Schema of :class:`DecodeRows` output."""
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("group", pa.string()),
+        pa.field("_row_error", pa.string()),  # JSON quarantine record of a dropped row
+        pa.field("_quarantine", pa.string()),  # JSON list of per-modality records
+        pa.field("_present", pa.list_(pa.string())),  # modalities that featurized fine
+        pa.field("_src", pa.string()),  # JSON {modality: manifest path}
+        pa.field("_unknown", pa.list_(pa.string())),  # ignored columns (unknown_columns=warn)
+        pa.field("_text_clean", pa.string()),
+        pa.field("_phash", pa.uint64()),
+        pa.field("_minhash", pa.list_(pa.uint32())),
+    ]
+    for m in MODALITIES:
+        fields.append(pa.field(f"_hash_{m}", pa.string()))
+    for m in FILE_MODALITIES:
+        fields.append(pa.field(m, pa.list_(pa.from_numpy_dtype(FEATURIZERS[m].dtype))))
+        fields.append(pa.field(f"{m}_shape", pa.list_(pa.int32())))
+    return pa.schema(fields)
+
+
+def _absent(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    return isinstance(v, str) and not v.strip()
+
+
+def _as_str(v: Any) -> str | None:
+    if _absent(v):
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)  # CSV/Parquet numbers: "7" rather than "7.0"
+    return str(v).strip()
+
+
+def record(
+    id_: str | None, modality: str | None, path: str | None, reason: str, detail: str = ""
+) -> dict[str, Any]:
+    """One quarantine record (a line of ``quarantine.jsonl``)."""
+    return {"id": id_, "modality": modality, "path": path, "reason": reason, "detail": detail}
+
+
+class DecodeRows:
+    """Stage 1: manifest rows -> featurized modalities, dedupe keys, quarantine records.
+
+    Args:
+        config: The resolved :class:`DataConfig` as a plain dict.
+        root: Corpus root (the manifest's folder).
+        jsonl: Input batches hold raw JSONL lines in column ``text`` (``read_text``).
+        source: Manifest name, for messages.
+    """
+
+    def __init__(self, config: dict[str, Any], root: str, jsonl: bool, source: str) -> None:
+        from common.config import from_dict
+
+        self.cfg: DataConfig = from_dict(DataConfig, config)
+        self.jsonl = jsonl
+        self.source = source
+        self.resolver = PathResolver(root, self.cfg.extra_roots)
+        fc = self.cfg.features
+        self.featurizers = {m: get_featurizer(m, fc) for m in MODALITIES}
+        d = self.cfg.dedupe
+        self.want_phash = d.near_image
+        self.want_minhash = d.near_text
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.jsonl:
+            rows = [self._parse_line(line) for line in batch.column("text").to_pylist()]
+        else:
+            self._check_columns(batch.column_names)
+            rows = batch.to_pylist()
+        out = [self._row(r) for r in rows]
+        for r, o in zip(rows, out, strict=True):
+            o["_unknown"] = sorted(set(r) - KNOWN_COLUMNS - _IGNORED_COLUMNS - {"__error__"})
+        return self._to_table(out)
+
+    # -- parsing -----------------------------------------------------------------
+    def _parse_line(self, line: str) -> dict[str, Any]:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            return {"__error__": record(None, None, None, "parse_error", f"{e}: {line[:200]!r}")}
+        if not isinstance(obj, dict):
+            return {
+                "__error__": record(
+                    None, None, None, "parse_error", f"not an object: {line[:200]!r}"
+                )
+            }
+        self._check_columns(obj.keys(), row_id=obj.get("id"))
+        return obj
+
+    def _check_columns(self, columns, row_id: Any = None) -> None:
+        unknown = sorted(set(columns) - KNOWN_COLUMNS - _IGNORED_COLUMNS)
+        if unknown and self.cfg.unknown_columns == "error":
+            where = f" (row id={row_id!r})" if row_id is not None else ""
+            raise ManifestError(
+                f"{self.source}: unknown column(s) {unknown}{where}; known: {sorted(KNOWN_COLUMNS)}."
+                " Rename them, or pass unknown_columns=warn to ignore them."
+            )
+
+    # -- one row ----------------------------------------------------------------
+    def _row(self, raw: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"_quarantine": [], "_present": [], "_src": {}, "_feat": {}}
+        if "__error__" in raw:
+            out["_row_error"] = raw["__error__"]
+            return out
+        rid = _as_str(raw.get("id"))
+        out.update(id=rid, label=_as_str(raw.get("label")), group=_as_str(raw.get("group")))
+        if rid is None:
+            src = {m: raw[m] for m in MODALITIES if not _absent(raw.get(m)) and m != "text"}
+            out["_row_error"] = record(
+                None, None, None, "missing_id", f"row without id (files: {json.dumps(src)[:200]})"
+            )
+            return out
+        for m in MODALITIES:
+            value = raw.get(m)
+            if _absent(value):
+                continue
+            path = (
+                value
+                if isinstance(value, str) and (m != "text" or _TXT_PATH.match(value))
+                else None
+            )
+            if path is not None:
+                out["_src"][m] = path
+            try:
+                self._modality(m, value, path, out)
+                out["_present"].append(m)
+            except SampleError as e:
+                out["_quarantine"].append(record(rid, m, path, e.reason, e.detail))
+            except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the job
+                tb = traceback.format_exc(limit=2).replace("\n", " | ")
+                out["_quarantine"].append(
+                    record(
+                        rid,
+                        m,
+                        path,
+                        "decode_error",
+                        f"unexpected {type(e).__name__}: {e} [{tb[-300:]}]",
+                    )
+                )
+        return out
+
+    def _modality(self, m: str, value: Any, path: str | None, out: dict[str, Any]) -> None:
+        f = self.featurizers[m]
+        max_bytes = self.cfg.features.max_file_bytes
+        if m == "text":
+            if path is not None:
+                text = f.decode_bytes(self.resolver.read(path, max_bytes))
+            elif isinstance(value, str):
+                text = f.clean(value)
+            else:
+                raise SampleError("bad_dtype", f"text must be a string, got {type(value).__name__}")
+            out["_text_clean"] = text
+            out["_hash_text"] = content_hash(text)
+            if self.want_minhash and len(text) >= self.cfg.dedupe.text_min_chars:
+                d = self.cfg.dedupe
+                out["_minhash"] = text_minhash(text, d.text_num_perm, d.text_shingle)
+            return
+        if not isinstance(value, str):
+            raise SampleError("bad_path", f"{m} must be a path string, got {type(value).__name__}")
+        data = self.resolver.read(value, max_bytes)
+        suffix = "." + value.rsplit(".", 1)[-1].lower() if "." in value.rsplit("/", 1)[-1] else None
+        arr = f.from_bytes(data, suffix=suffix)
+        out["_feat"][m] = arr
+        out[f"_hash_{m}"] = content_hash(data)
+        if m == "image" and self.want_phash:
+            out["_phash"] = image_phash(arr)
+
+    def _to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        schema = stage1_schema()
+        cols: dict[str, Any] = {
+            "id": [r.get("id") for r in rows],
+            "label": [r.get("label") for r in rows],
+            "group": [r.get("group") for r in rows],
+            "_row_error": [
+                json.dumps(r["_row_error"]) if r.get("_row_error") else None for r in rows
+            ],
+            "_quarantine": [
+                json.dumps(r["_quarantine"]) if r["_quarantine"] else None for r in rows
+            ],
+            "_present": [r["_present"] for r in rows],
+            "_src": [json.dumps(r["_src"], sort_keys=True) for r in rows],
+            "_unknown": [r.get("_unknown") or None for r in rows],
+            "_text_clean": [r.get("_text_clean") for r in rows],
+            "_phash": [r.get("_phash") for r in rows],
+            "_minhash": [
+                None if r.get("_minhash") is None else r["_minhash"].tolist() for r in rows
+            ],
+        }
+        for m in MODALITIES:
+            cols[f"_hash_{m}"] = [r.get(f"_hash_{m}") for r in rows]
+        arrays = [pa.array(cols[f.name], type=f.type) for f in schema if f.name in cols]
+        names = [f.name for f in schema if f.name in cols]
+        for m in FILE_MODALITIES:
+            data, shape = pack_tensors(m, [r["_feat"].get(m) for r in rows])
+            arrays += [data, shape]
+            names += [m, f"{m}_shape"]
+        return pa.Table.from_arrays(arrays, names=names).cast(schema)
+
+
+class FinalizeRows:
+    """Stage 2: applies the driver's plan and tokenizes text.
+
+    Args:
+        config: Resolved :class:`DataConfig` as a dict.
+        plan: ``drop_rows`` (ids), ``drop_mods`` ({id: [modality]}), ``group_split``
+            ({group: split}), ``num_shards`` ({split: n}).
+        tokenizer_json: The tokenizer as a JSON string (no shared filesystem needed).
+    """
+
+    def __init__(self, config: dict[str, Any], plan: dict[str, Any], tokenizer_json: str) -> None:
+        from tokenizers import Tokenizer
+
+        from common.config import from_dict
+
+        cfg = from_dict(DataConfig, config)
+        self.text = get_featurizer(
+            "text", cfg.features, tokenizer=Tokenizer.from_str(tokenizer_json)
+        )
+        self.drop_rows = set(plan["drop_rows"])
+        self.drop_mods = {k: set(v) for k, v in plan["drop_mods"].items()}
+        self.group_split = plan["group_split"]
+        self.num_shards = plan["num_shards"]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keep = []
+        ids = batch.column("id").to_pylist()
+        errs = batch.column("_row_error").to_pylist()
+        for i, (rid, err) in enumerate(zip(ids, errs, strict=True)):
+            if err is None and rid is not None and rid not in self.drop_rows:
+                keep.append(i)
+        batch = batch.take(pa.array(keep, type=pa.int64()))
+        ids = batch.column("id").to_pylist()
+        groups = batch.column("group").to_pylist()
+        present = batch.column("_present").to_pylist()
+        texts = batch.column("_text_clean").to_pylist()
+        mods, splits, shards, tokens = [], [], [], []
+        for rid, grp, pres, txt in zip(ids, groups, present, texts, strict=True):
+            dropped = self.drop_mods.get(rid, set())
+            have = [m for m in MODALITIES if m in pres and m not in dropped]
+            mods.append(have)
+            tokens.append(self.text.tokenize(txt) if "text" in have else None)
+            split = self.group_split[grp if grp is not None else rid]
+            splits.append(split)
+            shards.append(shard_of(rid, self.num_shards[split]))
+        arrays: dict[str, pa.Array] = {
+            "id": batch.column("id"),
+            "label": batch.column("label"),
+            "group": batch.column("group"),
+            "modalities": pa.array(mods, type=pa.list_(pa.string())),
+        }
+        text_data, text_shape = pack_tensors("text", tokens)
+        for m in MODALITIES:
+            if m == "text":
+                data, shape = text_data, text_shape
+            else:
+                keep_m = pa.array([m in have for have in mods], type=pa.bool_())
+                null_data = pa.nulls(len(mods), type=batch.schema.field(m).type)
+                null_shape = pa.nulls(len(mods), type=pa.list_(pa.int32()))
+                data = pc.if_else(keep_m, batch.column(m), null_data)
+                shape = pc.if_else(keep_m, batch.column(f"{m}_shape"), null_shape)
+            arrays[m] = data
+            arrays[f"{m}_shape"] = shape
+        arrays["_split"] = pa.array(splits, type=pa.string())
+        arrays["_shard"] = pa.array(shards, type=pa.int32())
+        return pa.table(arrays)
+
+
+def shard_of(row_id: str, num_shards: int) -> int:
+    """Deterministic shard index of a row id."""
+    if num_shards <= 1:
+        return 0
+    return int(content_hash(row_id)[:8], 16) % num_shards
+
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
+
+
+def write_shard(group: pa.Table, out: str, num_shards: dict[str, int]) -> pa.Table:
+    """``map_groups`` UDF: writes one (split, shard) group as one Parquet file.
+
+    Rows are sorted by id, so the bytes do not depend on the order the shuffle delivered
+    them in; the file name is ``<split>/<split>-<shard>-of-<n>.parquet``.
+
+    Args:
+        group: All rows of one ``(_split, _shard)`` group (Ray Data guarantees one call).
+        out: Output root (local dir or URI).
+        num_shards: ``{split: n}`` (for file names).
+
+    Returns:
+        One row: ``split``, ``shard``, ``rows``, ``file`` (relative to ``out``).
+    """
+    split = group.column("_split")[0].as_py()
+    shard = int(group.column("_shard")[0].as_py())
+    table = group.drop_columns(["_split", "_shard"])
+    table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+    table = table.cast(shard_schema(), safe=True)
+    if "://" in out:
+        fs, base = pafs.FileSystem.from_uri(out)
+    else:
+        fs, base = pafs.LocalFileSystem(), out
+    name = shard_name(split, shard, num_shards[split])
+    fs.create_dir(f"{base.rstrip('/')}/{split}", recursive=True)
+    pq.write_table(
+        table,
+        f"{base.rstrip('/')}/{split}/{name}",
+        filesystem=fs,
+        compression="zstd",
+        row_group_size=1024,
+    )
+    return pa.table(
+        {"split": [split], "shard": [shard], "rows": [table.num_rows], "file": [f"{split}/{name}"]}
+    )
