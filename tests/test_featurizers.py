@@ -1,0 +1,335 @@
+"""Featurizer contract tests, parametrized over the registry (INTERFACES §1-2)."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from pipelines.config import FeatureConfig
+from pipelines.featurize import FEATURIZERS, SampleError, get_featurizer
+from pipelines.schema import MODALITY_DTYPES
+from pipelines.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+
+CFG = FeatureConfig()
+#: INTERFACES §1 shapes at the demo defaults (None = variable, bounded axis).
+EXPECTED = {
+    "text": (None,),
+    "image": (32, 32, 3),
+    "audio": (None, 40),
+    "video": (8, 32, 32, 3),
+    "pointcloud": (256, 3),
+    "signal": (3, 128),
+}
+BOUNDS = {"text": (32,), "audio": (128, 40)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tok")
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    texts = [f"the digit {w}" for w in words] * 20 + [f"a handwritten {w}" for w in words] * 20
+    train_tokenizer(texts, d, vocab_size=300)
+    return d
+
+
+def _png(arr: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(arr).save(b, "PNG")
+    return b.getvalue()
+
+
+def _wav(x: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    b = io.BytesIO()
+    sf.write(b, x, rate, format=fmt, subtype=subtype)
+    return b.getvalue()
+
+
+def _mp4(tmp: Path, frames: int = 12, size: str = "64x48") -> bytes:
+    p = tmp / "v.mp4"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+         f"testsrc=size={size}:rate=10", "-frames:v", str(frames), "-pix_fmt", "yuv420p", str(p)],
+        check=True,
+    )  # fmt: skip
+    return p.read_bytes()
+
+
+def _ply(points: np.ndarray) -> bytes:
+    head = (
+        "ply\nformat ascii 1.0\n"
+        f"element vertex {len(points)}\nproperty float x\nproperty float y\nproperty float z\n"
+        "end_header\n"
+    )
+    body = "\n".join(" ".join(f"{v:.6f}" for v in p) for p in points)
+    return (head + body + "\n").encode()
+
+
+def _npy(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
+    b = io.BytesIO()
+    np.save(b, arr, allow_pickle=allow_pickle)
+    return b.getvalue()
+
+
+def _sample(modality: str, tmp: Path) -> tuple[bytes, str]:
+    rng = np.random.default_rng(0)
+    if modality == "text":
+        return b"the digit seven, handwritten", ".txt"
+    if modality == "image":
+        return _png((rng.random((48, 64, 3)) * 255).astype(np.uint8)), ".png"
+    if modality == "audio":
+        return _wav((rng.standard_normal((22050, 2)) * 0.1).astype(np.float32), 22050), ".wav"
+    if modality == "video":
+        return _mp4(tmp), ".mp4"
+    if modality == "pointcloud":
+        return _ply(rng.standard_normal((1000, 3))), ".ply"
+    if modality == "signal":
+        return _npy(rng.standard_normal((3, 250)).astype(np.float32)), ".npy"
+    raise AssertionError(f"no sample for new modality {modality}: add one here")
+
+
+def _featurizer(modality: str, tokenizer_dir: Path):
+    kw = {"tokenizer_dir": tokenizer_dir} if modality == "text" else {}
+    return get_featurizer(modality, CFG, **kw)
+
+
+def test_registry_covers_schema():
+    assert set(FEATURIZERS) == set(MODALITY_DTYPES)
+    with pytest.raises(KeyError, match="registered"):
+        get_featurizer("smell")
+
+
+@pytest.mark.parametrize("modality", sorted(FEATURIZERS))
+def test_featurizer_shape_dtype_finite(modality, tmp_path, tokenizer_dir):
+    f = _featurizer(modality, tokenizer_dir)
+    data, suffix = _sample(modality, tmp_path)
+    out = f.from_bytes(data, suffix=suffix)
+    assert out.dtype == MODALITY_DTYPES[modality] == f.dtype
+    expected = EXPECTED[modality]
+    assert out.ndim == len(expected)
+    for got, want, bound in zip(out.shape, expected, BOUNDS.get(modality, expected), strict=True):
+        if want is None:
+            assert 1 <= got <= bound
+        else:
+            assert got == want
+    assert f.output_shape() == expected
+    assert np.isfinite(out.astype(np.float64)).all()
+    # Deterministic: the same bytes give the same features.
+    np.testing.assert_array_equal(out, f.from_bytes(data, suffix=suffix))
+
+
+@pytest.mark.parametrize("modality", sorted(FEATURIZERS))
+def test_featurizer_empty_and_garbage(modality, tokenizer_dir):
+    f = _featurizer(modality, tokenizer_dir)
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(b"", suffix=f.suffixes[0])
+    assert e.value.reason == "empty"
+    if modality == "text":
+        garbage = b"\xff\xfe\xfa invalid utf-8 \xc3\x28"
+    else:
+        garbage = np.random.default_rng(1).integers(0, 256, 700, dtype=np.uint8).tobytes()
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(garbage, suffix=f.suffixes[0])
+    assert e.value.reason in ("decode_error", "truncated", "bad_dtype")
+
+
+@pytest.mark.parametrize("modality", sorted(FEATURIZERS))
+def test_batch_call_is_pure_and_reports_errors(modality, tmp_path, tokenizer_dir):
+    f = _featurizer(modality, tokenizer_dir)
+    data, suffix = _sample(modality, tmp_path)
+    items = np.empty(3, dtype=object)
+    items[:] = [data, None, b""]
+    batch = {modality: items, f"{modality}_suffix": np.array([suffix] * 3, dtype=object)}
+    out = f(batch)
+    assert batch[modality][0] is data  # input untouched
+    assert out[modality][0].dtype == f.dtype
+    assert out[modality][1] is None and out[f"{modality}_error"][1] is None
+    assert out[modality][2] is None and out[f"{modality}_error"][2].startswith("empty")
+
+
+def test_image_truncated_and_bomb():
+    f = get_featurizer("image", CFG)
+    good = _png((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(good[: len(good) // 2], ".png")
+    assert e.value.reason == "truncated"
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    # 100k x 100k grey PNG header with a tiny IDAT: only the header is ever parsed.
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+        + chunk(b"IEND", b"")
+    )
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(bomb, ".png")
+    assert e.value.reason == "too_large"
+
+
+def test_image_aspect_center_crop_and_arrays():
+    f = get_featurizer("image", CFG)
+    # Left half black, right half white, 2:1 aspect: the centre crop keeps both halves.
+    a = np.zeros((50, 100, 3), np.uint8)
+    a[:, 50:] = 255
+    out = f.from_array(a)
+    assert out.shape == (32, 32, 3)
+    assert out[:, :10].max() < 30 and out[:, -10:].min() > 225
+    assert f.from_array(np.ones((40, 40), np.float32)).min() == 255  # grey float in [0, 1]
+    with pytest.raises(SampleError) as e:
+        f.from_array(np.full((8, 8, 3), np.nan, np.float32))
+    assert e.value.reason == "non_finite"
+
+
+def test_audio_resample_mono_and_limits():
+    cfg = FeatureConfig()
+    f = get_featurizer("audio", cfg)
+    t = np.arange(44100) / 44100
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    mono = f.from_bytes(_wav(tone, 44100), ".wav")
+    stereo = f.from_bytes(_wav(np.stack([tone, tone], 1), 44100), ".wav")
+    assert mono.shape == stereo.shape == (98, 40)  # 1 s at 16 kHz, 25 ms / 10 ms
+    np.testing.assert_allclose(mono.astype(np.float32), stereo.astype(np.float32), atol=1e-2)
+    long = f.from_array(np.zeros(16000 * 5, np.float32) + 0.01, sample_rate=16000)
+    assert long.shape == (128, 40)  # centre-cropped to max_frames
+    cfg.audio.features = "mfcc"
+    assert get_featurizer("audio", cfg).from_bytes(_wav(tone, 44100), ".wav").shape == (98, 20)
+    good = _wav(tone, 44100)
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(good[: len(good) // 3], ".wav")
+    assert e.value.reason == "truncated"
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(_wav(np.array([0.1, np.nan, 0.2] * 200, np.float32), 16000, "FLOAT"), ".wav")
+    assert e.value.reason == "non_finite"
+    cfg2 = FeatureConfig()
+    cfg2.audio.max_seconds = 0.5
+    with pytest.raises(SampleError) as e:
+        get_featurizer("audio", cfg2).from_bytes(good, ".wav")
+    assert e.value.reason == "too_large"
+
+
+def test_video_truncated_frames_and_arrays(tmp_path):
+    f = get_featurizer("video", CFG)
+    data = _mp4(tmp_path, frames=30)
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(data[: len(data) // 2], ".mp4")
+    assert e.value.reason == "truncated"
+    frames = np.zeros((20, 40, 40, 3), np.uint8)
+    frames[:, :, :, 0] = np.arange(20)[:, None, None] * 10  # frame index in red
+    out = f.from_array(frames)
+    assert out.shape == (8, 32, 32, 3)
+    # Uniform sampling: segment centres of 20 frames in 8 segments.
+    np.testing.assert_array_equal(out[:, 0, 0, 0] // 10, [1, 3, 6, 8, 11, 13, 16, 18])
+    cfg = FeatureConfig()
+    cfg.video.max_frames = 10
+    with pytest.raises(SampleError) as e:
+        get_featurizer("video", cfg).from_bytes(data, ".mp4")
+    assert e.value.reason == "too_large"
+
+
+def test_pointcloud_normalized_fps_and_nan():
+    f = get_featurizer("pointcloud", CFG)
+    rng = np.random.default_rng(0)
+    pts = rng.standard_normal((2000, 3)) * 5 + 100
+    out = f.from_array(pts).astype(np.float32)
+    assert out.shape == (256, 3)
+    norms = np.linalg.norm(out, axis=1)
+    assert norms.max() <= 1.0 + 1e-2 and norms.max() > 0.5
+    assert len(np.unique(out, axis=0)) == 256  # FPS picks distinct points
+    assert f.from_array(pts[:10]).shape == (256, 3)  # tiled up
+    bad = pts.copy()
+    bad[5] = np.nan
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(_ply(bad), ".ply")
+    assert e.value.reason == "non_finite"
+    cfg = FeatureConfig()
+    cfg.pointcloud.normals = True
+    out6 = get_featurizer("pointcloud", cfg).from_array(np.concatenate([pts, pts * 0 + 1], 1))
+    assert out6.shape == (256, 6) and np.allclose(out6[:, 3:].astype(np.float32), 1.0)
+
+
+def test_signal_npy_never_unpickles(tmp_path):
+    f = get_featurizer("signal", CFG)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = _npy(np.array([Payload(), None], dtype=object), allow_pickle=True)
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(evil, ".npy")
+    assert e.value.reason == "bad_dtype"
+    assert not marker.exists()
+
+
+def test_signal_csv_channels_and_errors():
+    f = get_featurizer("signal", CFG)
+    rows = "\n".join(f"{i},{i * 2},{i % 2}" for i in range(50))
+    out = f.from_bytes(("x,y,pen\n" + rows + "\n").encode(), ".csv")
+    assert out.shape == (3, 128)
+    np.testing.assert_allclose(out.astype(np.float32).mean(axis=1), 0, atol=1e-2)
+    np.testing.assert_allclose(out.astype(np.float32).std(axis=1), 1, atol=2e-2)
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(("x,y,pen\n" + rows + "\n1,nan,inf\n").encode(), ".csv")
+    assert e.value.reason == "non_finite"
+    with pytest.raises(SampleError) as e:
+        f.from_array(np.zeros((2, 50)))
+    assert e.value.reason == "bad_shape"
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(_npy(np.zeros((3, 20), np.complex64)), ".npy")
+    assert e.value.reason == "bad_dtype"
+    trunc = _npy(np.zeros((3, 500), np.float32))
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(trunc[:300], ".npy")
+    assert e.value.reason == "truncated"
+
+
+def test_text_cleaning_and_tokens(tokenizer_dir):
+    f = get_featurizer("text", CFG, tokenizer_dir=tokenizer_dir)
+    assert f.clean("  the\tdigit\x07  seven\n") == "the digit seven"
+    assert f.clean("e\u0301") == "\u00e9"  # NFC
+    ids = f.from_text("the  digit\x00 seven")
+    assert ids.dtype == np.int32 and ids[0] == BOS_ID and ids[-1] == EOS_ID
+    assert f.decode(ids) == "the digit seven"
+    long = f.from_text("seven " * 200)
+    assert len(long) == CFG.text.max_len and long[-1] == EOS_ID
+    for bad, reason in [
+        ("\x00\x01\x02\x03\x1b[31m", "control_chars"),
+        ("   \n\t ", "empty"),
+        ("x" * (CFG.text.max_chars + 1), "too_large"),
+    ]:
+        with pytest.raises(SampleError) as e:
+            f.from_text(bad)
+        assert e.value.reason == reason
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(b"caf\xe9 latin-1", ".txt")
+    assert e.value.reason == "decode_error"
+    assert f.decode(f.from_bytes("\ufeffthe digit two".encode(), ".txt")) == "the digit two"
+
+
+def test_tokenizer_specials_and_roundtrip(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    assert [tok.token_to_id(s) for s in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert tok.get_vocab_size() <= 300
+    # Byte-level: unseen characters still round-trip, never <unk>.
+    enc = tok.encode("Zürich 東京 ✓", add_special_tokens=False)
+    assert 3 not in enc.ids
+    assert tok.decode(enc.ids) == "Zürich 東京 ✓"
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tokenizer_dir / "missing")
