@@ -115,7 +115,7 @@ def _zero_shot(
 def _fusion(
     model, data: SplitData, mods: list[str], info: TrainingInfo, cfg: EvalConfig
 ) -> dict[str, Any]:
-    from jobs.evaluation.encode import classify_rows, num_classes
+    from jobs.evaluation.encode import head_logits, num_classes
 
     n_cls = num_classes(model)
     if n_cls <= 0:
@@ -151,14 +151,10 @@ def _fusion(
             f"(min_fusion_rows={cfg.min_fusion_rows})"
         }
     targets = np.asarray([index[data.labels[i]] for i in rows])
-    fused = M.top1_accuracy(
-        classify_rows(model, data, fmods, rows, cfg.batch_size), targets, cfg.tie_decimals
-    )
+    fused_logits, single_logits = head_logits(model, data, fmods, rows, cfg.batch_size)
+    fused = M.top1_accuracy(fused_logits, targets, cfg.tie_decimals)
     single = {
-        m: M.top1_accuracy(
-            classify_rows(model, data, [m], rows, cfg.batch_size), targets, cfg.tie_decimals
-        )["accuracy"]
-        for m in fmods
+        m: M.top1_accuracy(single_logits[m], targets, cfg.tie_decimals)["accuracy"] for m in fmods
     }
     best = max(single, key=lambda m: (single[m], -fmods.index(m)))
     return {

@@ -172,6 +172,8 @@ def read_training_info(export_dir: Path) -> TrainingInfo:
     info = TrainingInfo()
     for name in ("training.yaml", "training.json", "model_config.yaml", "metrics.json"):
         data = _read_mapping(export_dir / name)
+        # Our own merged results must never feed back as training info.
+        data.pop("evaluation", None)
         if info.aligned_pairs is None:
             pairs = _as_pairs(_find_key(data, "aligned_pairs"))
             if pairs is not None:

@@ -55,7 +55,7 @@ def load_model(export_dir: Path, device: str = "cpu") -> torch.nn.Module:
     from models import OmniModel
 
     try:
-        model = OmniModel.from_pretrained(export_dir)
+        model = OmniModel.from_pretrained(export_dir, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any failure here is a bad export, not a bug of ours
         raise EvaluationError(
             f"cannot load the model from {export_dir}: {type(e).__name__}: {e}"
@@ -71,18 +71,14 @@ def load_model(export_dir: Path, device: str = "cpu") -> torch.nn.Module:
 
 def model_modalities(model: torch.nn.Module) -> list[str]:
     """Modalities the model has an encoder for."""
-    cfg = getattr(model, "config", None)
-    mods = getattr(cfg, "modalities", None)
-    if mods:
-        return list(mods)
-    encoders = getattr(model, "encoders", None)
-    return list(encoders.keys()) if encoders is not None else []
+    return list(model.modalities)
 
 
 def num_classes(model: torch.nn.Module) -> int:
     """Classes of the classification head (0: the export has none)."""
-    cfg = getattr(model, "config", None)
-    return int(getattr(cfg, "num_classes", 0) or 0)
+    if getattr(model, "classifier", None) is None:
+        return 0
+    return int(model.config.num_classes)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -136,25 +132,30 @@ def embed_arrays(
 
 
 @torch.no_grad()
-def classify_rows(
+def head_logits(
     model: torch.nn.Module,
     data: SplitData,
     modalities: Sequence[str],
     rows: np.ndarray,
     batch_size: int,
-) -> np.ndarray:
-    """Classification-head logits on the fused embedding of ``modalities``.
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Classification-head logits on the fused embedding and on each single modality.
 
-    With a single modality this is the same fusion + head path fed one branch, so the
-    fused and single-modality accuracies are comparable.
+    One forward over ``modalities`` gives both: ``out.logits`` is the head on the fused
+    embedding, ``out.modality_logits[m]`` the same head on modality ``m``'s embedding
+    (the model trains the head on both, so they are comparable).
 
     Returns:
-        (n, C) float32 logits.
+        ``(fused (n, C), {m: (n, C)})`` float32 logits.
     """
     dev = _device(model)
-    chunks = []
+    fused, single = [], {m: [] for m in modalities}
     for s in range(0, len(rows), batch_size):
         samples = [{m: data.tensors[m][i] for m in modalities} for i in rows[s : s + batch_size]]
         out = model(_to_device(_collate(samples, modalities), dev), modalities=list(modalities))
-        chunks.append(model.classify(out.fused).float().cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+        if out.logits is None:
+            raise EvaluationError("the model returned no fused logits (fusion part missing)")
+        fused.append(out.logits.float().cpu().numpy())
+        for m in modalities:
+            single[m].append(out.modality_logits[m].float().cpu().numpy())
+    return np.concatenate(fused), {m: np.concatenate(v) for m, v in single.items()}

@@ -1,0 +1,317 @@
+"""End to end: ``jobs.evaluate`` on a tiny untrained export and tiny hand-written shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from common.config import load_config, save_yaml
+from jobs import evaluate
+from jobs.evaluation.config import EvalConfig
+from pipelines.schema import MODALITIES, pack_tensors, shard_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["zero", "one", "two", "three"]
+LABELS = ["0", "1", "2", "3"]
+SPLIT_MODS = ("text", "image", "audio", "pointcloud", "signal")  # no video in the split
+ALIGNED = [["text", "image"], ["text", "audio"]]
+
+
+def _rows(n: int, seed: int) -> dict[str, list]:
+    """Featurized rows shaped like INTERFACES §1; every 4th row lacks audio."""
+    from pipelines.featurize import get_featurizer
+
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list] = {m: [] for m in MODALITIES}
+    cols.update(id=[], label=[], group=[], modalities=[])
+    for i in range(n):
+        lab = i % len(LABELS)
+        cols["id"].append(f"r{seed}-{i:03d}")
+        cols["label"].append(LABELS[lab])
+        cols["group"].append(f"g{i}")
+        present = [m for m in SPLIT_MODS if not (m == "audio" and i % 4 == 3)]
+        cols["modalities"].append(present)
+        cols["text"].append(_rows.text.from_text(f"the digit {WORDS[lab]}"))
+        cols["image"].append(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        cols["audio"].append(
+            rng.normal(size=(int(rng.integers(40, 128)), 40)).astype(np.float16)
+            if "audio" in present
+            else None
+        )
+        cols["pointcloud"].append(rng.normal(size=(256, 3)).astype(np.float16))
+        cols["signal"].append(rng.normal(size=(3, 128)).astype(np.float16))
+        cols["video"].append(None)
+    del get_featurizer
+    return cols
+
+
+def _write_shard(path: Path, cols: dict[str, list]) -> None:
+    arrays = {
+        "id": pa.array(cols["id"]),
+        "label": pa.array(cols["label"]),
+        "group": pa.array(cols["group"]),
+        "modalities": pa.array(cols["modalities"], type=pa.list_(pa.string())),
+    }
+    for m in MODALITIES:
+        arrays[m], arrays[f"{m}_shape"] = pack_tensors(m, cols[m])
+    schema = shard_schema()
+    table = pa.table([arrays[f.name] for f in schema], schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """A shards dir (test split in two files) and a tiny untrained export with training info."""
+    from models import OmniConfig, build_model
+    from pipelines.config import DataConfig
+    from pipelines.featurize import get_featurizer
+    from pipelines.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("evaluate")
+    shards = root / "shards"
+    texts = [f"the digit {w}" for w in WORDS] + [f"a handwritten {w}" for w in WORDS]
+    train_tokenizer(texts * 4, shards / "tokenizer", vocab_size=300)
+    save_yaml(DataConfig(), shards / "data_config.yaml")
+    _rows.text = get_featurizer("text", DataConfig().features, tokenizer_dir=shards / "tokenizer")
+    _write_shard(shards / "test" / "part-00000.parquet", _rows(14, seed=0))
+    _write_shard(shards / "test" / "part-00001.parquet", _rows(10, seed=1))
+    _write_shard(shards / "train" / "part-00000.parquet", _rows(8, seed=2))
+
+    cfg = OmniConfig.from_name("tiny", vocab_size=300, num_classes=len(LABELS))
+    export = root / "export"
+    build_model(cfg).save_pretrained(export)
+    shutil.copytree(shards / "tokenizer", export / "tokenizer")
+    shutil.copy2(shards / "data_config.yaml", export / "data_config.yaml")
+    (export / "metrics.json").write_text(json.dumps({"stages": {"finetune": {"loss": 1.0}}}))
+    (export / "training.yaml").write_text(
+        yaml.safe_dump({"aligned_pairs": ALIGNED, "label_names": LABELS, "model": "tiny"})
+    )
+    return {"root": root, "shards": shards, "export": export}
+
+
+def _copy_export(setup, name: str) -> Path:
+    dst = setup["root"] / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(setup["export"], dst)
+    return dst
+
+
+def test_eval_config_yamls_validate():
+    for path in sorted((ROOT / "configs" / "eval").glob("*.yaml")):
+        cfg = load_config(EvalConfig, path)
+        assert cfg.split in ("train", "val", "test")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(EvalConfig, None, ["no_such_key=1"])
+    with pytest.raises(ValueError, match="label"):
+        load_config(EvalConfig, None, ["prompt_templates=[no placeholder]"])
+
+
+def test_cli_end_to_end(setup, tmp_path):
+    """``python -m jobs.evaluate`` as a user runs it: metrics, PNGs, merge, summary."""
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.evaluate",
+            "--export",
+            str(setup["export"]),
+            "--data",
+            str(setup["shards"]),
+            "--split",
+            "test",
+            "--out",
+            str(out),
+            "--config",
+            str(ROOT / "configs/eval/default.yaml"),
+            "batch_size=7",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "R@1" in proc.stdout and "emergent alignment" in proc.stdout
+    res = json.loads((out / "metrics.json").read_text())
+
+    assert res["n_rows"] == 24 and res["modalities"] == list(SPLIT_MODS)
+    assert res["rows_per_modality"]["audio"] == 19 and res["rows_per_modality"]["text"] == 24
+    assert res["config"]["batch_size"] == 7
+    # Every ordered pair of the modalities present, values in [0, 1].
+    expected = {f"{a}->{b}" for a in SPLIT_MODS for b in SPLIT_MODS if a != b}
+    assert set(res["retrieval"]) == expected
+    for key, entry in res["retrieval"].items():
+        for level in ("category", "instance"):
+            for k in (1, 5, 10):
+                assert 0.0 <= entry[level][f"R@{k}"] <= 1.0, (key, level, k)
+            assert entry[level]["R@1"] <= entry[level]["R@5"] <= entry[level]["R@10"]
+        n_both = 19 if "audio" in key else 24
+        assert entry["gallery_size"] == n_both and entry["instance"]["n_queries"] == n_both
+        # Label counts 7/7/5/5; rows without audio are all label "3" (7, 7, 5 remain).
+        chance = (7 * 7 + 7 * 7 + 5 * 5) / 19**2 if "audio" in key else 148 / 24**2
+        assert entry["category"]["chance@1"] == pytest.approx(chance)
+    # Video: the model has it, the split does not -> recorded, not a crash.
+    assert "modality:video" in res["skipped"]
+
+    # Emergent pairs = every pair not aligned in training (training.yaml).
+    em = res["emergent_alignment"]
+    assert em["source"] == "training.yaml"
+    aligned = {frozenset(p) for p in ALIGNED}
+    want = {k for k in expected if frozenset(k.split("->")) not in aligned}
+    assert set(em["emergent_pairs"]) == want and len(want) == 16
+    assert set(em["R@1"]) == want
+    assert em["mean_R@1"] == pytest.approx(
+        np.mean([res["retrieval"][k]["category"]["R@1"] for k in want])
+    )
+    assert 0.0 <= em["mean_R@1_aligned"] <= 1.0
+
+    zs = res["zero_shot"]
+    assert zs["class_names"] == LABELS
+    assert zs["example_prompts"][1] == "the digit zero"  # label_text from the config
+    assert set(zs["per_modality"]) == set(SPLIT_MODS)
+    for v in zs["per_modality"].values():
+        assert 0.0 <= v["accuracy"] <= 1.0 and v["chance"] == 0.25
+
+    fu = res["fusion"]
+    assert fu["modalities"] == list(SPLIT_MODS) and fu["n"] == 19
+    assert 0.0 <= fu["fused_accuracy"] <= 1.0
+    assert fu["best_single_accuracy"] == max(fu["single_accuracy"].values())
+    assert fu["fusion_gain"] == pytest.approx(fu["fused_accuracy"] - fu["best_single_accuracy"])
+
+    for name in ("retrieval_r1", "embeddings_2d", "zero_shot", "fusion"):
+        png = out / f"{name}.png"
+        assert png.is_file() and png.stat().st_size > 2000, name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Merged into the export's metrics.json, training metrics kept.
+    merged = json.loads((setup["export"] / "metrics.json").read_text())
+    assert merged["stages"] == {"finetune": {"loss": 1.0}}
+    assert merged["evaluation"]["test"]["retrieval"] == res["retrieval"]
+
+
+def test_in_process_variants(setup, tmp_path):
+    """No training info: emergent skipped, then given on the command line; no head: fusion skipped."""
+    from models import OmniConfig, build_model
+
+    export = _copy_export(setup, "export_noinfo")
+    (export / "training.yaml").unlink()
+    before = (export / "metrics.json").read_text()
+    cfg = EvalConfig(plots=False, merge_into_export=False, label_names=LABELS)
+    res = evaluate.run_evaluation(export, setup["shards"], cfg, tmp_path / "a")
+    assert "skipped" in res["emergent_alignment"]
+    assert "--aligned-pairs" in res["emergent_alignment"]["skipped"]
+    assert "fused_accuracy" in res["fusion"]  # label_names came from the config
+    assert not (tmp_path / "a" / "retrieval_r1.png").exists()
+    assert (export / "metrics.json").read_text() == before  # merge_into_export=false
+
+    rc = evaluate.main(
+        [
+            "--export",
+            str(export),
+            "--data",
+            str(setup["shards"]),
+            "--out",
+            str(tmp_path / "b"),
+            "--aligned-pairs",
+            "image-audio,text-image",
+            "plots=false",
+            "merge_into_export=false",
+        ]
+    )
+    assert rc == 0
+    em = json.loads((tmp_path / "b" / "metrics.json").read_text())["emergent_alignment"]
+    assert em["source"] == "command line"
+    assert "image->audio" not in em["emergent_pairs"] and "text->audio" in em["emergent_pairs"]
+    assert len(em["emergent_pairs"]) == 16
+
+    # An export without a classification head.
+    nohead = setup["root"] / "export_nohead"
+    build_model(OmniConfig.from_name("tiny", vocab_size=300, num_classes=0)).save_pretrained(nohead)
+    shutil.copytree(setup["export"] / "tokenizer", nohead / "tokenizer", dirs_exist_ok=True)
+    res = evaluate.run_evaluation(nohead, setup["shards"], cfg, tmp_path / "c")
+    assert "classification head" in res["fusion"]["skipped"]
+    assert "per_modality" in res["zero_shot"]
+
+    # Restricting the model to fewer modalities than the split has: recorded, rest evaluated.
+    small = setup["root"] / "export_small"
+    mcfg = OmniConfig.from_name("tiny", vocab_size=300, num_classes=4, modalities=["text", "image"])
+    build_model(mcfg).save_pretrained(small)
+    res = evaluate.run_evaluation(small, setup["shards"], cfg, tmp_path / "d")
+    assert set(res["retrieval"]) == {"text->image", "image->text"}
+    assert "no branch" in res["skipped"]["modality:audio"]
+    assert res["emergent_alignment"]["skipped"]
+
+
+def _run_main(capsys, *argv: str) -> tuple[int, str]:
+    rc = evaluate.main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def test_bad_inputs_exit_cleanly(setup, tmp_path, capsys):
+    data = str(setup["shards"])
+    rc, err = _run_main(capsys, "--export", str(tmp_path / "nope"), "--data", data)
+    assert rc == 2 and "export directory not found" in err
+
+    rc, err = _run_main(capsys, "--export", str(setup["shards"]), "--data", data)
+    assert rc == 2 and "missing" in err and "model.safetensors" in err
+
+    export = _copy_export(setup, "export_bad")
+    before = (export / "metrics.json").read_text()
+    rc, err = _run_main(capsys, "--export", str(export), "--data", data, "--split", "val")
+    assert rc == 2 and "split 'val' not found" in err and "['test', 'train']" in err
+
+    rc, err = _run_main(capsys, "--export", str(export), "--data", str(tmp_path / "none"))
+    assert rc == 2 and "data directory not found" in err
+
+    rc, err = _run_main(capsys, "--export", str(export), "--data", data, "bogus_key=3")
+    assert rc == 2 and "unknown key" in err
+
+    rc, err = _run_main(capsys, "--export", str(export), "--data", data, "--aligned-pairs", "text")
+    assert rc == 2 and "two different modalities" in err
+
+    (export / "model_config.yaml").write_text("d_model: [64\nn_heads: 4\n")  # broken YAML
+    rc, err = _run_main(capsys, "--export", str(export), "--data", data)
+    assert rc == 2 and "corrupt" in err and "model_config.yaml" in err
+
+    (export / "model_config.yaml").write_text("d_model: 64\nno_such_field: 1\n")
+    rc, err = _run_main(capsys, "--export", str(export), "--data", data)
+    assert rc == 2 and "cannot load the model" in err and "no_such_field" in err
+
+    # Nothing was lost or half-written in the export by the failed runs.
+    assert (export / "metrics.json").read_text() == before
+    assert not (export / "eval").exists()
+
+
+def test_cli_error_is_one_line_without_traceback(setup, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.evaluate",
+            "--export",
+            str(setup["export"]),
+            "--data",
+            str(setup["shards"]),
+            "--split",
+            "nosuch",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "split 'nosuch' not found" in proc.stderr
