@@ -228,10 +228,13 @@ def _plan_rows(
     n_writers = max(3, n // 10)
     writers = [_make_writer(seed, w) for w in range(n_writers)]
     g = _rng(seed, _TAG_GLOBAL)
-    # Each digit's real images in a seed-specific order; rows take the next unused one so
-    # different rows use different source images (cycling only past ~180 rows per digit).
+    # Each digit's real images in a seed-specific order; rows that show the image take the
+    # next unused one, so different rows use different source images. Once a digit's ~180
+    # images are used up, a row reuses one its own writer already used (same group, so no
+    # train/test leakage), else one of another writer's.
     pools = {d: g.permutation(np.flatnonzero(digits_y == d)) for d in range(10)}
     used = dict.fromkeys(range(10), 0)
+    by_writer: dict[tuple[int, int], list[int]] = {}
 
     rows: list[RowPlan] = []
     for i in range(n):
@@ -250,9 +253,19 @@ def _plan_rows(
             "signal": _pick(r, {"npy": 0.8, "csv": 0.2}),
         }
         video_style = "draw" if r.random() < 0.6 else "move"
-        pool = pools[label]
-        src = int(pool[used[label] % len(pool)])
-        used[label] += 1
+        pool, mine = pools[label], by_writer.setdefault((writer.wid, label), [])
+        shown = "image" in present or ("video" in present and video_style == "move")
+        if not shown:
+            src = int(pool[int(r.integers(len(pool)))])  # never displayed; keeps plans valid
+        elif used[label] < len(pool):
+            src = int(pool[used[label]])
+            used[label] += 1
+            mine.append(src)
+        elif mine:
+            src = mine[int(r.integers(len(mine)))]
+        else:
+            src = int(pool[used[label] % len(pool)])
+            used[label] += 1
         rows.append(
             RowPlan(
                 index=i,

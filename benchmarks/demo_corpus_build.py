@@ -1,0 +1,122 @@
+"""Benchmark: how long building the OmniDigits corpus takes.
+
+Builds the small (test) corpus twice to check byte-identical determinism, times the
+large corpus, and profiles the per-modality rendering cost in-process. Prints a summary
+and writes ``benchmarks/results/demo_corpus_build.json``.
+
+    .venv/bin/python benchmarks/demo_corpus_build.py [--n-large 2000] [--n-small 60]
+        [--workers 2] [--keep data/omnidigits]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines import demo_corpus as dc  # noqa: E402
+
+
+def _build(out: Path, n: int, seed: int, workers: int) -> dict:
+    t0 = time.perf_counter()
+    dc.build_corpus(out, n=n, seed=seed, workers=workers, overwrite=True)
+    seconds = time.perf_counter() - t0
+    info = json.loads((out / "corpus_info.json").read_text())
+    files = sum(1 for p in out.rglob("*") if p.is_file())
+    return {
+        "n": n,
+        "workers": workers,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(n / seconds, 1),
+        "files": files,
+        "mbytes": round(info["bytes"] / 1e6, 1),
+        "counts": info["counts"],
+        "corrupt_files": len(info["corrupt"]),
+        "duplicates": len(info["duplicates"]),
+    }
+
+
+def _profile(n_rows: int, seed: int) -> dict[str, float]:
+    """Mean milliseconds per item to render and encode each modality (one process)."""
+    rows = dc._plan_rows(n_rows, seed, 0.0, 0.0, 0.0)
+    times = {m: 0.0 for m in dc.FILE_MODALITIES}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_p = Path(tmp)
+        for row in rows:
+            r = np.random.default_rng(row.index)
+            t = time.perf_counter()
+            dc._image_bytes(dc._render_image(row, r), "png", r)
+            times["image"] += time.perf_counter() - t
+            t = time.perf_counter()
+            dc._audio_bytes(*dc._render_audio(row, r), "wav")
+            times["audio"] += time.perf_counter() - t
+            t = time.perf_counter()
+            dc._encode_mp4(*dc._render_video(row, r), tmp_p / "v.mp4")
+            times["video"] += time.perf_counter() - t
+            t = time.perf_counter()
+            dc._write_points(dc._render_points(row, r), tmp_p / "p.ply")
+            times["pointcloud"] += time.perf_counter() - t
+            t = time.perf_counter()
+            dc._signal_bytes(dc._trajectory(row.label, row.writer, r), "npy")
+            times["signal"] += time.perf_counter() - t
+    return {m: round(1000 * v / n_rows, 2) for m, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-large", type=int, default=2000)
+    ap.add_argument("--n-small", type=int, default=60)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="build the large corpus here and keep it (default: a temp dir)")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/demo_corpus_build.json")
+    args = ap.parse_args()
+
+    result: dict = {
+        "benchmark": "demo_corpus_build",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+    with tempfile.TemporaryDirectory(prefix="omnidigits_bench_") as tmp:
+        tmp_p = Path(tmp)
+        small_a = _build(tmp_p / "small_a", args.n_small, args.seed, args.workers)
+        small_b = _build(tmp_p / "small_b", args.n_small, args.seed, 1)
+        same = dc.file_digest(tmp_p / "small_a") == dc.file_digest(tmp_p / "small_b")
+        result["small"] = small_a
+        result["small_workers1_seconds"] = small_b["seconds"]
+        result["deterministic_across_workers"] = same
+        print(f"n={args.n_small}: {small_a['seconds']}s ({args.workers} workers), "
+              f"{small_b['seconds']}s (1 worker); byte-identical: {same}")  # fmt: skip
+
+        result["per_item_ms"] = _profile(20, args.seed)
+        print(f"per item (ms, one process): {result['per_item_ms']}")
+
+        large_dir = args.keep if args.keep is not None else tmp_p / "large"
+        result["large"] = _build(large_dir, args.n_large, args.seed, args.workers)
+        if args.keep is not None:
+            result["large"]["kept_at"] = str(args.keep)
+        large = result["large"]
+        print(f"n={args.n_large}: {large['seconds']}s with {args.workers} workers "
+              f"({large['rows_per_s']} rows/s, {large['files']} files, {large['mbytes']} MB, "
+              f"{large['corrupt_files']} corrupt, {large['duplicates']} duplicates)")  # fmt: skip
+        if args.keep is None:
+            shutil.rmtree(large_dir, ignore_errors=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
