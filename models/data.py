@@ -144,3 +144,56 @@ def collate(
         [_label_index(s.get("label"), label_names) for s in samples], dtype=torch.long
     )
     return batch
+
+
+def synthetic_samples(
+    cfg: Any,
+    n: int,
+    *,
+    seed: int = 0,
+    modalities: Sequence[str] | None = None,
+    drop_one: bool = False,
+    num_labels: int = 10,
+) -> list[dict[str, Any]]:
+    """Random featurized samples with the shapes/dtypes of INTERFACES §1 for ``cfg``.
+
+    For smoke tests and benchmarks (no real data). Text and audio get variable lengths.
+
+    Args:
+        cfg: An :class:`~models.config.OmniConfig`.
+        n: Number of samples.
+        seed: RNG seed.
+        modalities: Modalities to fill (default ``cfg.modalities``).
+        drop_one: Row ``i`` lacks modality ``i % M`` (exercises missing-modality paths).
+        num_labels: Labels are ``str(i % num_labels)``.
+    """
+    rng = np.random.default_rng(seed)
+    mods = list(cfg.modalities if modalities is None else modalities)
+    out = []
+    for i in range(n):
+        s: dict[str, Any] = {"label": str(i % num_labels)}
+        for m in mods:
+            if m == "text":
+                length = int(rng.integers(4, cfg.max_text_len + 1))
+                ids = rng.integers(5, cfg.vocab_size, size=length)
+                ids[0], ids[-1] = cfg.bos_id, cfg.eos_id
+                s[m] = ids.astype(np.int32)
+            elif m == "image":
+                s[m] = rng.integers(0, 256, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+            elif m == "audio":
+                t = int(rng.integers(cfg.audio_max_frames // 2, cfg.audio_max_frames + 1))
+                s[m] = rng.standard_normal((t, cfg.audio_bins)).astype(np.float16)
+            elif m == "video":
+                shape = (cfg.video_frames, cfg.video_size, cfg.video_size, 3)
+                s[m] = rng.integers(0, 256, shape, dtype=np.uint8)
+            elif m == "pointcloud":
+                p = rng.standard_normal((cfg.pointcloud_points, cfg.pointcloud_channels))
+                p[:, :3] /= np.abs(p[:, :3]).max()
+                s[m] = p.astype(np.float16)
+            elif m == "signal":
+                shape = (cfg.signal_channels, cfg.signal_length)
+                s[m] = rng.standard_normal(shape).astype(np.float16)
+        if drop_one and mods:
+            s[mods[i % len(mods)]] = None
+        out.append(s)
+    return out

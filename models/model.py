@@ -396,10 +396,26 @@ class OmniModel(nn.Module):
                 no_decay.append(p)
             else:
                 decay.append(p)
-        return [
+        groups = [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        if self.config.moe_impl == "deepspeed":
+            # DeepSpeed (ZeRO) wants expert parameters in their own groups.
+            from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+            groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        return groups
+
+    def setup_expert_parallel(self) -> None:
+        """Creates DeepSpeed's expert-parallel groups for ``moe_impl=deepspeed`` layers
+        (``deepspeed.initialize`` does this itself; call it when running without the
+        engine, after ``deepspeed.init_distributed``)."""
+        from models.moe import DeepSpeedMoEFFN
+
+        for module in self.modules():
+            if isinstance(module, DeepSpeedMoEFFN):
+                module.moe.set_deepspeed_parallelism()
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(reports, indent=2))
         return
-    print(f"{'size':<6} {'total':>12} {'trunk':>12} {'trunk active/tok':>17}  per-modality active/tok")
+    print(
+        f"{'size':<6} {'total':>12} {'trunk':>12} {'trunk active/tok':>17}  per-modality active/tok"
+    )
     for r in reports:
         act = ", ".join(f"{m}={v / 1e6:.2f}M" for m, v in r["active_params_per_token"].items())
         print(
