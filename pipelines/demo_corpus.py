@@ -60,6 +60,7 @@ __all__ = [
     "MODALITIES",
     "CorpusError",
     "build_corpus",
+    "file_digest",
     "main",
 ]
 
