@@ -230,12 +230,28 @@ def run_evaluation(
     from jobs.evaluation.encode import check_export, embed_rows, load_model, model_modalities
 
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 4)
+        return now
+
     export_dir = check_export(export_dir)
     data_dir = Path(data_dir)
     out_dir = Path(out_dir) if out_dir else export_dir / "eval" / cfg.split
     info = read_training_info(export_dir)
+    # Resolve user-given pairs before any heavy work so that a typo fails fast.
+    if aligned_pairs is not None:
+        aligned, source = _parse_pairs(aligned_pairs), "command line"
+    elif cfg.aligned_pairs is not None:
+        aligned, source = _parse_pairs(cfg.aligned_pairs), "config"
+    else:
+        aligned, source = info.aligned_pairs, info.source.get("aligned_pairs", "")
     data = load_split(data_dir, cfg.split, cfg.max_rows)
+    t = lap("load_split", t0)
     model = load_model(export_dir, cfg.device)
+    t = lap("load_model", t)
 
     model_mods = model_modalities(model)
     split_mods = data.modalities
@@ -258,6 +274,7 @@ def run_evaluation(
     for m in mods:
         rows = data.rows_with([m])
         embeds[m] = (rows, embed_rows(model, data, m, rows, cfg.batch_size))
+    t = lap("embed", t)
 
     has_labels = any(x is not None for x in data.labels)
     retrieval: dict[str, Any] = {}
@@ -277,17 +294,14 @@ def run_evaluation(
             tie_decimals=cfg.tie_decimals,
         )
 
+    t = lap("retrieval", t)
     class_names = (
         cfg.label_names or info.label_names or sorted({x for x in data.labels if x is not None})
     )
     zero_shot = _zero_shot(model, export_dir, data_dir, data, embeds, class_names, cfg)
+    t = lap("zero_shot", t)
     fusion = _fusion(model, data, mods, info, cfg)
-    if aligned_pairs is not None:
-        aligned, source = _parse_pairs(aligned_pairs), "command line"
-    elif cfg.aligned_pairs is not None:
-        aligned, source = _parse_pairs(cfg.aligned_pairs), "config"
-    else:
-        aligned, source = info.aligned_pairs, info.source.get("aligned_pairs", "")
+    t = lap("fusion", t)
     emergent = _emergent(retrieval, mods, aligned, source)
 
     result: dict[str, Any] = {
@@ -308,6 +322,8 @@ def run_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.plots:
         result["plots"] = _plots(result, data, embeds, out_dir, cfg)
+        lap("plots", t)
+    result["timings_s"] = timings
     result["wall_time_s"] = round(time.perf_counter() - t0, 3)
     _write_json(out_dir / "metrics.json", result)
     if cfg.merge_into_export:

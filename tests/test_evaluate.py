@@ -294,6 +294,23 @@ def test_bad_inputs_exit_cleanly(setup, tmp_path, capsys):
     assert not (export / "eval").exists()
 
 
+def test_split_not_matching_the_model_is_a_clear_error(setup, tmp_path, capsys):
+    """Signals with 5 channels where the export expects 3: exit 2 naming the modality."""
+    cols = _rows(6, seed=5)
+    cols["signal"] = [np.zeros((5, 128), np.float16) for _ in cols["signal"]]
+    mixed = tmp_path / "mixed"
+    shutil.copytree(setup["shards"], mixed)
+    _write_shard(mixed / "test" / "part-00002.parquet", cols)
+    only_bad = tmp_path / "only_bad"
+    _write_shard(only_bad / "test" / "part-00000.parquet", cols)
+    common = ["--export", str(setup["export"]), "--out", str(tmp_path / "o")]
+    rc, err = _run_main(capsys, *common, "--data", str(mixed), "merge_into_export=false")
+    assert rc == 2 and "cannot batch signal rows" in err and "(5, 128)" in err
+    rc, err = _run_main(capsys, *common, "--data", str(only_bad), "merge_into_export=false")
+    assert rc == 2 and "cannot encode the split's signal" in err and "data_config" in err
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
 def test_cli_error_is_one_line_without_traceback(setup, tmp_path):
     proc = subprocess.run(
         [

@@ -144,3 +144,17 @@ def test_class_embeddings_average_templates():
     ce = M.class_embeddings(pe)
     np.testing.assert_allclose(ce[0], [2**-0.5, 2**-0.5])
     np.testing.assert_allclose(ce[1], [1.0, 0.0])
+
+
+def test_chunked_scoring_matches_single_pass():
+    rng = np.random.default_rng(3)
+    q = _unit(rng.normal(size=(37, 8)))
+    g = _unit(q + 0.8 * rng.normal(size=(37, 8)))
+    labels = [str(i % 3) if i % 5 else None for i in range(37)]
+    full = M.retrieval_metrics(q, g, labels, ks=(1, 5), chunk_size=1000)
+    for cs in (1, 7, 36):
+        part = M.retrieval_metrics(q, g, labels, ks=(1, 5), chunk_size=cs)
+        for lv in ("instance", "category"):
+            for key, v in full[lv].items():
+                assert part[lv][key] == pytest.approx(v), (cs, lv, key)
+    assert 0.0 < full["instance"]["R@1"] < 1.0  # a non-trivial case

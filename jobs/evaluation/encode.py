@@ -81,6 +81,17 @@ def num_classes(model: torch.nn.Module) -> int:
     return int(model.config.num_classes)
 
 
+def _forward(model: torch.nn.Module, batch: dict[str, Any], modalities: Sequence[str]):
+    """``model(batch)`` with shape errors turned into a clear data error."""
+    try:
+        return model(_to_device(batch, _device(model)), modalities=list(modalities))
+    except (RuntimeError, ValueError) as e:
+        raise EvaluationError(
+            f"the model cannot encode the split's {'+'.join(modalities)} tensors "
+            f"(was the split prepared with the export's data_config.yaml?): {e}"
+        ) from e
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -92,7 +103,11 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def _collate(samples: list[dict], modalities: Sequence[str]) -> dict[str, Any]:
     from models.data import collate
 
-    return collate(samples, modalities=tuple(modalities))
+    try:
+        return collate(samples, modalities=tuple(modalities))
+    except ValueError as e:
+        # Shards whose tensors do not fit the model are a data error, not a crash.
+        raise EvaluationError(f"cannot batch {'+'.join(modalities)} rows of the split: {e}") from e
 
 
 @torch.no_grad()
@@ -111,12 +126,11 @@ def embed_rows(
     Returns:
         (n, E) float32 L2-normalized embeddings in the shared space.
     """
-    dev = _device(model)
     col = data.tensors[modality]
     chunks = []
     for s in range(0, len(rows), batch_size):
         samples = [{modality: col[i]} for i in rows[s : s + batch_size]]
-        out = model(_to_device(_collate(samples, [modality]), dev), modalities=[modality])
+        out = _forward(model, _collate(samples, [modality]), [modality])
         chunks.append(out.embeds[modality].float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
@@ -148,11 +162,10 @@ def head_logits(
     Returns:
         ``(fused (n, C), {m: (n, C)})`` float32 logits.
     """
-    dev = _device(model)
     fused, single = [], {m: [] for m in modalities}
     for s in range(0, len(rows), batch_size):
         samples = [{m: data.tensors[m][i] for m in modalities} for i in rows[s : s + batch_size]]
-        out = model(_to_device(_collate(samples, modalities), dev), modalities=list(modalities))
+        out = _forward(model, _collate(samples, modalities), modalities)
         if out.logits is None:
             raise EvaluationError("the model returned no fused logits (fusion part missing)")
         fused.append(out.logits.float().cpu().numpy())

@@ -128,8 +128,12 @@ def retrieval_metrics(
     *,
     ks: Sequence[int] = DEFAULT_KS,
     tie_decimals: int | None = 6,
+    chunk_size: int = 1024,
 ) -> dict[str, object]:
     """Cross-modal retrieval where query row i and gallery row i come from the same sample.
+
+    Queries are scored in chunks of ``chunk_size`` rows so memory stays O(chunk_size * N)
+    instead of O(N^2) on large splits; the result does not depend on the chunk size.
 
     Args:
         query: (N, E) embeddings of the query modality.
@@ -137,6 +141,7 @@ def retrieval_metrics(
         labels: (N,) label per row (None where unknown); enables category-level recall.
         ks: recall cut-offs.
         tie_decimals: see :func:`similarity`.
+        chunk_size: queries scored at once.
 
     Returns:
         ``{"category": {"R@1", ..., "n_queries", "chance@1"} | None,
@@ -146,19 +151,38 @@ def retrieval_metrics(
     if len(query) != len(gallery):
         raise ValueError(f"query ({len(query)}) and gallery ({len(gallery)}) must be row-aligned")
     n = len(query)
-    scores = similarity(query, gallery, tie_decimals)
-    inst_pos = np.eye(n, dtype=bool)
-    instance = recall_at_ks(scores, inst_pos, ks)
-    instance["chance@1"] = 1.0 / n if n else 0.0
-    category = None
-    if labels is not None and any(x is not None for x in labels):
-        if len(labels) != n:
-            raise ValueError(f"labels ({len(labels)}) must have one entry per row ({n})")
-        cat_pos = label_positives(labels, labels)
-        category = recall_at_ks(scores, cat_pos, ks)
-        valid = cat_pos.any(axis=1)
-        category["chance@1"] = float(cat_pos[valid].mean(axis=1).mean()) if valid.any() else 0.0
-    return {"category": category, "instance": instance, "gallery_size": n}
+    with_labels = labels is not None and any(x is not None for x in labels)
+    if with_labels and len(labels) != n:
+        raise ValueError(f"labels ({len(labels)}) must have one entry per row ({n})")
+    levels = ("instance", "category") if with_labels else ("instance",)
+    sums = {lv: dict.fromkeys(ks, 0.0) for lv in levels}
+    counts = dict.fromkeys(levels, 0)
+    chance_sum = 0.0
+    for s in range(0, n, max(1, chunk_size)):
+        e = min(n, s + max(1, chunk_size))
+        scores = similarity(query[s:e], gallery, tie_decimals)  # (c, N)
+        pos = {"instance": np.zeros((e - s, n), dtype=bool)}
+        pos["instance"][np.arange(e - s), np.arange(s, e)] = True
+        if with_labels:
+            pos["category"] = label_positives(labels[s:e], labels)
+        for lv in levels:
+            valid = pos[lv].any(axis=1)
+            counts[lv] += int(valid.sum())
+            for k in ks:
+                sums[lv][k] += float(hits_at_k(scores[valid], pos[lv][valid], k).sum())
+            if lv == "category" and valid.any():
+                chance_sum += float(pos[lv][valid].mean(axis=1).sum())
+    out: dict[str, object] = {"category": None, "gallery_size": n}
+    for lv in levels:
+        c = counts[lv]
+        res: dict[str, float] = {f"R@{k}": (sums[lv][k] / c if c else 0.0) for k in ks}
+        res["n_queries"] = c
+        if lv == "instance":
+            res["chance@1"] = 1.0 / n if n else 0.0
+        else:
+            res["chance@1"] = chance_sum / c if c else 0.0
+        out[lv] = res
+    return out
 
 
 def ordered_pairs(modalities: Sequence[str]) -> list[tuple[str, str]]:

@@ -19,8 +19,11 @@ def load_text_featurizer(export_dir: Path, data_dir: Path | None = None):
     Raises:
         EvaluationError: no tokenizer, or an unreadable data config.
     """
-    from pipelines.config import FeatureConfig, load_data_config
-    from pipelines.featurize import get_featurizer
+    try:
+        from pipelines.config import FeatureConfig, load_data_config
+        from pipelines.featurize import get_featurizer
+    except ImportError as e:  # a featurizer's decoder library missing on this node
+        raise EvaluationError(f"cannot import the featurizers: {e}") from e
 
     roots = [export_dir] + ([data_dir] if data_dir is not None else [])
     tok_dir = next((r / "tokenizer" for r in roots if (r / "tokenizer").is_dir()), None)
