@@ -112,10 +112,11 @@ def _zero_shot(
     }
 
 
-def _fusion(
+def _fusion_plan(
     model, data: SplitData, mods: list[str], info: TrainingInfo, cfg: EvalConfig
 ) -> dict[str, Any]:
-    from jobs.evaluation.encode import head_logits, num_classes
+    """Which rows and modalities the fusion-gain metric uses, or ``{"skipped": why}``."""
+    from jobs.evaluation.encode import num_classes
 
     n_cls = num_classes(model)
     if n_cls <= 0:
@@ -151,7 +152,17 @@ def _fusion(
             f"(min_fusion_rows={cfg.min_fusion_rows})"
         }
     targets = np.asarray([index[data.labels[i]] for i in rows])
-    fused_logits, single_logits = head_logits(model, data, fmods, rows, cfg.batch_size)
+    return {"modalities": fmods, "rows": rows, "targets": targets, "num_classes": n_cls}
+
+
+def _fusion_result(
+    plan: dict[str, Any],
+    fused_logits: np.ndarray,
+    single_logits: dict[str, np.ndarray],
+    cfg: EvalConfig,
+) -> dict[str, Any]:
+    """Head accuracy fused vs each single modality on the same rows."""
+    fmods, targets = plan["modalities"], plan["targets"]
     fused = M.top1_accuracy(fused_logits, targets, cfg.tie_decimals)
     single = {
         m: M.top1_accuracy(single_logits[m], targets, cfg.tie_decimals)["accuracy"] for m in fmods
@@ -159,13 +170,13 @@ def _fusion(
     best = max(single, key=lambda m: (single[m], -fmods.index(m)))
     return {
         "modalities": fmods,
-        "n": int(len(rows)),
+        "n": int(len(targets)),
         "fused_accuracy": fused["accuracy"],
         "single_accuracy": single,
         "best_single_modality": best,
         "best_single_accuracy": single[best],
         "fusion_gain": fused["accuracy"] - single[best],
-        "chance": 1.0 / n_cls,
+        "chance": 1.0 / plan["num_classes"],
     }
 
 
@@ -227,7 +238,13 @@ def run_evaluation(
     Raises:
         EvaluationError: user errors (bad paths, split, export).
     """
-    from jobs.evaluation.encode import check_export, embed_rows, load_model, model_modalities
+    from jobs.evaluation.encode import (
+        check_export,
+        embed_rows,
+        head_logits,
+        load_model,
+        model_modalities,
+    )
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -269,11 +286,30 @@ def run_evaluation(
             f"and the model ({model_mods})"
         )
 
-    # Per-modality embeddings: (row indices (n,), embeddings (n, E)).
+    # One pass over the fusion rows gives their per-modality embeddings and the head's
+    # fused and single-modality logits; a second pass embeds the remaining rows only, so
+    # no row is encoded twice.
+    plan = _fusion_plan(model, data, mods, info, cfg)
+    done: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    fusion: dict[str, Any] = {k: v for k, v in plan.items() if k == "skipped"}
+    if "skipped" not in plan:
+        f_emb, f_logits, s_logits = head_logits(
+            model, data, plan["modalities"], plan["rows"], cfg.batch_size
+        )
+        done = {m: (plan["rows"], e) for m, e in f_emb.items()}
+        fusion = _fusion_result(plan, f_logits, s_logits, cfg)
+    t = lap("fusion", t)
+    # Per-modality embeddings: (sorted row indices (n,), embeddings (n, E)).
     embeds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for m in mods:
         rows = data.rows_with([m])
-        embeds[m] = (rows, embed_rows(model, data, m, rows, cfg.batch_size))
+        have_rows, have_emb = done.get(m, (np.zeros(0, np.int64), None))
+        todo = np.setdiff1d(rows, have_rows)
+        new = embed_rows(model, data, m, todo, cfg.batch_size) if len(todo) else None
+        parts = [(r, e) for r, e in ((have_rows, have_emb), (todo, new)) if e is not None]
+        all_rows = np.concatenate([r for r, _ in parts])
+        order = np.argsort(all_rows, kind="stable")
+        embeds[m] = (all_rows[order], np.concatenate([e for _, e in parts])[order])
     t = lap("embed", t)
 
     has_labels = any(x is not None for x in data.labels)
@@ -300,8 +336,6 @@ def run_evaluation(
     )
     zero_shot = _zero_shot(model, export_dir, data_dir, data, embeds, class_names, cfg)
     t = lap("zero_shot", t)
-    fusion = _fusion(model, data, mods, info, cfg)
-    t = lap("fusion", t)
     emergent = _emergent(retrieval, mods, aligned, source)
 
     result: dict[str, Any] = {

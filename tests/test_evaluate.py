@@ -305,9 +305,9 @@ def test_split_not_matching_the_model_is_a_clear_error(setup, tmp_path, capsys):
     _write_shard(only_bad / "test" / "part-00000.parquet", cols)
     common = ["--export", str(setup["export"]), "--out", str(tmp_path / "o")]
     rc, err = _run_main(capsys, *common, "--data", str(mixed), "merge_into_export=false")
-    assert rc == 2 and "cannot batch signal rows" in err and "(5, 128)" in err
+    assert rc == 2 and "cannot batch" in err and "signal shape (5, 128)" in err
     rc, err = _run_main(capsys, *common, "--data", str(only_bad), "merge_into_export=false")
-    assert rc == 2 and "cannot encode the split's signal" in err and "data_config" in err
+    assert rc == 2 and "cannot encode the split" in err and "signal" in err and "data_config" in err
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
@@ -332,3 +332,21 @@ def test_cli_error_is_one_line_without_traceback(setup, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "split 'nosuch' not found" in proc.stderr
+
+
+def test_fusion_pass_embeddings_match_single_modality_pass(setup):
+    """Rows embedded during the fusion pass reuse those embeddings: they must equal what a
+    single-modality pass gives (branches are independent of the other modalities)."""
+    from jobs.evaluation.data import load_split
+    from jobs.evaluation.encode import embed_rows, head_logits, load_model
+
+    data = load_split(setup["shards"], "test")
+    model = load_model(setup["export"])
+    mods = ["text", "audio", "signal"]
+    rows = data.rows_with(mods)[:9]
+    emb, fused, single = head_logits(model, data, mods, rows, batch_size=4)
+    assert fused.shape == (9, len(LABELS)) and set(single) == set(mods)
+    for m in mods:
+        alone = embed_rows(model, data, m, rows, batch_size=3)
+        np.testing.assert_allclose(emb[m], alone, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(alone, axis=1), 1.0, atol=1e-4)

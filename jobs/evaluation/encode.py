@@ -152,17 +152,22 @@ def head_logits(
     modalities: Sequence[str],
     rows: np.ndarray,
     batch_size: int,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Classification-head logits on the fused embedding and on each single modality.
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+    """Embeddings plus classification-head logits, fused and per modality, in one pass.
 
-    One forward over ``modalities`` gives both: ``out.logits`` is the head on the fused
-    embedding, ``out.modality_logits[m]`` the same head on modality ``m``'s embedding
-    (the model trains the head on both, so they are comparable).
+    One forward over ``modalities`` gives all of it: ``out.embeds[m]``, ``out.logits``
+    (the head on the fused embedding) and ``out.modality_logits[m]`` (the same head on
+    modality ``m``'s embedding; the model trains the head on both, so they compare).
+
+    Args:
+        rows: (n,) row indices, each having every one of ``modalities``.
 
     Returns:
-        ``(fused (n, C), {m: (n, C)})`` float32 logits.
+        ``({m: (n, E)}, fused (n, C), {m: (n, C)})`` float32 arrays.
     """
-    fused, single = [], {m: [] for m in modalities}
+    embeds: dict[str, list] = {m: [] for m in modalities}
+    fused: list[np.ndarray] = []
+    single: dict[str, list] = {m: [] for m in modalities}
     for s in range(0, len(rows), batch_size):
         samples = [{m: data.tensors[m][i] for m in modalities} for i in rows[s : s + batch_size]]
         out = _forward(model, _collate(samples, modalities), modalities)
@@ -170,5 +175,10 @@ def head_logits(
             raise EvaluationError("the model returned no fused logits (fusion part missing)")
         fused.append(out.logits.float().cpu().numpy())
         for m in modalities:
+            embeds[m].append(out.embeds[m].float().cpu().numpy())
             single[m].append(out.modality_logits[m].float().cpu().numpy())
-    return np.concatenate(fused), {m: np.concatenate(v) for m, v in single.items()}
+    return (
+        {m: np.concatenate(v) for m, v in embeds.items()},
+        np.concatenate(fused),
+        {m: np.concatenate(v) for m, v in single.items()},
+    )
