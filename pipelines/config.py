@@ -179,8 +179,10 @@ class DedupeConfig:
         text_bands: LSH bands used to find candidate pairs.
         text_min_chars: Texts shorter than this skip near-dedupe (too little evidence).
         drop_text_of_duplicate_rows: When every other modality of a row is a duplicate of
-            the same survivor row, its text (the caption of duplicated content) goes too,
-            even when text is not deduplicated itself (templated captions repeat).
+            the same survivor row and its text equals the survivor's text up to case,
+            spacing and punctuation, the text goes too (a whole duplicated row), even when
+            text is not deduplicated on its own (templated captions repeat). A new caption
+            of duplicated content is kept.
     """
 
     exact: list[str] = field(

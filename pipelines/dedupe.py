@@ -54,13 +54,18 @@ def _minhash_params(num_perm: int, seed: int = 1234) -> tuple[np.ndarray, np.nda
     return a, b
 
 
+def normalize_text_key(text: str) -> str:
+    """Lower-case alphanumeric words: equal for texts differing in case/punctuation/spaces."""
+    return " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
 def text_minhash(text: str, num_perm: int = 64, shingle: int = 5) -> np.ndarray:
     """MinHash signature uint32 (num_perm,) of lower-cased character shingles.
 
     Whitespace and punctuation are reduced so that near duplicates that differ in case,
     spacing or trailing punctuation share their shingles.
     """
-    norm = " ".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+    norm = normalize_text_key(text)
     if len(norm) < shingle:
         grams = {norm}
     else:

@@ -33,14 +33,14 @@ import pyarrow.fs as pafs
 
 from common.config import save_yaml, to_dict
 from pipelines.config import DataConfig
-from pipelines.dedupe import find_duplicates
+from pipelines.dedupe import find_duplicates, normalize_text_key
 from pipelines.paths import manifest_root
 from pipelines.schema import MODALITIES, SPLITS
 from pipelines.stages import (
     KNOWN_COLUMNS,
     DecodeRows,
-    FinalizeRows,
     ManifestError,
+    finalize_batch,
     record,
     write_shard,
 )
@@ -245,9 +245,9 @@ def run_prepare(
 
     # ---- driver: small keys only ------------------------------------------------
     keys: dict[str, list] = {c: [] for c in _KEY_COLUMNS}
-    for b in decoded.select_columns(_KEY_COLUMNS).iter_batches(
-        batch_size=4096, batch_format="pyarrow"
-    ):
+    # Iterating the materialized blocks needs no new tasks; one block at a time reaches
+    # the driver (bounded memory) and only the small key columns are kept.
+    for b in decoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
         for c in _KEY_COLUMNS:
             keys[c].extend(b.column(c).to_pylist())
     plan, quarantine, info = plan_rows(keys, cfg)
@@ -275,18 +275,14 @@ def run_prepare(
     # ---- stage 2: apply plan, tokenize, write shards --------------------------------
     written: list[dict[str, Any]] = []
     if plan["kept"]:
+        plan_ref = ray.put(
+            {k: plan[k] for k in ("drop_rows", "drop_mods", "group_split", "num_shards")}
+        )
         final = decoded.map_batches(
-            FinalizeRows,
-            fn_constructor_kwargs={
-                "config": cfg_dict,
-                "plan": {
-                    k: plan[k] for k in ("drop_rows", "drop_mods", "group_split", "num_shards")
-                },
-                "tokenizer_json": tokenizer.to_str(),
-            },
-            batch_size=256,
+            finalize_batch,
+            fn_kwargs={"config": cfg_dict, "plan": plan_ref, "tokenizer_json": tokenizer.to_str()},
+            batch_size=None,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=conc),
             num_cpus=1,
         )
         written = (
@@ -397,23 +393,30 @@ def plan_rows(
                 record(ids[row], m, srcs[row].get(m), f"duplicate_of:{surv}", f"{kind} duplicate")
             )
     if d.drop_text_of_duplicate_rows:
+        index_of = {ids[i]: i for i in valid}
         for row, mods in dropped_mods.items():
             others = present[row] - {"text"}
-            if "text" in present[row] and "text" not in mods and others and set(mods) >= others:
-                survivors = set(mods.values())
-                if len(survivors) == 1:
-                    surv = survivors.pop()
-                    mods["text"] = surv
-                    dup_kinds[("text", "row")] += 1
-                    quarantine.append(
-                        record(
-                            ids[row],
-                            "text",
-                            srcs[row].get("text"),
-                            f"duplicate_of:{surv}",
-                            "caption of a duplicate row",
-                        )
-                    )
+            if "text" not in present[row] or "text" in mods or not others or set(mods) < others:
+                continue
+            survivors = {mods[m] for m in others}
+            if len(survivors) != 1:
+                continue
+            surv = survivors.pop()
+            s_text = keys["_text_clean"][index_of[surv]]
+            r_text = keys["_text_clean"][row]
+            if s_text is None or normalize_text_key(s_text) != normalize_text_key(r_text):
+                continue  # a new caption of duplicated content is new information
+            mods["text"] = surv
+            dup_kinds[("text", "row")] += 1
+            quarantine.append(
+                record(
+                    ids[row],
+                    "text",
+                    srcs[row].get("text"),
+                    f"duplicate_of:{surv}",
+                    "caption of a duplicate row",
+                )
+            )
 
     drop_rows: set[str] = set(dup_ids)
     kept_mods: dict[int, list[str]] = {}

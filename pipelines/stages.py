@@ -314,6 +314,21 @@ class FinalizeRows:
         return pa.table(arrays)
 
 
+def finalize_batch(
+    batch: pa.Table, config: dict[str, Any], plan: Any, tokenizer_json: str
+) -> pa.Table:
+    """Task UDF around :class:`FinalizeRows` (one block per call).
+
+    Tasks rather than actors, so stage 2 reuses warm workers; set-up (a tokenizer from
+    JSON, a few sets) costs milliseconds. ``plan`` is a dict or an object ref to one.
+    """
+    if not isinstance(plan, dict):
+        import ray
+
+        plan = ray.get(plan)
+    return FinalizeRows(config, plan, tokenizer_json)(batch)
+
+
 def shard_of(row_id: str, num_shards: int) -> int:
     """Deterministic shard index of a row id."""
     if num_shards <= 1:

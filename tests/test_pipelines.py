@@ -1,0 +1,491 @@
+"""The prepare pipeline: unit tests of its pieces and end-to-end runs on Ray Data."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from PIL import Image, ImageEnhance
+
+from common.config import ConfigError
+from pipelines.config import DataConfig, load_data_config
+from pipelines.dedupe import find_duplicates, image_phash, text_minhash
+from pipelines.featurize import SampleError
+from pipelines.paths import PathResolver
+from pipelines.prepare import run_prepare, split_groups
+from pipelines.schema import MODALITIES, SPLITS, shard_schema, unpack_table
+from pipelines.stages import ManifestError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "image": (32, 32, 3),
+    "video": (8, 32, 32, 3),
+    "pointcloud": (256, 3),
+    "signal": (3, 128),
+}
+
+
+def _quiet_config(**overrides) -> DataConfig:
+    cfg = load_data_config(
+        None, ["execution.progress_bars=false"] + [f"{k}={v}" for k, v in overrides.items()]
+    )
+    return cfg
+
+
+# ----------------------------------------------------------------------- unit tests
+
+
+def test_all_data_configs_load():
+    files = sorted((ROOT / "configs" / "data").glob("*.yaml"))
+    assert files, "no data configs"
+    for f in files:
+        cfg = load_data_config(f)
+        assert isinstance(cfg, DataConfig)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_data_config(files[0], ["features.image.sise=3"])
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_data_config(None, ["split.train=0.9"])
+
+
+def test_path_resolver_refuses_outside_root(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "a.png").write_bytes(b"x")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    os.symlink(secret, root / "img" / "link.png")
+    r = PathResolver(str(root))
+    assert r.read("img/a.png", 100) == b"x"
+    assert r.read("img/../img/a.png", 100) == b"x"
+    for bad in ["../secret.txt", "img/../../secret.txt", str(secret), "img/link.png",
+                f"file://{secret}", "/etc/passwd"]:  # fmt: skip
+        with pytest.raises(SampleError) as e:
+            r.read(bad, 100)
+        assert e.value.reason == "outside_root", bad
+    with pytest.raises(SampleError) as e:
+        r.read("img/missing.png", 100)
+    assert e.value.reason == "not_found"
+    assert PathResolver(str(root), [str(tmp_path)]).read(str(secret), 100) == b"do not read"
+
+
+def test_find_duplicates_deterministic_smallest_id_survives():
+    ids = ["c", "a", "b", "d"]
+    exact = ["h1", "h1", "h2", "h1"]
+    dups = find_duplicates(ids, exact=exact)
+    assert {ids[k]: (ids[v[0]], v[1]) for k, v in dups.items()} == {
+        "c": ("a", "exact"),
+        "d": ("a", "exact"),
+    }
+    # Order of the input does not matter.
+    perm = [3, 2, 1, 0]
+    dups2 = find_duplicates([ids[i] for i in perm], exact=[exact[i] for i in perm])
+    assert {[ids[i] for i in perm][k] for k in dups2} == {"c", "d"}
+
+
+def test_phash_and_minhash_near_duplicates():
+    rng = np.random.default_rng(0)
+    base = Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).resize((32, 32))
+    near = ImageEnhance.Brightness(base).enhance(1.08)
+    other = Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).resize((32, 32))
+    ph = [image_phash(np.asarray(im.convert("RGB"))) for im in (base, near, other)]
+    dups = find_duplicates(["a", "b", "c"], phash=ph, hamming=4)
+    assert dups == {1: (0, "near")}
+    texts = [
+        "The quick brown fox jumps over the lazy dog near the river bank",
+        "the quick brown fox jumps over the lazy dog near the river bank!",
+        "A completely different sentence about handwritten digits and audio",
+    ]
+    mh = [text_minhash(t) for t in texts]
+    assert find_duplicates(["x", "y", "z"], minhash=mh, jaccard=0.8) == {1: (0, "near")}
+
+
+def test_split_groups_deterministic_and_nonempty():
+    cfg = DataConfig()
+    groups = {f"g{i}": 10 for i in range(20)}
+    a = split_groups(groups, cfg)
+    assert a == split_groups(dict(reversed(list(groups.items()))), cfg)
+    counts = {s: sum(1 for v in a.values() if v == s) for s in SPLITS}
+    assert counts == {"train": 16, "val": 2, "test": 2}
+    assert set(split_groups({"a": 5, "b": 5, "c": 5}, cfg).values()) == set(SPLITS)
+
+
+def test_cli_rejects_bad_config(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.prepare", "--manifest", "m.jsonl", "--out", str(tmp_path),
+         "features.nope=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "unknown key" in r.stderr
+
+
+# -------------------------------------------------------------- the hostile corpus
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload))
+    )
+
+
+def _png(img: Image.Image) -> bytes:
+    b = io.BytesIO()
+    img.save(b, "PNG")
+    return b.getvalue()
+
+
+def _wav(x: np.ndarray, rate: int = 16000) -> bytes:
+    b = io.BytesIO()
+    sf.write(b, x, rate, format="WAV", subtype="PCM_16")
+    return b.getvalue()
+
+
+def _npy(a: np.ndarray, allow_pickle: bool = False) -> bytes:
+    b = io.BytesIO()
+    np.save(b, a, allow_pickle=allow_pickle)
+    return b.getvalue()
+
+
+def _ply(points: np.ndarray) -> bytes:
+    head = (
+        f"ply\nformat ascii 1.0\nelement vertex {len(points)}\n"
+        "property float x\nproperty float y\nproperty float z\nend_header\n"
+    )
+    return (head + "\n".join(" ".join(str(v) for v in p) for p in points) + "\n").encode()
+
+
+class _Payload:
+    """Pickling this runs a shell command: the pipeline must never unpickle it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _digit_image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize(
+        (48, 48), Image.Resampling.NEAREST
+    )
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A small corpus with one of every failure, plus good rows; returns (root, rows, expected)."""
+    base = tmp_path_factory.mktemp("hostile")
+    root = base / "corpus"
+    for d in ("images", "audio", "video", "points", "signals", "texts"):
+        (root / d).mkdir(parents=True)
+    (base / "outside.png").write_bytes(_png(_digit_image(99)))
+    marker = base / "pwned"
+    rng = np.random.default_rng(0)
+    tone = (0.2 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=10",
+         "-frames:v", "12", "-pix_fmt", "yuv420p", str(root / "video" / "good.mp4")],
+        check=True,
+    )  # fmt: skip
+    files = {
+        "images/good1.png": _png(_digit_image(1)),
+        "images/good2.png": _png(_digit_image(2)),
+        "images/exact_dup.png": _png(_digit_image(1)),
+        "images/near_dup.png": _png(ImageEnhance.Brightness(_digit_image(2)).enhance(1.07)),
+        "images/truncated.png": _png(_digit_image(3))[:300],
+        "images/bomb.png": b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", 60_000, 60_000, 8, 2, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 4096))
+        + _chunk(b"IEND", b""),
+        "audio/good.wav": _wav(tone),
+        "audio/zero.wav": b"",
+        "video/garbage.mp4": rng.integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+        "points/good.ply": _ply(rng.standard_normal((400, 3))),
+        "points/nan.ply": _ply(np.where(rng.random((400, 1)) < 0.05, np.nan, rng.random((400, 3)))),
+        "signals/good.npy": _npy(rng.standard_normal((3, 200)).astype(np.float32)),
+        "signals/evil.npy": _npy(np.array([_Payload(str(marker))], dtype=object), True),
+        "signals/good.csv": ("x,y,pen\n" + "\n".join(f"{i},{i * i},1" for i in range(60))).encode(),
+        "texts/good.txt": b"a handwritten seven\n",
+        "texts/bad_utf8.txt": b"caf\xe9 \xff\xfe broken",
+    }
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    rows = [
+        {"id": "h-001", "text": "the digit one", "image": "images/good1.png",
+         "audio": "audio/good.wav", "video": "video/good.mp4", "pointcloud": "points/good.ply",
+         "signal": "signals/good.npy", "label": "1", "group": "w1"},
+        {"id": "h-002", "text": "texts/good.txt", "image": "images/good2.png",
+         "signal": "signals/good.csv", "label": "2", "group": "w2"},
+        {"id": "h-003", "text": "a brand new caption", "image": "images/exact_dup.png",
+         "label": "1", "group": "w3"},
+        {"id": "h-004", "image": "images/near_dup.png", "audio": "audio/zero.wav",
+         "label": "2", "group": "w4"},
+        {"id": "h-005", "text": "still fine", "image": "images/truncated.png", "group": "w5"},
+        {"id": "h-006", "image": "images/bomb.png", "text": "bomb caption", "group": "w6"},
+        {"id": "h-007", "video": "video/garbage.mp4", "pointcloud": "points/nan.ply",
+         "signal": "signals/evil.npy", "group": "w7"},
+        {"id": "h-008", "image": "../outside.png", "text": "escape attempt", "group": "w8"},
+        {"id": "h-009", "text": "\x00\x01\x02\x03\x04\x1b[31m\x07", "group": "w9"},
+        {"id": "h-010", "text": "texts/bad_utf8.txt", "image": "images/good1.png", "group": "w10"},
+        {"id": "h-011", "text": "The quick brown fox jumps over the lazy dog by the river",
+         "group": "w11"},
+        {"id": "h-012", "text": "the quick brown fox jumps over the lazy dog by the river!",
+         "group": "w12"},
+        {"text": "a row without id", "image": "images/good2.png", "group": "w13"},
+        {"id": "h-dup", "text": "first of two rows with one id", "group": "w14"},
+        {"id": "h-dup", "text": "second of two rows with one id", "group": "w14"},
+        {"id": "h-016", "label": "5", "group": "w15"},
+        {"id": "h-017", "text": "clean\ttabs and\x07 a bell", "pointcloud": "points/good.ply",
+         "group": "w16"},
+    ]  # fmt: skip
+    expected = {
+        # (id, modality) -> reason
+        ("h-003", "image"): "duplicate_of:h-001",
+        ("h-004", "image"): "duplicate_of:h-002",
+        ("h-004", "audio"): "empty",
+        ("h-005", "image"): "truncated",
+        ("h-006", "image"): "too_large",
+        ("h-007", "video"): "decode_error",
+        ("h-007", "pointcloud"): "non_finite",
+        ("h-007", "signal"): "bad_dtype",
+        ("h-008", "image"): "outside_root",
+        ("h-009", "text"): "control_chars",
+        ("h-010", "text"): "decode_error",
+        ("h-010", "image"): "duplicate_of:h-001",
+        ("h-012", "text"): "duplicate_of:h-011",
+        ("h-017", "pointcloud"): "duplicate_of:h-001",
+        (None, None): "missing_id",
+        ("h-dup", None): "duplicate_id",
+        ("h-004", None): "no_valid_modality",
+        ("h-007", None): "no_valid_modality",
+        ("h-009", None): "no_valid_modality",
+        ("h-010", None): "no_valid_modality",
+        ("h-016", None): "no_valid_modality",
+    }
+    return root, rows, expected, marker
+
+
+def _write_manifest(root: Path, rows: list[dict], fmt: str, name: str = "manifest") -> Path:
+    path = root / f"{name}.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        cols = ["id", "text", "image", "audio", "video", "pointcloud", "signal", "label", "group"]
+        cols += sorted({k for r in rows for k in r} - set(cols))
+        table = pa.table({c: pa.array([r.get(c) for r in rows], type=pa.string()) for c in cols})
+        if fmt == "csv":
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, path)
+        else:
+            pq.write_table(table, path)
+    return path
+
+
+def _read_split_tables(out: Path) -> dict[str, pa.Table]:
+    tables = {}
+    for s in SPLITS:
+        files = sorted(glob.glob(str(out / s / "*.parquet")))
+        tables[s] = (
+            pa.concat_tables([pq.read_table(f) for f in files])
+            if files
+            else shard_schema().empty_table()
+        )
+    return tables
+
+
+def _check_accounting(out: Path, n_rows: int) -> tuple[dict, list[dict]]:
+    stats = json.loads((out / "stats.json").read_text())
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    tables = _read_split_tables(out)
+    written = sum(t.num_rows for t in tables.values())
+    dropped_rows = sum(1 for q in quarantine if q["modality"] is None)
+    assert stats["rows_read"] == n_rows
+    assert written == stats["rows_written"]["total"]
+    assert written + dropped_rows == n_rows
+    assert stats["accounting"]["ok"]
+    return stats, quarantine
+
+
+def test_hostile_corpus_quarantined_with_reasons(ray_local, hostile, tmp_path):
+    root, rows, expected, marker = hostile
+    bad_line = '{"id": "h-bad", "text": "unterminated'
+    manifest = root / "hostile.jsonl"
+    manifest.write_text(
+        "\n".join(json.dumps(r) for r in rows[:5]) + "\n" + bad_line + "\n"
+        + "\n".join(json.dumps(r) for r in rows[5:]) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "out"
+    stats = run_prepare(manifest, out, _quiet_config(), verbose=False)
+    stats2, quarantine = _check_accounting(out, len(rows) + 1)
+    assert stats2["rows_read"] == stats["rows_read"]
+    got = {}
+    for q in quarantine:
+        got.setdefault((q["id"], q["modality"]), q["reason"])
+    for key, reason in expected.items():
+        assert got.get(key) == reason, (key, got.get(key), reason)
+    parse = [q for q in quarantine if q["reason"] == "parse_error"]
+    assert len(parse) == 1 and "unterminated" in parse[0]["detail"]
+    assert sum(1 for q in quarantine if q["reason"] == "duplicate_id") == 2
+    assert not marker.exists(), "an object .npy was unpickled"
+    # Outside-root paths are recorded, never read.
+    assert any(q["path"] == "../outside.png" for q in quarantine)
+
+    tables = _read_split_tables(out)
+    kept = {}
+    for s, t in tables.items():
+        for r_id, mods in zip(t.column("id").to_pylist(), t.column("modalities").to_pylist(),
+                              strict=True):  # fmt: skip
+            kept[r_id] = (s, mods)
+    # Rows keep what survived; failed modalities are null.
+    assert kept["h-005"][1] == ["text"]
+    assert kept["h-006"][1] == ["text"]
+    assert kept["h-008"][1] == ["text"]
+    assert kept["h-003"][1] == ["text"]
+    assert kept["h-017"][1] == ["text"]
+    assert set(kept["h-001"][1]) == set(MODALITIES)
+    assert kept["h-002"][1] == ["text", "image", "signal"]
+    assert {"h-004", "h-007", "h-009", "h-010", "h-012", "h-016", "h-dup"}.isdisjoint(kept)
+    assert stats["rows_written"]["total"] == len(kept) == 8
+    # Text cleaning reached the tokens: control characters gone, tabs became spaces.
+    from pipelines.featurize import get_featurizer
+
+    text = get_featurizer("text", tokenizer_dir=out / "tokenizer")
+    split, _ = kept["h-017"]
+    t = tables[split]
+    row = t.filter(pa.compute.equal(t.column("id"), "h-017"))
+    ids = unpack_table(row, ["text"])["text"][0]
+    assert text.decode(ids) == "clean tabs and a bell"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_manifest_formats_agree(ray_local, hostile, tmp_path, fmt):
+    root, rows, _, _ = hostile
+    rows = [r for r in rows if r.get("id") != "h-dup"]  # keep the comparison simple
+    outs = {}
+    for f in ("jsonl", fmt):
+        manifest = _write_manifest(root, rows, f, name=f"m_{fmt}_{f}")
+        outs[f] = tmp_path / f
+        run_prepare(manifest, outs[f], _quiet_config(), verbose=False)
+        _check_accounting(outs[f], len(rows))
+    a, b = _read_split_tables(outs["jsonl"]), _read_split_tables(outs[fmt])
+    for s in SPLITS:
+        assert a[s].equals(b[s]), s
+    qa = (outs["jsonl"] / "quarantine.jsonl").read_text()
+    qb = (outs[fmt] / "quarantine.jsonl").read_text()
+    assert qa == qb
+
+
+def test_unknown_columns_error_or_warn(ray_local, hostile, tmp_path):
+    root, rows, _, _ = hostile
+    extra = [dict(r, license="cc-by") for r in rows[:3]]
+    manifest = _write_manifest(root, extra, "parquet", name="unknown_cols")
+    with pytest.raises(ManifestError, match="unknown column"):
+        run_prepare(manifest, tmp_path / "e", _quiet_config(), verbose=False)
+    jl = _write_manifest(root, extra, "jsonl", name="unknown_cols")
+    stats = run_prepare(jl, tmp_path / "w", _quiet_config(unknown_columns="warn"), verbose=False)
+    assert stats["ignored_columns"] == ["license"]
+    with pytest.raises(ManifestError, match="not found"):
+        run_prepare(root / "nope.jsonl", tmp_path / "x", _quiet_config(), verbose=False)
+
+
+# ------------------------------------------------------------- the demo corpus
+
+
+def test_tiny_corpus_end_to_end_deterministic(ray_local, tiny_corpus, tmp_path):
+    manifest = Path(tiny_corpus) / "manifest.jsonl"
+    cfg = load_data_config(ROOT / "configs/data/omnidigits.yaml", ["execution.progress_bars=false"])
+    n_rows = sum(1 for line in manifest.read_text().splitlines() if line.strip())
+    out1, out2 = tmp_path / "run1", tmp_path / "run2"
+    stats = run_prepare(manifest, out1, cfg, verbose=False)
+    _check_accounting(out1, n_rows)
+    run_prepare(manifest, out2, cfg, verbose=False)
+
+    # Determinism: byte-identical shards, quarantine and tokenizer.
+    files1 = sorted(p.relative_to(out1) for p in out1.rglob("*.parquet"))
+    files2 = sorted(p.relative_to(out2) for p in out2.rglob("*.parquet"))
+    assert files1 == files2 and files1
+    for f in files1:
+        assert (out1 / f).read_bytes() == (out2 / f).read_bytes(), f
+    for f in ("quarantine.jsonl", "tokenizer/tokenizer.json", "data_config.yaml"):
+        assert (out1 / f).read_bytes() == (out2 / f).read_bytes(), f
+
+    # Schema and shapes per modality; splits disjoint by group.
+    import ray.data
+
+    tables = _read_split_tables(out1)
+    groups = {}
+    for s, t in tables.items():
+        assert t.schema.equals(shard_schema(), check_metadata=False)
+        ids = t.column("id").to_pylist()
+        assert ids == sorted(ids) or len(stats["splits"][s]["files"]) > 1
+        cols = unpack_table(t)
+        groups[s] = set(cols["group"])
+        for i, mods in enumerate(cols["modalities"]):
+            assert mods, "a written row without modalities"
+            for m in MODALITIES:
+                arr = cols[m][i]
+                assert (arr is not None) == (m in mods)
+                if arr is None:
+                    continue
+                if m in SHAPES:
+                    assert arr.shape == SHAPES[m], (m, arr.shape)
+                elif m == "text":
+                    assert arr.ndim == 1 and 2 <= len(arr) <= 32 and arr[0] == 1 and arr[-1] == 2
+                else:
+                    assert arr.shape[1] == 40 and 1 <= arr.shape[0] <= 128
+                assert np.isfinite(arr.astype(np.float64)).all()
+    assert groups["train"] and groups["val"] and groups["test"]
+    assert not (groups["train"] & groups["val"] or groups["train"] & groups["test"])
+    assert not groups["val"] & groups["test"]
+    # Ray Data reads the shards too.
+    ds = ray.data.read_parquet(str(out1 / "train"))
+    assert ds.count() == stats["rows_written"]["train"]
+
+    # Stats: pairs per combination, consistent with the rows.
+    pairs = stats["pairs"]
+    text_image = sum(
+        1
+        for t in tables.values()
+        for mods in t.column("modalities").to_pylist()
+        if "text" in mods and "image" in mods
+    )
+    assert pairs["text-image"]["total"] == text_image
+    info = json.loads((Path(tiny_corpus) / "corpus_info.json").read_text())
+    quarantine = [json.loads(x) for x in (out1 / "quarantine.jsonl").read_text().splitlines()]
+    flagged = {(q["id"], q["modality"]) for q in quarantine}
+    for c in info.get("corrupt", []):
+        assert (c["id"], c["modality"]) in flagged, c
+    for d in info.get("duplicates", []):
+        assert any(q["id"] == d["id"] and q["reason"].startswith("duplicate_of:")
+                   for q in quarantine), d  # fmt: skip
+    # data_config.yaml is the resolved config, loadable as is.
+    assert load_data_config(out1 / "data_config.yaml") == cfg
+
+
+def test_rerun_replaces_stale_shards(ray_local, hostile, tmp_path):
+    root, rows, _, _ = hostile
+    out = tmp_path / "o"
+    (out / "train").mkdir(parents=True)
+    stale = out / "train" / "train-00007-of-00009.parquet"
+    shutil.copyfile(Path(__file__), stale)
+    manifest = _write_manifest(root, rows[:3], "jsonl", name="small")
+    run_prepare(manifest, out, _quiet_config(), verbose=False)
+    assert not stale.exists()
+    _check_accounting(out, 3)
