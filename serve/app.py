@@ -1,0 +1,75 @@
+"""The Serve application builder (Ray Serve's typed app-builder pattern).
+
+Start it with a serve YAML (``import_path: serve.app:build_app`` + ``args:``)::
+
+    serve run configs/serve/demo.yaml            # or: serve deploy configs/serve/demo.yaml
+    serve run serve.app:build_app export_dir=runs/demo/export   # args as key=value
+
+or from Python: ``serve.run(build_app({"export_dir": ...}), route_prefix="/")``.
+
+The graph: ``Router`` (FastAPI ingress) → one ``ModalityEncoder`` per served modality, named
+``<modality>_encoder`` → ``FusionHead`` (named ``fusion``). Replica counts, autoscaling,
+resources and queue limits of each are set per name in the YAML's ``deployments:`` list.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve.config import OmniServeArgs
+from serve.fusion import FusionHead
+from serve.replica import ModalityEncoder
+from serve.router import Router
+from serve.runtime import check_export_dir
+
+ROUTER_NAME = "router"
+FUSION_NAME = "fusion"
+
+
+def encoder_name(modality: str) -> str:
+    """Deployment name of a modality's replicas (used in the serve YAML)."""
+    return f"{modality}_encoder"
+
+
+#: Every deployment name the app may contain (the serve YAML's ``deployments:`` keys).
+DEPLOYMENT_NAMES: tuple[str, ...] = (
+    ROUTER_NAME,
+    FUSION_NAME,
+    *(encoder_name(m) for m in ("text", "image", "audio", "video", "pointcloud", "signal")),
+)
+
+
+def build_app(args: OmniServeArgs) -> Application:
+    """Builds the OmniRay application.
+
+    Args:
+        args: :class:`~serve.config.OmniServeArgs` (Serve converts the YAML ``args:`` dict
+            through this annotation) or a plain dict of its fields. Validated here, in the
+            driver: a wrong key, a missing export or gallery split fails before any
+            replica starts.
+
+    Returns:
+        The bound application (ingress: the router).
+    """
+    if not isinstance(args, OmniServeArgs):
+        args = OmniServeArgs.model_validate(dict[str, Any](args))
+    args = args.with_absolute_paths()
+    check_export_dir(args.export_dir)
+    if args.gallery.split_dir is not None:
+        if not any(Path(args.gallery.split_dir).glob("*.parquet")):
+            raise FileNotFoundError(
+                f"gallery split {args.gallery.split_dir} has no *.parquet shards "
+                "(set gallery.split_dir to a prepared split, or null to disable /v1/search)"
+            )
+    plain = args.model_dump()
+    encoders = {
+        m: ModalityEncoder.options(name=encoder_name(m)).bind(m, plain)
+        for m in args.served_modalities
+    }
+    fusion = FusionHead.options(name=FUSION_NAME).bind(plain)
+    return Router.options(name=ROUTER_NAME).bind(plain, encoders, fusion)
+
+
+__all__ = ["DEPLOYMENT_NAMES", "build_app", "encoder_name", "serve"]
