@@ -158,3 +158,27 @@ def test_chunked_scoring_matches_single_pass():
             for key, v in full[lv].items():
                 assert part[lv][key] == pytest.approx(v), (cs, lv, key)
     assert 0.0 < full["instance"]["R@1"] < 1.0  # a non-trivial case
+
+
+def _brute_force_hit(scores: np.ndarray, pos: np.ndarray, k: int) -> float:
+    """Exact expectation over every tie-breaking order (all G! permutations)."""
+    from itertools import permutations
+
+    g = len(scores)
+    hits = []
+    for perm in permutations(range(g)):
+        order = sorted(range(g), key=lambda j: (-scores[j], perm[j]))
+        hits.append(any(pos[j] for j in order[:k]))
+    return float(np.mean(hits))
+
+
+def test_expected_hits_match_brute_force_over_tie_orders():
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        g = int(rng.integers(1, 7))
+        scores = rng.integers(0, 3, size=(1, g)).astype(float)  # many ties
+        pos = rng.random((1, g)) < 0.35
+        got = M.hits_at_ks(scores, pos, (1, 2, 3, 6))
+        for k in (1, 2, 3, 6):
+            want = _brute_force_hit(scores[0], pos[0], k) if pos.any() else 0.0
+            assert got[k][0] == pytest.approx(want, abs=1e-9), (scores, pos, k)

@@ -29,7 +29,7 @@ def _log_comb(n: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def similarity(query: np.ndarray, gallery: np.ndarray, tie_decimals: int | None = 6) -> np.ndarray:
-    """Dot-product scores.
+    """Dot-product scores, computed in float32 (embeddings are float32 anyway).
 
     Args:
         query: (Q, E) float embeddings.
@@ -38,60 +38,77 @@ def similarity(query: np.ndarray, gallery: np.ndarray, tie_decimals: int | None 
             numerically equal scores are treated as ties.
 
     Returns:
-        (Q, G) float64 scores.
+        (Q, G) float32 scores.
     """
-    query = np.asarray(query, dtype=np.float64)
-    gallery = np.asarray(gallery, dtype=np.float64)
+    query = np.asarray(query, dtype=np.float32)
+    gallery = np.asarray(gallery, dtype=np.float32)
     if query.ndim != 2 or gallery.ndim != 2 or query.shape[1] != gallery.shape[1]:
         raise ValueError(
             f"query and gallery must be (Q, E) and (G, E); got {query.shape} and {gallery.shape}"
         )
     scores = query @ gallery.T
     if tie_decimals is not None:
-        scores = np.round(scores, tie_decimals)
+        # In place: scale, round to integers, scale back; equal inputs stay exactly equal.
+        scale = np.float32(10.0**tie_decimals)
+        scores *= scale
+        np.rint(scores, out=scores)
+        scores /= scale
     return scores
 
 
-def hits_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> np.ndarray:
-    """Expected hit@K per query under random tie-breaking.
+def hits_at_ks(
+    scores: np.ndarray, positives: np.ndarray, ks: Sequence[int]
+) -> dict[int, np.ndarray]:
+    """Expected hit@K per query under random tie-breaking, for several K at once.
 
     A query hits when at least one positive gallery item is among its K best-scored items.
-    Items scoring strictly above the K-th best score are always in the top K; of the ``n``
-    items tied with the K-th best score only ``r`` fit, drawn uniformly, so the miss
-    probability given no positive above is C(n - p, r) / C(n, r) with ``p`` tied positives.
+    Only the best-scoring positive matters: with ``g`` items strictly above its score and
+    ``n`` items tied with it (``p`` of them positive), the ``r = K - g`` remaining slots are
+    filled uniformly from the tied block, so P(miss) = C(n - p, r) / C(n, r) (0 slots:
+    sure miss). This needs no sort or partition: O(Q * G) for every K together.
 
     Args:
         scores: (Q, G) similarity scores.
         positives: (Q, G) bool, True where the gallery item counts as a correct answer.
-        k: cut-off, >= 1 (clipped to G).
+        ks: cut-offs, each >= 1.
 
     Returns:
-        (Q,) float64 in [0, 1]; exactly 0/1 when there are no ties at the cut-off.
+        ``{k: (Q,) float64 in [0, 1]}``; exactly 0/1 where no tie straddles the cut-off.
+        Queries without any positive get 0.
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.asarray(scores)
+    if scores.dtype.kind != "f":
+        scores = scores.astype(np.float64)
     positives = np.asarray(positives, dtype=bool)
     if scores.shape != positives.shape or scores.ndim != 2:
         raise ValueError(f"scores {scores.shape} and positives {positives.shape} must match")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    q, g = scores.shape
-    if q == 0:
-        return np.zeros(0)
-    if g == 0:
-        return np.zeros(q)
-    k = min(k, g)
-    # K-th largest score per query: (Q,)
-    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
-    above = scores > kth[:, None]
-    tied = scores == kth[:, None]
-    hit_above = (positives & above).any(axis=1)
+    if any(k < 1 for k in ks):
+        raise ValueError(f"k must be >= 1, got {list(ks)}")
+    q = scores.shape[0]
+    if q == 0 or scores.shape[1] == 0:
+        return {k: np.zeros(q) for k in ks}
+    has_pos = positives.any(axis=1)
+    best = np.where(positives, scores, -np.inf).max(axis=1)  # (Q,) best positive score
+    above = (scores > best[:, None]).sum(axis=1).astype(np.float64)
+    tied = scores == best[:, None]
     n = tied.sum(axis=1).astype(np.float64)
-    p = (positives & tied).sum(axis=1).astype(np.float64)
-    r = k - above.sum(axis=1).astype(np.float64)  # slots left for the tied block, 1 <= r <= n
-    can_miss = (n - p) >= r
-    log_miss = np.where(can_miss, _log_comb(n - p, np.minimum(r, n - p)) - _log_comb(n, r), -np.inf)
-    p_hit_tied = 1.0 - np.exp(log_miss)
-    return np.where(hit_above, 1.0, np.clip(p_hit_tied, 0.0, 1.0))
+    p = (tied & positives).sum(axis=1).astype(np.float64)
+    out: dict[int, np.ndarray] = {}
+    for k in ks:
+        r = k - above  # slots left for the tied block
+        can_miss = (r >= 1) & ((n - p) >= r)
+        rr = np.clip(r, 0, None)
+        log_miss = np.where(
+            can_miss, _log_comb(n - p, np.minimum(rr, n - p)) - _log_comb(n, np.minimum(rr, n)), 0
+        )
+        hit = np.where(r < 1, 0.0, np.where(can_miss, 1.0 - np.exp(log_miss), 1.0))
+        out[k] = np.where(has_pos, np.clip(hit, 0.0, 1.0), 0.0)
+    return out
+
+
+def hits_at_k(scores: np.ndarray, positives: np.ndarray, k: int) -> np.ndarray:
+    """(Q,) expected hit@K; see :func:`hits_at_ks`."""
+    return hits_at_ks(scores, positives, (k,))[k]
 
 
 def recall_at_ks(
@@ -105,20 +122,25 @@ def recall_at_ks(
     positives = np.asarray(positives, dtype=bool)
     valid = positives.any(axis=1)
     out: dict[str, float] = {}
+    hits = hits_at_ks(scores[valid], positives[valid], ks)
     for k in ks:
-        h = hits_at_k(scores[valid], positives[valid], k)
-        out[f"R@{k}"] = float(h.mean()) if h.size else 0.0
+        out[f"R@{k}"] = float(hits[k].mean()) if hits[k].size else 0.0
     out["n_queries"] = int(valid.sum())
     return out
 
 
+def label_codes(labels: Sequence[str | None]) -> np.ndarray:
+    """(N,) int64 code per label (sorted order), -1 where the label is None."""
+    names = sorted({str(x) for x in labels if x is not None})
+    index = {n: i for i, n in enumerate(names)}
+    return np.asarray([-1 if x is None else index[str(x)] for x in labels], dtype=np.int64)
+
+
 def label_positives(query_labels: Sequence[str | None], gallery_labels: Sequence[str | None]):
     """(Q, G) bool: same non-null label (category-level relevance, INTERFACES §7)."""
-    ql = np.asarray([("\0none" if x is None else str(x)) for x in query_labels], dtype=object)
-    gl = np.asarray([("\0none" if x is None else str(x)) for x in gallery_labels], dtype=object)
-    pos = ql[:, None] == gl[None, :]
-    pos &= (ql != "\0none")[:, None]
-    return pos.astype(bool)
+    codes = label_codes(list(query_labels) + list(gallery_labels))
+    qc, gc = codes[: len(query_labels)], codes[len(query_labels) :]
+    return (qc[:, None] == gc[None, :]) & (qc >= 0)[:, None]
 
 
 def retrieval_metrics(
@@ -155,6 +177,7 @@ def retrieval_metrics(
     if with_labels and len(labels) != n:
         raise ValueError(f"labels ({len(labels)}) must have one entry per row ({n})")
     levels = ("instance", "category") if with_labels else ("instance",)
+    codes = label_codes(labels) if with_labels else None
     sums = {lv: dict.fromkeys(ks, 0.0) for lv in levels}
     counts = dict.fromkeys(levels, 0)
     chance_sum = 0.0
@@ -164,12 +187,14 @@ def retrieval_metrics(
         pos = {"instance": np.zeros((e - s, n), dtype=bool)}
         pos["instance"][np.arange(e - s), np.arange(s, e)] = True
         if with_labels:
-            pos["category"] = label_positives(labels[s:e], labels)
+            qc = codes[s:e]
+            pos["category"] = (qc[:, None] == codes[None, :]) & (qc >= 0)[:, None]
         for lv in levels:
             valid = pos[lv].any(axis=1)
             counts[lv] += int(valid.sum())
+            hits = hits_at_ks(scores[valid], pos[lv][valid], ks)
             for k in ks:
-                sums[lv][k] += float(hits_at_k(scores[valid], pos[lv][valid], k).sum())
+                sums[lv][k] += float(hits[k].sum())
             if lv == "category" and valid.any():
                 chance_sum += float(pos[lv][valid].mean(axis=1).sum())
     out: dict[str, object] = {"category": None, "gallery_size": n}
