@@ -22,7 +22,9 @@ class ScalingSection:
     Attributes:
         num_workers: Data-parallel training workers (one DeepSpeed rank each).
         use_gpu: One GPU per worker, NCCL + bf16 (else gloo + fp32 on CPU).
-        cpus_per_worker: CPUs reserved per worker.
+        cpus_per_worker: CPUs reserved per worker. Leave at least one CPU of the cluster
+            unreserved for Ray Data's read tasks (e.g. 0.5 with 2 workers on 2 cores), or the
+            shard reading waits forever for a CPU.
         gpus_per_worker: GPUs per worker when ``use_gpu``.
     """
 

@@ -90,6 +90,29 @@ def apply_freeze(model: torch.nn.Module, st: StageSection) -> dict[str, int]:
     return {"trainable": n_train, "frozen": n_all - n_train}
 
 
+def lift_scalar_params(model: torch.nn.Module) -> list[str]:
+    """Turns every 0-dim parameter (e.g. the learnable temperature) into shape ``(1,)``.
+
+    DeepSpeed's initial parameter broadcast views each parameter as bytes, which fails on
+    0-dim tensors ("self.dim() cannot be 0 to view Float as Byte"). ``(1,)`` broadcasts the
+    same way in every use; :func:`jobs.training.export.consolidate_checkpoint` reshapes the
+    values back to the model's own shapes.
+
+    Returns:
+        Names of the lifted parameters.
+    """
+    lifted = []
+    for name, p in list(model.named_parameters()):
+        if p.dim() == 0:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(
+                owner, leaf, torch.nn.Parameter(p.data.reshape(1), requires_grad=p.requires_grad)
+            )
+            lifted.append(name)
+    return lifted
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gathers ``x`` (B, E) from every rank into (world*B, E), keeping gradients.
 

@@ -48,6 +48,13 @@ def consolidate_checkpoint(
     model = build_model(cfg)
     expected = model.state_dict()
     unknown_extra = [k for k in state if k not in expected]
+    # Training lifts 0-dim parameters to (1,) (DeepSpeed cannot broadcast 0-dim tensors).
+    state = {
+        k: v.reshape(expected[k].shape)
+        if k in expected and v.shape != expected[k].shape and v.numel() == expected[k].numel()
+        else v
+        for k, v in state.items()
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Keys absent from the checkpoint are acceptable only when they are tied aliases of
     # parameters that are present (same storage in the model).

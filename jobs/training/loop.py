@@ -30,7 +30,7 @@ from jobs.training.data import RankBatches
 from jobs.training.engine import (
     all_reduce_mean,
     apply_freeze,
-    deepspeed_config,
+    lift_scalar_params,
     seed_everything,
 )
 from jobs.training.metrics import JsonlWriter, expert_load_fractions, mean_gates
@@ -43,8 +43,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Args:
         config: ``train_config`` (TrainConfig as dict), ``stage``, ``model_kwargs``,
-            ``label_names``, ``modalities``, ``init_from`` (dir with ``model.safetensors`` or
-            None), ``run_dir``, ``experiment_path`` (Ray Train run dir of this stage).
+            ``label_names``, ``modalities``, ``pairs``, ``ds_config`` (DeepSpeed dict),
+            ``init_from`` (dir with ``model.safetensors`` or None), ``run_dir``,
+            ``experiment_path`` (Ray Train run dir of this stage).
     """
     import deepspeed
 
@@ -59,20 +60,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        # One intra-op thread per reserved CPU: oversubscribing 2 cores makes gloo crawl.
-        torch.set_num_threads(max(1, int(tc.scaling.cpus_per_worker)))
+        # One intra-op thread per reserved CPU (at least 1): oversubscribed cores crawl.
+        torch.set_num_threads(max(1, round(tc.scaling.cpus_per_worker)))
     seed_everything(tc.seed + rank)
 
     model = build_model_from_kwargs(config["model_kwargs"], init_from=config.get("init_from"))
     counts = apply_freeze(model, st)
+    lift_scalar_params(model)
     objective = StageObjective(
-        stage, st, modalities=config["modalities"], label_names=config["label_names"]
+        stage,
+        st,
+        modalities=config["modalities"],
+        label_names=config["label_names"],
+        pairs=config["pairs"],
+        seed=tc.seed,
     )
     model_params = [p for p in model.parameters() if p.requires_grad]
     if tc.deepspeed.zero_stage == 3:
         _mark_z3_leaves(model)
 
-    ds_cfg = deepspeed_config(tc, st, use_gpu=use_gpu)
+    # Resolved on the driver (paths are relative to the job's CWD, not the worker's).
+    ds_cfg = config["ds_config"]
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=_param_groups(model, model_params, tc),
@@ -136,10 +144,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for samples_list in batches.epoch(state.epoch, skip=state.batch):
             got_any = True
             batch = to_device(objective.collate(samples_list, label_names), device)
-            out_terms, out = objective(engine, batch, step=state.step)
+            out_terms, out = objective(engine, batch, step=state.step, rank=rank)
             loss = out_terms["loss"]
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            step_lr = scheduler.get_last_lr()[0] if scheduler is not None else None
             engine.step()
             state.batch += 1
             for k, v in out_terms.items():
@@ -175,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "stage": stage,
                     "step": state.step,
                     "epoch": state.epoch,
-                    "lr": scheduler.get_last_lr()[0] if scheduler else None,
+                    "lr": step_lr,  # the LR this step's update used
                     **{
                         ("loss" if k == "loss" else f"loss/{k}"): v
                         for k, v in metrics.items()

@@ -23,6 +23,7 @@ from common.config import to_dict
 from jobs.training.checkpoint import find_resumable
 from jobs.training.config import STAGES, TrainConfig
 from jobs.training.data import ShardInfo, inspect_shards, join_path, resolve_path
+from jobs.training.engine import deepspeed_config
 from jobs.training.metrics import plot_losses, read_jsonl
 
 log = logging.getLogger("jobs.train")
@@ -188,11 +189,13 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
             "modalities": mods,
             "pairs": pairs,
             "init_from": prev,
+            "ds_config": deepspeed_config(tc, st, use_gpu=use_gpu),
             "run_dir": paths.run_dir,
             "experiment_path": paths.experiment(stage),
         }
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # reproducible data position on resume
+        ctx.enable_progress_bars = False
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
@@ -201,7 +204,7 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
                 use_gpu=use_gpu,
                 resources_per_worker=resources,
             ),
-            backend_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(
                 name=f"{tc.name}-{stage}",
                 storage_path=paths.storage,
