@@ -163,17 +163,29 @@ def _clean_outputs(out: str) -> None:
 
 def _unwrap_error(e: BaseException) -> BaseException:
     """The ManifestError / Arrow error inside a Ray task failure, if any."""
-    cause = getattr(e, "cause", None) or e.__cause__
-    seen = 0
-    while cause is not None and seen < 5:
+    cause: BaseException | None = e
+    for _ in range(6):
+        if cause is None:
+            break
         if isinstance(cause, ManifestError | pa.ArrowInvalid):
             return cause
         cause = getattr(cause, "cause", None) or cause.__cause__
-        seen += 1
     text = str(e)
-    if "ManifestError" in text or "ArrowInvalid" in text or "JSON" in text:
-        return ManifestError(text.strip().splitlines()[-1][:2000])
+    for marker in ("ManifestError: ", "ArrowInvalid: ", "JSONDecodeError: "):
+        if marker in text:
+            return ManifestError(text.split(marker, 1)[1].strip().splitlines()[0][:2000])
     return e
+
+
+def check_columns(names: list[str], config: DataConfig, manifest: str) -> list[str]:
+    """Unknown manifest columns: raises in ``error`` mode, returns them in ``warn`` mode."""
+    unknown = sorted(set(names) - KNOWN_COLUMNS)
+    if unknown and config.unknown_columns == "error":
+        raise ManifestError(
+            f"{manifest}: unknown column(s) {unknown}; known: {sorted(KNOWN_COLUMNS)}."
+            " Rename them, or pass unknown_columns=warn to ignore them."
+        )
+    return unknown
 
 
 def run_prepare(
@@ -219,6 +231,14 @@ def run_prepare(
 
     # ---- stage 1: read + decode + featurize (parallel, streaming) ------------------
     ds, jsonl = read_manifest(manifest, cfg)
+    if not jsonl:
+        # Columnar manifests: check the columns up front (JSONL rows are checked per line).
+        try:
+            names = ds.schema().names
+        except Exception as e:  # noqa: BLE001 - unreadable CSV/Parquet
+            inner = _unwrap_error(e)
+            raise ManifestError(f"cannot read manifest {manifest}: {inner}") from e
+        check_columns(names, cfg, manifest)
     ds = ds.repartition(target_num_rows_per_block=cfg.execution.rows_per_block)
     ds = ds.map_batches(
         DecodeRows,

@@ -374,6 +374,7 @@ def test_hostile_corpus_quarantined_with_reasons(ray_local, hostile, tmp_path):
     assert text.decode(ids) == "clean tabs and a bell"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_manifest_formats_agree(ray_local, hostile, tmp_path, fmt):
     root, rows, _, _ = hostile
@@ -403,11 +404,18 @@ def test_unknown_columns_error_or_warn(ray_local, hostile, tmp_path):
     assert stats["ignored_columns"] == ["license"]
     with pytest.raises(ManifestError, match="not found"):
         run_prepare(root / "nope.jsonl", tmp_path / "x", _quiet_config(), verbose=False)
+    broken = root / "broken.csv"
+    broken.write_text("id,text\nh-1,fine\nh-2,too,many,fields\n")
+    with pytest.raises(ManifestError, match="broken.csv"):
+        run_prepare(broken, tmp_path / "b", _quiet_config(), verbose=False)
+    with pytest.raises(ManifestError, match="unknown manifest format"):
+        run_prepare(Path(__file__), tmp_path / "f", _quiet_config(), verbose=False)
 
 
 # ------------------------------------------------------------- the demo corpus
 
 
+@pytest.mark.slow
 def test_tiny_corpus_end_to_end_deterministic(ray_local, tiny_corpus, tmp_path):
     manifest = Path(tiny_corpus) / "manifest.jsonl"
     cfg = load_data_config(ROOT / "configs/data/omnidigits.yaml", ["execution.progress_bars=false"])

@@ -1,0 +1,255 @@
+"""Throughput, parallel efficiency and driver memory of the prepare pipeline.
+
+Runs, on the same manifest rows of the OmniDigits demo corpus:
+
+1. a plain single-process Python loop doing the same read + decode + validate +
+   featurize work (per-modality cost measured here);
+2. the Ray Data pipeline (``pipelines.prepare.run_prepare``) on a local Ray with
+   ``--num-cpus`` CPUs;
+
+and reports samples/s for both, parallel efficiency = pipeline / (num_cpus x loop), and
+the driver's peak RSS for ``--rows`` vs ``--big-rows`` manifest rows (rows repeated under
+new ids, dedupe off), each measured in a fresh subprocess. The machine load (load
+average, busiest other processes) is recorded before and after, since timings on a
+shared machine are only meaningful next to it.
+
+Usage::
+
+    .venv/bin/python benchmarks/prepare_throughput.py            # builds the corpus if missing
+    .venv/bin/python benchmarks/prepare_throughput.py --rows 500 --big-rows 2000 --no-memory
+
+Writes ``benchmarks/results/prepare_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def machine_load() -> dict:
+    """Load average and the busiest processes that are not this benchmark."""
+    load = os.getloadavg()
+    try:
+        ps = subprocess.run(
+            ["ps", "-eo", "pid,pcpu,rss,etimes,args", "--sort=-pcpu"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.splitlines()[1:13]  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        ps = []
+    me = os.getpid()
+    top = []
+    for line in ps:
+        parts = line.split(None, 4)
+        if len(parts) == 5 and int(parts[0]) != me:
+            top.append({"pid": int(parts[0]), "cpu_pct": float(parts[1]),
+                        "rss_mb": round(int(parts[2]) / 1024), "cmd": parts[4][:120]})  # fmt: skip
+    return {"loadavg_1_5_15": [round(x, 2) for x in load], "cpu_count": os.cpu_count(),
+            "top_processes": top}  # fmt: skip
+
+
+def ensure_corpus(corpus: Path, n: int) -> Path:
+    manifest = corpus / "manifest.jsonl"
+    if not manifest.exists():
+        print(f"building the demo corpus in {corpus} ({n} rows) ...", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pipelines.demo_corpus", "--out", str(corpus), "--n", str(n),
+             "--seed", "0", "--workers", "2"],
+            cwd=ROOT, check=True,
+        )  # fmt: skip
+    return manifest
+
+
+FILE_KEYS = ("image", "audio", "video", "pointcloud", "signal")
+
+
+def take_rows(manifest: Path, n: int, out: Path, repeat_to: int | None = None) -> Path:
+    """The first ``n`` rows; with ``repeat_to``, cycled under new ids up to that count.
+
+    Paths become absolute so the manifest can live outside the corpus (the corpus is
+    then passed as an ``extra_roots`` entry); the corpus folder is never written to.
+    """
+    root = manifest.parent.resolve()
+    lines = [ln for ln in manifest.read_text().splitlines() if ln.strip()][:n]
+    rows = [json.loads(ln) for ln in lines]
+    for r in rows:
+        for k in FILE_KEYS:
+            if r.get(k):
+                r[k] = str(root / r[k])
+    if repeat_to:
+        rows = [dict(rows[i % len(rows)], id=f"r{i:07d}") for i in range(repeat_to)]
+    with open(out, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return out
+
+
+def loop_baseline(manifest: Path, cfg, corpus: Path) -> dict:
+    """Single process: resolve + read + decode + featurize every modality of every row."""
+    from pipelines.featurize import SampleError, get_featurizer
+    from pipelines.paths import PathResolver, manifest_root
+    from pipelines.schema import MODALITIES
+    from pipelines.stages import _TXT_PATH
+
+    resolver = PathResolver(manifest_root(str(manifest)), [str(corpus.resolve())])
+    feats = {m: get_featurizer(m, cfg.features) for m in MODALITIES}
+    cost: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    rows = [json.loads(ln) for ln in manifest.read_text().splitlines() if ln.strip()]
+    t0 = time.perf_counter()
+    for r in rows:
+        for m in MODALITIES:
+            v = r.get(m)
+            if not v:
+                continue
+            t = time.perf_counter()
+            try:
+                if m == "text" and not _TXT_PATH.match(v):
+                    feats[m].clean(v)
+                else:
+                    data = resolver.read(v, cfg.features.max_file_bytes)
+                    feats[m].from_bytes(data, suffix="." + v.rsplit(".", 1)[-1])
+            except SampleError:
+                pass
+            cost[m] += time.perf_counter() - t
+            count[m] += 1
+    wall = time.perf_counter() - t0
+    return {
+        "rows": len(rows),
+        "seconds": round(wall, 3),
+        "samples_per_s": round(len(rows) / wall, 2),
+        "per_modality_ms": {m: round(1000 * cost[m] / count[m], 3) for m in cost},
+        "per_modality_share": {m: round(cost[m] / sum(cost.values()), 3) for m in cost},
+    }
+
+
+def pipeline_run(manifest: Path, out: Path, num_cpus: int, overrides: list[str]) -> dict:
+    """Runs the pipeline in this process (fresh local Ray); returns timings + driver RSS."""
+    import ray
+
+    from pipelines.config import load_data_config
+    from pipelines.prepare import run_prepare
+
+    cfg = load_data_config(
+        ROOT / "configs/data/omnidigits.yaml", ["execution.progress_bars=false", *overrides]
+    )
+    tmp = tempfile.mkdtemp(prefix="ray_b_", dir="/tmp")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp,
+             configure_logging=False, log_to_driver=False)  # fmt: skip
+    try:
+        t0 = time.perf_counter()
+        stats = run_prepare(manifest, out, cfg, verbose=False)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {
+        "rows": stats["rows_read"],
+        "written": stats["rows_written"]["total"],
+        "seconds": round(wall, 3),
+        "decode_stage_seconds": stats["decode_seconds"],
+        "samples_per_s": round(stats["rows_read"] / wall, 2),
+        "decode_stage_samples_per_s": round(stats["rows_read"] / stats["decode_seconds"], 2),
+        "accounting_ok": stats["accounting"]["ok"],
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def _subprocess_run(manifest: Path, out: Path, num_cpus: int, overrides: list[str]) -> dict:
+    # A fresh interpreter per measurement: ru_maxrss is a lifetime peak.
+    cmd = [sys.executable, __file__, "--_child", str(manifest), str(out), str(num_cpus),
+           json.dumps(overrides)]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_child":
+        manifest, out, ncpu, ov = sys.argv[2:6]
+        print(json.dumps(pipeline_run(Path(manifest), Path(out), int(ncpu), json.loads(ov))))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--corpus", default=str(ROOT / "data/omnidigits"))
+    ap.add_argument("--corpus-rows", type=int, default=2000, help="rows when building it")
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--big-rows", type=int, default=8000)
+    ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--no-memory", action="store_true", help="skip the 2k vs 8k memory runs")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/prepare_throughput.json"))
+    args = ap.parse_args()
+
+    from pipelines.config import load_data_config
+
+    corpus = Path(args.corpus)
+    manifest = ensure_corpus(corpus, args.corpus_rows)
+    result: dict = {
+        "benchmark": "prepare_throughput",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "num_cpus": args.num_cpus,
+        "corpus": str(corpus),
+        "load_before": machine_load(),
+    }
+    work = Path(tempfile.mkdtemp(prefix="prep_bench_"))
+    rows_m = take_rows(manifest, args.rows, work / f"rows_{args.rows}.jsonl")
+    roots = [f"extra_roots=[{corpus.resolve()}]"]
+    try:
+        cfg = load_data_config(ROOT / "configs/data/omnidigits.yaml")
+        print(f"loop baseline on {args.rows} rows ...", flush=True)
+        result["loop"] = loop_baseline(rows_m, cfg, corpus)
+        print(f"  {result['loop']}", flush=True)
+        print(f"pipeline on {args.rows} rows, {args.num_cpus} CPUs ...", flush=True)
+        result["pipeline"] = _subprocess_run(rows_m, work / "p", args.num_cpus, roots)
+        print(f"  {result['pipeline']}", flush=True)
+        loop_rate = result["loop"]["samples_per_s"]
+        result["parallel_efficiency"] = round(
+            result["pipeline"]["samples_per_s"] / (args.num_cpus * loop_rate), 3
+        )
+        result["parallel_efficiency_decode_stage"] = round(
+            result["pipeline"]["decode_stage_samples_per_s"] / (args.num_cpus * loop_rate), 3
+        )
+        if not args.no_memory:
+            no_dedupe = ["dedupe.exact=[]", "dedupe.near_image=false", "dedupe.near_text=false"]
+            mem = {}
+            for n in (args.rows, args.big_rows):
+                m = take_rows(manifest, args.rows, work / f"rep_{n}.jsonl", repeat_to=n)
+                print(f"driver memory run: {n} rows (dedupe off) ...", flush=True)
+                r = _subprocess_run(m, work / f"m{n}", args.num_cpus, no_dedupe + roots)
+                mem[str(n)] = r
+                print(f"  {r}", flush=True)
+                m.unlink()
+            result["driver_memory"] = mem
+            a, b = mem[str(args.rows)], mem[str(args.big_rows)]
+            result["driver_peak_rss_ratio"] = round(
+                b["driver_peak_rss_mb"] / a["driver_peak_rss_mb"], 3
+            )
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    result["load_after"] = machine_load()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("load")}, indent=2))
+    print(f"load before {result['load_before']['loadavg_1_5_15']}, "
+          f"after {result['load_after']['loadavg_1_5_15']}; wrote {args.out}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
