@@ -104,6 +104,9 @@ def _zero_shot(
         labels = [data.labels[i] for i in rows]
         res = M.zero_shot_accuracy(e, labels, cls, class_names, tie_decimals=cfg.tie_decimals)
         per_mod[m] = res if res["n"] else {"skipped": "no rows with a known class label"}
+    if "accuracy" in per_mod.get("text", {}):
+        # Text rows go through the same encoder as the prompts: not a cross-modal measure.
+        per_mod["text"]["note"] = "text vs text prompts: caption/prompt agreement, not cross-modal"
     return {
         "per_modality": per_mod,
         "class_names": class_names,

@@ -236,6 +236,28 @@ def test_in_process_variants(setup, tmp_path):
     assert "image->audio" not in em["emergent_pairs"] and "text->audio" in em["emergent_pairs"]
     assert len(em["emergent_pairs"]) == 16
 
+    # Fusion-set choice: explicit modalities, and too few rows -> skipped with the reason.
+    res = evaluate.run_evaluation(
+        export,
+        setup["shards"],
+        EvalConfig(
+            plots=False,
+            merge_into_export=False,
+            label_names=LABELS,
+            fusion_modalities=["image", "signal"],
+        ),
+        tmp_path / "e",
+    )
+    assert res["fusion"]["modalities"] == ["image", "signal"] and res["fusion"]["n"] == 24
+    res = evaluate.run_evaluation(
+        export,
+        setup["shards"],
+        EvalConfig(plots=False, merge_into_export=False, label_names=LABELS, min_fusion_rows=100),
+        tmp_path / "f",
+    )
+    assert "fewer than 100 labelled rows" in res["fusion"]["skipped"]
+    assert "not cross-modal" in res["zero_shot"]["per_modality"]["text"]["note"]
+
     # An export without a classification head.
     nohead = setup["root"] / "export_nohead"
     build_model(OmniConfig.from_name("tiny", vocab_size=300, num_classes=0)).save_pretrained(nohead)

@@ -48,7 +48,7 @@ class EvalConfig:
     label_names: list[str] | None = None
     aligned_pairs: list[str] | None = None
     fusion_modalities: list[str] | None = None
-    min_fusion_rows: int = 4
+    min_fusion_rows: int = 16
     min_retrieval_rows: int = 2
     projection: str = "pca"
     projection_max_points: int = 1500
