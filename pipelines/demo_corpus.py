@@ -557,18 +557,50 @@ def _render_video(row: RowPlan, r: np.random.Generator) -> tuple[np.ndarray, int
     return frames, int(r.choice([8, 10, 12]))
 
 
+#: Videos encoded per ffmpeg process: its start-up (~50 ms, far more on a loaded machine)
+#: costs more than encoding a 64x64 clip, so a chunk's clips share one process.
+_FFMPEG_BATCH = 24
+
+
+def _encode_mp4_batch(jobs: list[tuple[np.ndarray, int, Path]]) -> None:
+    """Encodes clips to H.264/yuv420p MP4 with the ffmpeg CLI, several per process.
+
+    Each output is its own single-threaded, bit-exact libx264 encode, so a file's bytes do
+    not depend on which other clips share the process (checked by the determinism test).
+
+    Args:
+        jobs: (frames uint8 (F, H, W, 3), fps, output path) per clip.
+    """
+    import tempfile
+
+    for start in range(0, len(jobs), _FFMPEG_BATCH):
+        batch = jobs[start : start + _FFMPEG_BATCH]
+        with tempfile.TemporaryDirectory(prefix="omnidigits_ff_") as tmp:
+            ins: list[str] = []
+            outs: list[str] = []
+            for k, (frames, fps, path) in enumerate(batch):
+                _, h, w, _ = frames.shape
+                raw = Path(tmp) / f"{k}.rgb"
+                raw.write_bytes(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
+                ins += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+                        "-r", str(fps), "-i", str(raw)]  # fmt: skip
+                outs += [
+                    "-map", f"{k}:v", "-c:v", "libx264", "-preset", "veryfast",
+                    "-pix_fmt", "yuv420p", "-threads", "1", "-fflags", "+bitexact",
+                    "-flags:v", "+bitexact", "-map_metadata", "-1", str(path),
+                ]  # fmt: skip
+            cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y", *ins, *outs]
+            proc = subprocess.run(cmd, capture_output=True, timeout=600)
+            if proc.returncode != 0:
+                names = ", ".join(str(j[2]) for j in batch)
+                raise RuntimeError(
+                    f"ffmpeg failed for {names}: {proc.stderr.decode(errors='replace')}"
+                )
+
+
 def _encode_mp4(frames: np.ndarray, fps: int, path: Path) -> None:
-    """H.264/yuv420p MP4 via the ffmpeg CLI; single-threaded and bit-exact for determinism."""
-    f, h, w, _ = frames.shape
-    cmd = [
-        "ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-",
-        "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-threads", "1",
-        "-fflags", "+bitexact", "-flags:v", "+bitexact", "-map_metadata", "-1", str(path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, input=frames.tobytes(), capture_output=True, timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed for {path}: {proc.stderr.decode(errors='replace')}")
+    """One clip to MP4 (see :func:`_encode_mp4_batch`)."""
+    _encode_mp4_batch([(frames, fps, path)])
 
 
 def _render_points(row: RowPlan, r: np.random.Generator) -> np.ndarray:
@@ -639,13 +671,15 @@ def _corrupt_bytes(modality: str, kind: str, good: bytes, r: np.random.Generator
 # --------------------------------------------------------------------------- workers
 
 
-def _render_row(row: RowPlan, root: Path, seed: int) -> dict[str, int]:
-    """Writes all files of one row; returns file modality -> size in bytes."""
+def _render_row(
+    row: RowPlan, root: Path, seed: int, videos: list[tuple[np.ndarray, int, Path]]
+) -> dict[str, int]:
+    """Writes the files of one row, except its video clip, which is appended to ``videos``
+    for batched encoding. Returns file modality -> size in bytes (video not included)."""
     # A duplicate renders its source row's content (same RNG stream) under its own paths.
     src_index = row.dup_of if row.dup_of is not None else row.index
     r = _rng(seed, _TAG_RENDER, src_index)
     near = _rng(seed, _TAG_NEAR, row.index) if row.dup_kind == "near" else None
-    bad = _rng(seed, _TAG_GLOBAL, 1, row.index)
     sizes: dict[str, int] = {}
     # Always draw every modality's randomness in a fixed order so a row's content for one
     # modality does not depend on which other modalities were dropped.
@@ -669,7 +703,8 @@ def _render_row(row: RowPlan, root: Path, seed: int) -> dict[str, int]:
         elif m == "audio":
             data = _audio_bytes(*_render_audio(row, rm), fmt)
         elif m == "video":
-            _encode_mp4(*_render_video(row, rm), path)
+            videos.append((*_render_video(row, rm), path))
+            continue
         elif m == "pointcloud":
             p = _render_points(row, rm)
             if row.corrupt.get(m) == "non_finite":  # NaN coordinates in a well-formed file
@@ -677,19 +712,46 @@ def _render_row(row: RowPlan, root: Path, seed: int) -> dict[str, int]:
             _write_points(p, path)
         else:
             data = _signal_bytes(_trajectory(row.label, row.writer, rm), fmt)
-        kind = row.corrupt.get(m)
-        if kind is not None and not (m == "pointcloud" and kind == "non_finite"):
-            data = _corrupt_bytes(m, kind, path.read_bytes() if data is None else data, bad)
+        data = _maybe_corrupt(row, m, path, data, seed)
         if data is not None:
             path.write_bytes(data)
         sizes[m] = path.stat().st_size
     return sizes
 
 
+def _maybe_corrupt(
+    row: RowPlan, modality: str, path: Path, data: bytes | None, seed: int
+) -> bytes | None:
+    """The bytes to write for ``modality`` of ``row``: corrupted when the plan says so.
+
+    ``data`` None means the file is already on disk (written by open3d/ffmpeg).
+    """
+    kind = row.corrupt.get(modality)
+    if kind is None or (modality == "pointcloud" and kind == "non_finite"):
+        return data  # NaN point clouds are made before writing
+    bad = _rng(seed, _TAG_GLOBAL, 1, row.index, FILE_MODALITIES.index(modality))
+    return _corrupt_bytes(modality, kind, path.read_bytes() if data is None else data, bad)
+
+
 def _render_chunk(rows: list[RowPlan], root: str, seed: int) -> list[dict[str, int]]:
+    """Renders a chunk of rows (one worker task). Returns per-row file sizes."""
     # Keep every worker single-threaded: the pool provides the parallelism.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return [_render_row(row, Path(root), seed) for row in rows]
+    root_p = Path(root)
+    sizes: list[dict[str, int]] = []
+    owners: list[int] = []  # chunk position of each clip's row
+    videos: list[tuple[np.ndarray, int, Path]] = []
+    for k, row in enumerate(rows):
+        before = len(videos)
+        sizes.append(_render_row(row, root_p, seed, videos))
+        owners += [k] * (len(videos) - before)
+    _encode_mp4_batch(videos)
+    for k, (_, _, path) in zip(owners, videos, strict=True):
+        data = _maybe_corrupt(rows[k], "video", path, None, seed)
+        if data is not None:
+            path.write_bytes(data)
+        sizes[k]["video"] = path.stat().st_size
+    return sizes
 
 
 # --------------------------------------------------------------------------- build
@@ -771,8 +833,9 @@ def build_corpus(
     _prepare_out(root, overwrite)
     rows = _plan_rows(n, seed, float(modality_drop), float(corrupt_frac), float(dup_frac))
 
-    # Chunks small enough to balance the load, big enough to amortize pickling.
-    n_chunks = min(n, workers * 8)
+    # Chunks of ~40 rows: small enough to balance the load, big enough to share ffmpeg
+    # processes (see _FFMPEG_BATCH) and amortize pickling.
+    n_chunks = min(n, max(workers, math.ceil(n / 40)))
     bounds = np.linspace(0, n, n_chunks + 1).astype(int)
     chunks = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     sizes: list[dict[str, int]] = []
