@@ -67,7 +67,7 @@ def _auto_fusion_modalities(data: SplitData, mods: list[str], min_rows: int) -> 
     return list(best[2]) if best else None
 
 
-def _text_featurizer(export_dir: Path, data_dir: Path):
+def _text_featurizer(export_dir: Path, data_dir: Path | None):
     """The export's text featurizer (tokenizer from ``<export>/tokenizer``)."""
     from jobs.evaluation.text import load_text_featurizer
 
@@ -77,7 +77,7 @@ def _text_featurizer(export_dir: Path, data_dir: Path):
 def _zero_shot(
     model,
     export_dir: Path,
-    data_dir: Path,
+    data_dir: Path | None,
     data: SplitData,
     embeds: dict[str, tuple[np.ndarray, np.ndarray]],
     class_names: list[str],
@@ -258,7 +258,8 @@ def run_evaluation(
         return now
 
     export_dir = check_export(export_dir)
-    data_dir = Path(data_dir)
+    data_loc = str(data_dir)  # a local path or a URI (read through pyarrow.fs)
+    data_dir = Path(data_dir) if "://" not in data_loc else None
     out_dir = Path(out_dir) if out_dir else export_dir / "eval" / cfg.split
     info = read_training_info(export_dir)
     # Resolve user-given pairs before any heavy work so that a typo fails fast.
@@ -268,7 +269,7 @@ def run_evaluation(
         aligned, source = _parse_pairs(cfg.aligned_pairs), "config"
     else:
         aligned, source = info.aligned_pairs, info.source.get("aligned_pairs", "")
-    data = load_split(data_dir, cfg.split, cfg.max_rows)
+    data = load_split(data_loc, cfg.split, cfg.max_rows)
     t = lap("load_split", t0)
     model = load_model(export_dir, cfg.device)
     t = lap("load_model", t)
@@ -344,7 +345,7 @@ def run_evaluation(
     result: dict[str, Any] = {
         "split": cfg.split,
         "export": str(export_dir),
-        "data": str(data_dir),
+        "data": data_loc,
         "n_rows": len(data),
         "modalities": mods,
         "rows_per_modality": {m: int(len(embeds[m][0])) for m in mods},
@@ -541,7 +542,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Evaluate an OmniRay export on a prepared split.",
     )
     p.add_argument("--export", required=True, type=Path, help="export dir (Contract 3)")
-    p.add_argument("--data", required=True, type=Path, help="prepared shards dir (Contract 2)")
+    p.add_argument("--data", required=True, help="prepared shards dir or URI (Contract 2)")
     p.add_argument("--split", default=None, help="split to evaluate (default: config's, 'test')")
     p.add_argument(
         "--out", type=Path, default=None, help="output dir (default <export>/eval/<split>)"

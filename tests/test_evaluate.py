@@ -221,7 +221,7 @@ def test_in_process_variants(setup, tmp_path):
             "--export",
             str(export),
             "--data",
-            str(setup["shards"]),
+            f"file://{setup['shards']}",  # URIs go through pyarrow.fs
             "--out",
             str(tmp_path / "b"),
             "--aligned-pairs",
@@ -295,6 +295,9 @@ def test_bad_inputs_exit_cleanly(setup, tmp_path, capsys):
     assert rc == 2 and "split 'val' not found" in err and "['test', 'train']" in err
 
     rc, err = _run_main(capsys, "--export", str(export), "--data", str(tmp_path / "none"))
+    assert rc == 2 and "data directory not found" in err
+
+    rc, err = _run_main(capsys, "--export", str(export), "--data", f"file://{tmp_path}/nope")
     assert rc == 2 and "data directory not found" in err
 
     rc, err = _run_main(capsys, "--export", str(export), "--data", data, "bogus_key=3")

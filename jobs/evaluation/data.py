@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
@@ -52,21 +53,46 @@ class SplitData:
         return np.flatnonzero(keep)
 
 
-def list_splits(data_dir: Path) -> list[str]:
-    return [s.name for s in sorted(data_dir.iterdir()) if s.is_dir() and any(s.glob("*.parquet"))]
+def _filesystem(data_dir: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A local path or any URI pyarrow's filesystems open (``s3://``, ``gs://``, ...)."""
+    loc = str(data_dir)
+    try:
+        if "://" in loc:
+            return pafs.FileSystem.from_uri(loc)
+        return pafs.LocalFileSystem(), str(Path(loc).resolve())
+    except (pa.ArrowException, ValueError, OSError) as e:
+        raise EvaluationError(f"cannot open data location {loc}: {e}") from e
+
+
+def _parquet_files(fs: pafs.FileSystem, directory: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    return sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    )
+
+
+def list_splits(data_dir: str | Path) -> list[str]:
+    """Names of the sub-directories of ``data_dir`` that hold Parquet files."""
+    fs, root = _filesystem(data_dir)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    dirs = [i for i in infos if i.type == pafs.FileType.Directory]
+    return sorted(i.base_name for i in dirs if _parquet_files(fs, i.path))
 
 
 def load_split(data_dir: str | Path, split: str, max_rows: int | None = None) -> SplitData:
-    """Reads ``data_dir/split/*.parquet`` (Contract 2) with pyarrow.
+    """Reads ``data_dir/split/*.parquet`` (Contract 2) with pyarrow (local path or URI).
 
     Raises:
         EvaluationError: the directory or split is missing, empty or unreadable.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+    fs, root = _filesystem(data_dir)
+    try:
+        root_info = fs.get_file_info(root)
+    except (pa.ArrowException, OSError) as e:
+        raise EvaluationError(f"cannot access data directory {data_dir}: {e}") from e
+    if root_info.type != pafs.FileType.Directory:
         raise EvaluationError(f"data directory not found: {data_dir}")
-    split_dir = data_dir / split
-    files = sorted(split_dir.glob("*.parquet")) if split_dir.is_dir() else []
+    files = _parquet_files(fs, f"{root.rstrip('/')}/{split}")
     if not files:
         avail = list_splits(data_dir)
         raise EvaluationError(
@@ -78,7 +104,7 @@ def load_split(data_dir: str | Path, split: str, max_rows: int | None = None) ->
     tensors: dict[str, list[np.ndarray | None]] = {m: [] for m in MODALITIES}
     for f in files:
         try:
-            table = pq.read_table(f)
+            table = pq.read_table(f, filesystem=fs)
         except (pa.ArrowException, OSError) as e:
             raise EvaluationError(f"cannot read shard {f}: {e}") from e
         if "id" not in table.column_names:
