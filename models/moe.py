@@ -72,6 +72,15 @@ class TopKRouter(nn.Module):
         return weights, experts, probs, logits
 
 
+def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``(E,)`` int64 assignments per expert (``bincount`` with a static output size, so
+    it also traces under ``torch.compile``)."""
+    flat = experts.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
 def load_balancing_loss(
     probs: torch.Tensor, experts: torch.Tensor, num_experts: int
 ) -> torch.Tensor:
@@ -87,7 +96,7 @@ def load_balancing_loss(
     """
     if probs.shape[0] == 0:
         return probs.sum() * 0.0
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
+    counts = expert_counts(experts, num_experts).to(probs.dtype)
     frac = counts / counts.sum()  # f_e, no gradient (argmax)
     return num_experts * (frac * probs.mean(0)).sum()
 
@@ -112,14 +121,21 @@ class NativeMoE(nn.Module):
         capacity_factor: float = 1.25,
         dropless: bool = True,
         dropout: float = 0.0,
+        grouped_gemm: str = "auto",
     ) -> None:
         super().__init__()
+        if grouped_gemm not in ("auto", "always", "never"):
+            raise ValueError(f"grouped_gemm must be auto|always|never, got {grouped_gemm!r}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.dropless = dropless
         self.router = TopKRouter(dim, num_experts, top_k)
         self.experts = nn.ModuleList(MLP(dim, hidden, dropout=dropout) for _ in range(num_experts))
+        # "auto": grouped GEMMs for bf16 on CUDA (dropless); "never"/"always" force a path.
+        self.grouped_gemm = grouped_gemm
+        self.align: int | None = None  # grouped rows per expert padded to this (None: 16 on CUDA)
+        self.dropout = dropout
 
     def capacity(self, num_tokens: int) -> int:
         """Per-expert slot count when dropping: ``ceil(cf * T * k / E)``."""
@@ -137,7 +153,11 @@ class NativeMoE(nn.Module):
         flat_e = experts.t().reshape(-1)  # (k*T,)
         flat_tok = torch.arange(t, device=x.device).repeat(k)  # (k*T,)
         flat_w = weights.t().reshape(-1)
-        counts = torch.bincount(flat_e, minlength=e)  # (E,)
+        counts = expert_counts(flat_e, e)  # (E,)
+        if self._use_grouped(x):
+            out = self._grouped_experts(x, experts, weights, counts)
+            zero = torch.zeros((), dtype=torch.long, device=x.device)
+            return out, MoEStats(aux=aux, z=z, counts=counts, dropped=zero)
         order = torch.sort(flat_e, stable=True).indices
         sorted_e, tok, w = flat_e[order], flat_tok[order], flat_w[order]
         kept = counts
@@ -160,6 +180,104 @@ class NativeMoE(nn.Module):
             y = torch.cat(outs) * w.to(x.dtype).unsqueeze(-1)  # (A, d)
             out = out.index_add(0, tok, y)
         return out, MoEStats(aux=aux, z=z, counts=counts, dropped=dropped)
+
+    def _use_grouped(self, x: torch.Tensor) -> bool:
+        if self.grouped_gemm == "never" or not self.dropless or not hasattr(torch, "_grouped_mm"):
+            return False
+        if self.grouped_gemm == "always":
+            return True
+        return x.is_cuda and x.dtype == torch.bfloat16  # "auto": the fused GPU path
+
+    def _grouped_experts(
+        self,
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        weights: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """All experts in two grouped GEMMs (``torch._grouped_mm``), without a host sync
+        and without atomic scatter-adds.
+
+        Expert weights are stacked on the fly (cheap next to the GEMMs on a GPU) so the
+        parameters stay per-expert ``nn.Linear`` modules (INT8, checkpoints). Each
+        expert's row group is padded to a multiple of ``align`` rows (the Hopper kernels
+        need it for the weight-gradient GEMM). Tokens move with unique-index row
+        permutations whose backward is again a gather, and the k expert outputs of a token
+        are combined with a dense weighted sum (dropless: every token has exactly k).
+
+        Args:
+            x: ``(T, d)`` tokens.
+            experts: ``(T, k)`` chosen experts; weights: ``(T, k)`` their weights.
+            counts: ``(E,)`` assignments per expert.
+
+        Returns:
+            ``(T, d)`` combined expert outputs.
+        """
+        t, d = x.shape
+        k, e = self.top_k, self.num_experts
+        a = t * k
+        align = self.align or (16 if x.is_cuda else 1)
+        flat_e = experts.t().reshape(-1)  # (A,) k-major assignment -> expert
+        order = torch.sort(flat_e, stable=True).indices  # assignments grouped by expert
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(a, device=x.device)  # position of each assignment in order
+        start = torch.cumsum(counts, 0) - counts
+        rows = a + e * (align - 1)  # static upper bound of the padded row count
+        padded = (counts + align - 1) // align * align
+        padded[-1] += rows - padded.sum()  # the last group absorbs the slack: offs[-1] == rows
+        offs = torch.cumsum(padded, 0)
+        # Buffer row of every (k-major) assignment: its expert's padded start + its rank.
+        dest = (offs - padded)[flat_e] + rank - start[flat_e]  # (A,) unique
+        x_rep = x.unsqueeze(0).expand(k, t, d).reshape(a, d)  # backward: a sum over k
+        buf = _ScatterRows.apply(x_rep, dest, rows)  # (rows, d)
+        row_expert = torch.searchsorted(
+            offs, torch.arange(rows, device=x.device), right=True
+        ).clamp(max=e - 1)
+        # Biases through a one-hot GEMM: its backward is a GEMM, not an atomic scatter.
+        onehot = (row_expert[:, None] == torch.arange(e, device=x.device)).to(x.dtype)
+        w1 = torch.stack([m.fc1.weight for m in self.experts])  # (E, h, d)
+        b1 = torch.stack([m.fc1.bias for m in self.experts])  # (E, h)
+        w2 = torch.stack([m.fc2.weight for m in self.experts])  # (E, d, h)
+        b2 = torch.stack([m.fc2.bias for m in self.experts])  # (E, d)
+        offs32 = offs.to(torch.int32)
+        h = torch._grouped_mm(buf, w1.transpose(-2, -1), offs=offs32)  # (rows, h)
+        h = F.gelu(h + onehot @ b1.to(x.dtype))
+        y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs32) + onehot @ b2.to(x.dtype)
+        y = F.dropout(y, self.dropout, self.training)
+        y = _GatherRows.apply(y, dest)  # (A, d) back in k-major assignment order
+        wk = weights.t().to(y.dtype).unsqueeze(-1)  # (k, T, 1)
+        return (y.view(k, t, d) * wk).sum(0)
+
+
+class _ScatterRows(torch.autograd.Function):
+    """``out[idx[i]] = x[i]`` into zeros ``(rows, d)`` for *unique* ``idx`` (a permutation
+    into a padded buffer); the backward is the gather ``grad[idx]``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, idx: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        return x.new_zeros(rows, x.shape[1]).index_copy_(0, idx, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.index_select(0, idx), None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x[idx]`` for *unique* ``idx``; the backward scatters with ``index_copy`` (no
+    atomics) instead of ``index_add``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, grad.shape[1]).index_copy_(0, idx, grad), None
 
 
 class DenseFFN(nn.Module):
@@ -262,10 +380,13 @@ class TrunkBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d)
         self.ffn = build_ffn(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` -> ``(B, N, d)`` and routing stats."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats]:
+        """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` (None = all valid) -> ``(B, N, d)``, stats."""
         b, n, d = x.shape
         x = x + self.attn(self.norm1(x), key_mask=mask)
+        if mask is None:  # no padding: route every token, no gather/scatter needed
+            y, stats = self.ffn(self.norm2(x).reshape(b * n, d))
+            return x + y.view(b, n, d), stats
         idx = mask.reshape(-1).nonzero().squeeze(1)  # valid token rows of (B*N, d)
         h = self.norm2(x).reshape(b * n, d).index_select(0, idx)  # (T, d)
         y, stats = self.ffn(h)
@@ -301,8 +422,11 @@ class MoETrunk(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, TrunkStats]:
         """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` -> ``(B, N, d)`` and :class:`TrunkStats`."""
         stats = []
+        # Without padding, attention can take the unmasked (flash) path and the FFN
+        # needs no gather/scatter; one check here instead of one per layer.
+        layer_mask = None if bool(mask.all()) else mask
         for layer in self.layers:
-            x, s = layer(x, mask)
+            x, s = layer(x, layer_mask)
             stats.append(s)
         return self.norm(x), TrunkStats(
             aux=torch.stack([s.aux for s in stats]).mean(),
