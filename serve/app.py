@@ -12,6 +12,7 @@ The graph: ``Router`` (FastAPI ingress) → one ``ModalityEncoder`` per served m
 resources and queue limits of each are set per name in the YAML's ``deployments:`` list.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,21 @@ DEPLOYMENT_NAMES: tuple[str, ...] = (
 )
 
 
+def apply_env_overrides(args: OmniServeArgs) -> OmniServeArgs:
+    """``OMNIRAY_EXPORT_DIR`` / ``OMNIRAY_GALLERY_SPLIT`` (``none`` disables search) replace
+    the paths of a serve YAML, which ``serve run config.yaml`` cannot override itself."""
+    export = os.environ.get("OMNIRAY_EXPORT_DIR")
+    split = os.environ.get("OMNIRAY_GALLERY_SPLIT")
+    if export:
+        args = args.model_copy(update={"export_dir": export})
+    if split:
+        value = None if split.lower() == "none" else split
+        args = args.model_copy(
+            update={"gallery": args.gallery.model_copy(update={"split_dir": value})}
+        )
+    return args
+
+
 def build_app(args: OmniServeArgs) -> Application:
     """Builds the OmniRay application.
 
@@ -55,7 +71,7 @@ def build_app(args: OmniServeArgs) -> Application:
     """
     if not isinstance(args, OmniServeArgs):
         args = OmniServeArgs.model_validate(dict[str, Any](args))
-    args = args.with_absolute_paths()
+    args = apply_env_overrides(args).with_absolute_paths()
     check_export_dir(args.export_dir)
     if args.gallery.split_dir is not None:
         if not any(Path(args.gallery.split_dir).glob("*.parquet")):

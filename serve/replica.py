@@ -98,6 +98,9 @@ class ModalityEncoder:
             "batches": 0,
             "batched_items": 0,
             "max_batch_items": 0,
+            "dynamic_batches": 0,  # batches formed by @serve.batch (not the gallery's calls)
+            "dynamic_items": 0,
+            "max_dynamic_batch": 0,
             "errors": 0,
             "featurized_items": 0,
         }
@@ -232,6 +235,9 @@ class ModalityEncoder:
 
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.01, batch_size_fn=batch_cost)
     async def _batched(self, jobs: list[_Job]) -> list[dict[str, Any]]:
+        self.counters["dynamic_batches"] += 1
+        self.counters["dynamic_items"] += len(jobs)
+        self.counters["max_dynamic_batch"] = max(self.counters["max_dynamic_batch"], len(jobs))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._model_pool, self._forward, jobs)
 

@@ -35,6 +35,13 @@ class ImageSpec(ModalitySpec):
             # Image.open reads only the header; pixels are decoded later by the featurizer.
             with Image.open(io.BytesIO(item.data)) as im:
                 w, h = im.size
+        except Image.DecompressionBombError:
+            raise ApiError(
+                413,
+                f"{item.param}: image dimensions are a decompression bomb",
+                "too_large",
+                item.param,
+            ) from None
         except Exception as e:  # noqa: BLE001 - any PIL failure is undecodable input
             raise ApiError(
                 400,

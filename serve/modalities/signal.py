@@ -50,8 +50,11 @@ class SignalSpec(ModalitySpec):
         if item.suffix == ".npy":
             try:
                 f = io.BytesIO(item.data)
-                version = np.lib.format.read_magic(f)
-                shape, _, dtype = np.lib.format._read_array_header(f, version)
+                fmt = np.lib.format
+                version = fmt.read_magic(f)
+                # Header only (shape, dtype): the data is not read, pickles never loaded.
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, _, dtype = read(f)
             except Exception as e:  # noqa: BLE001 - malformed header
                 raise ApiError(
                     400, f"{item.param}: not a valid .npy file ({e})", "decode_error", item.param
