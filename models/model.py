@@ -104,7 +104,7 @@ class OmniModel(nn.Module):
         config: OmniConfig,
         *,
         encoders: dict[str, ModalityEncoder],
-        trunk: MoETrunk,
+        trunk: MoETrunk | None,
         adapters: dict[str, nn.Module],
         projections: dict[str, nn.Module],
         fusion: GatedFusion | None = None,
@@ -149,6 +149,8 @@ class OmniModel(nn.Module):
         With ``modality=None``: the trunk alone.
         """
         cfg = self.config
+        if self.trunk is None:
+            raise RuntimeError("this model was loaded without any branch (no trunk)")
         total = 0
         for layer in self.trunk.layers:
             expert_params = 0
@@ -368,7 +370,7 @@ class OmniModel(nn.Module):
         """
         for p in self.encoders.parameters():
             p.requires_grad_(not encoders)
-        if trunk_top_k is not None:
+        if trunk_top_k is not None and self.trunk is not None:
             n = len(self.trunk.layers)
             if trunk_top_k < 0:
                 raise ValueError("trunk_top_k must be >= 0")
@@ -416,6 +418,13 @@ class OmniModel(nn.Module):
         for module in self.modules():
             if isinstance(module, DeepSpeedMoEFFN):
                 module.moe.set_deepspeed_parallelism()
+
+    def quantize_dynamic(self, *, inplace: bool = False) -> nn.Module:
+        """INT8 dynamic quantization of every ``nn.Linear`` (experts included) for CPU
+        inference; see :func:`models.quant.quantize_int8`."""
+        from models.quant import quantize_int8
+
+        return quantize_int8(self, inplace=inplace)
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -509,7 +518,8 @@ def build_model(
     model = OmniModel(
         config,
         encoders=encoders,
-        trunk=MoETrunk(config),
+        # A head-only model (no branch, e.g. the serving fusion replica) needs no trunk.
+        trunk=MoETrunk(config) if mods else None,
         adapters={m: Adapter(config) for m in mods},
         projections={m: ProjectionHead(config) for m in mods},
         fusion=GatedFusion(config) if "fusion" in parts_set else None,

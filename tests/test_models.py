@@ -403,6 +403,27 @@ def test_load_single_branch(cfg: OmniConfig, tmp_path: Path) -> None:
         image_only.fuse_features({})
 
 
+def test_load_heads_only_for_fusion_replica(cfg: OmniConfig, tmp_path: Path) -> None:
+    """``modalities=[]`` loads fusion/decoder/classifier without any branch or trunk and
+    fuses/decodes features computed elsewhere exactly like the full model."""
+    model = fresh_model(cfg).eval()
+    model.save_pretrained(tmp_path)
+    head = OmniModel.from_pretrained(
+        tmp_path, modalities=[], parts=["fusion", "decoder", "classifier"]
+    )
+    assert head.trunk is None and len(head.encoders) == 0
+    batch = make_batch(cfg, n=2, modalities=["image", "audio"])
+    feats = {m: model.encode_features(m, batch) for m in ("image", "audio")}
+    assert torch.equal(head.fuse_features(feats)[0], model.fuse_features(feats)[0])
+    assert head.generate_from_features(feats, max_len=4) == model.generate_from_features(
+        feats, max_len=4
+    )
+    q = head.quantize_dynamic()
+    torch.testing.assert_close(
+        q.fuse_features(feats)[0], model.fuse_features(feats)[0], atol=0.05, rtol=0
+    )
+
+
 def test_load_errors(tmp_path: Path, cfg: OmniConfig) -> None:
     with pytest.raises(FileNotFoundError):
         OmniModel.from_pretrained(tmp_path)
