@@ -57,7 +57,7 @@ def _rows(n: int, seed: int) -> dict[str, list]:
 def _write_shard(path: Path, cols: dict[str, list]) -> None:
     arrays = {
         "id": pa.array(cols["id"]),
-        "label": pa.array(cols["label"]),
+        "label": pa.array(cols["label"], type=pa.string()),
         "group": pa.array(cols["group"]),
         "modalities": pa.array(cols["modalities"], type=pa.list_(pa.string())),
     }
@@ -274,6 +274,24 @@ def test_in_process_variants(setup, tmp_path):
     assert set(res["retrieval"]) == {"text->image", "image->text"}
     assert "no branch" in res["skipped"]["modality:audio"]
     assert res["emergent_alignment"]["skipped"]
+
+
+def test_unlabelled_split(setup, tmp_path):
+    """No labels: instance-level retrieval only; zero-shot and fusion skipped with reasons."""
+    cols = _rows(12, seed=3)
+    cols["label"] = [None] * 12
+    shards = tmp_path / "shards"
+    _write_shard(shards / "test" / "part-00000.parquet", cols)
+    cfg = EvalConfig(merge_into_export=False)
+    res = evaluate.run_evaluation(setup["export"], shards, cfg, tmp_path / "out")
+    assert res["retrieval_level"] == "instance"
+    entry = res["retrieval"]["image->text"]
+    assert entry["category"] is None and entry["instance"]["n_queries"] == 12
+    # Zero-shot uses the export's label names but no row has a known label.
+    assert all("skipped" in v for v in res["zero_shot"]["per_modality"].values())
+    assert "skipped" in res["fusion"]
+    assert (tmp_path / "out" / "embeddings_2d.png").stat().st_size > 2000
+    assert "mean_R@1" in res["emergent_alignment"]  # instance-level R@1 of emergent pairs
 
 
 def _run_main(capsys, *argv: str) -> tuple[int, str]:
