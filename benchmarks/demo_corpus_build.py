@@ -115,16 +115,23 @@ def main() -> None:
         result["per_item_ms"] = _profile(24, args.seed)
         print(f"per item (ms, one process): {result['per_item_ms']}")
 
-        large_dir = args.keep if args.keep is not None else tmp_p / "large"
+        # A kept corpus is built beside its destination and swapped in at the end, so
+        # readers of an existing copy never see a half-written one.
+        keep = args.keep
+        large_dir = keep.with_name(keep.name + ".building") if keep else tmp_p / "large"
         result["large"] = _build(large_dir, args.n_large, args.seed, args.workers)
-        if args.keep is not None:
-            result["large"]["kept_at"] = str(args.keep)
+        if keep is not None:
+            old = keep.with_name(keep.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            if keep.exists():
+                keep.rename(old)
+            large_dir.rename(keep)
+            shutil.rmtree(old, ignore_errors=True)
+            result["large"]["kept_at"] = str(keep)
         large = result["large"]
         print(f"n={args.n_large}: {large['seconds']}s with {args.workers} workers "
               f"({large['rows_per_s']} rows/s, {large['files']} files, {large['mbytes']} MB, "
               f"{large['corrupt_files']} corrupt, {large['duplicates']} duplicates)")  # fmt: skip
-        if args.keep is None:
-            shutil.rmtree(large_dir, ignore_errors=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

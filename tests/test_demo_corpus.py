@@ -232,17 +232,24 @@ def test_corrupt_signal_never_needs_pickle(messy_corpus: Path) -> None:
             np.load(messy_corpus / c["path"], allow_pickle=False)
 
 
-def test_same_seed_is_byte_identical_and_independent_of_workers(tmp_path: Path) -> None:
+def test_same_seed_is_byte_identical_and_independent_of_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.demo_corpus as dc
+
+    # Small corpora render in-process; force the process pool (and >1 chunk) for "a".
+    monkeypatch.setattr(dc, "_MIN_ROWS_FOR_POOL", 0)
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    kw = {"n": 12, "corrupt_frac": 0.05, "dup_frac": 0.1}
+    kw = {"n": 90, "corrupt_frac": 0.05, "dup_frac": 0.1}
     build_corpus(a, seed=1, workers=2, **kw)
+    assert _info(a)["params"]["processes"] == 2
     build_corpus(b, seed=1, workers=1, **kw)
-    build_corpus(c, seed=2, workers=2, **kw)
-    da, db, dc = file_digest(a), file_digest(b), file_digest(c)
-    assert "manifest.jsonl" in da and any(k.endswith(".mp4") for k in da)
+    build_corpus(c, seed=2, workers=1, **kw)
+    da, db, dc_ = file_digest(a), file_digest(b), file_digest(c)
+    assert "manifest.jsonl" in da and sum(k.endswith(".mp4") for k in da) > 30
     assert da == db
     assert (a / "manifest.jsonl").read_bytes() != (c / "manifest.jsonl").read_bytes()
-    assert da != dc
+    assert da != dc_
 
 
 def test_plan_uses_distinct_source_images_and_keeps_a_modality() -> None:
