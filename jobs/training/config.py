@@ -26,12 +26,14 @@ class ScalingSection:
             unreserved for Ray Data's read tasks (e.g. 0.5 with 2 workers on 2 cores), or the
             shard reading waits forever for a CPU.
         gpus_per_worker: GPUs per worker when ``use_gpu``.
+        placement_strategy: Ray placement group strategy (``PACK``, ``SPREAD``, ...).
     """
 
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -220,8 +220,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if state.step < st.steps:
             state.epoch += 1
             state.batch = 0
+    _probe(engine, objective, batches, label_names, device, rank, config["run_dir"], stage)
     if writer:
         writer.write({"event": "end", "stage": stage, "step": state.step, "time": time.time()})
+
+
+def _probe(
+    engine: Any,
+    objective: StageObjective,
+    batches: RankBatches,
+    label_names: list[str],
+    device: torch.device,
+    rank: int,
+    run_dir: str,
+    stage: str,
+) -> None:
+    """Embeds a fixed probe batch with the trained engine (all ranks: ZeRO-3 gathers params in
+    forward); rank 0 saves ``{run_dir}/{stage}/probe.safetensors`` + ``probe_ids.json`` so an
+    export can be checked against the model as it was at the end of training."""
+    import json
+
+    from safetensors.torch import save_file
+
+    samples_list = next(iter(batches.epoch(0)))
+    batch = to_device(objective.collate(samples_list, label_names), device)
+    active = objective.sync_modalities(batch)
+    engine.eval()
+    with torch.no_grad():
+        out = engine(batch, modalities=active)
+    engine.train()
+    if rank == 0:
+        out_dir = os.path.join(run_dir, stage)
+        os.makedirs(out_dir, exist_ok=True)
+        tensors = {f"embed/{m}": e.float().cpu().contiguous() for m, e in out.embeds.items()}
+        if out.fused is not None:
+            tensors["fused"] = out.fused.float().cpu().contiguous()
+        save_file(tensors, os.path.join(out_dir, "probe.safetensors"))
+        with open(os.path.join(out_dir, "probe_ids.json"), "w") as f:
+            json.dump({"ids": [s["id"] for s in samples_list], "modalities": active}, f)
 
 
 def _save_and_report(engine: Any, state: TrainState, rank: int, metrics: dict[str, Any]) -> None:

@@ -98,21 +98,26 @@ def contrastive_loss(
     """
     bsz = a.shape[0]
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    # Every collective runs on every rank, in the same order, whatever this rank's rows hold:
+    # an early return on one rank would leave the others waiting in all_gather (or in its
+    # backward), so empty cases are handled by masks, never by skipping.
     ga, gb = gather_with_grad(a), gather_with_grad(b)  # (W*B, E)
     gpa, gpb = _gather_plain(pa), _gather_plain(pb)
-    both = pa & pb
-    if not bool(both.any()):
-        return (a.sum() + b.sum()) * 0.0
+    gl = _gather_plain(labels) if labels is not None else None
     scale = logit_scale.exp().clamp(max=max_scale)
+    both = pa & pb
+    # Zero that still touches every input, so each rank's graph has the same parameters.
+    zero = (ga.sum() + gb.sum() + scale.sum()) * 0.0
+    if not bool(both.any()):
+        return zero
     own = torch.arange(bsz, device=a.device) + rank * bsz
-    if labels is not None:
-        gl = _gather_plain(labels)
+    if gl is not None:
         tgt = (labels[:, None] == gl[None, :]) & (labels[:, None] != IGNORE)
         tgt[torch.arange(bsz), own] = True
     else:
         tgt = torch.zeros(bsz, ga.shape[0], dtype=torch.bool, device=a.device)
         tgt[torch.arange(bsz), own] = True
-    loss = a.new_zeros(())
+    loss = zero
     for q, keys, key_present in ((a, gb, gpb), (b, ga, gpa)):
         logits = scale * q @ keys.t()  # (B, W*B)
         logits = logits.masked_fill(~key_present[None, :], float("-inf"))
@@ -133,6 +138,13 @@ def caption_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], m: str) -
     if not bool(mask.any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits[mask].float(), ids[mask])
+
+
+def _masked_ce(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over ``rows`` (0 with a graph when there is none)."""
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[rows].float(), labels[rows])
 
 
 def _gather_plain(x: torch.Tensor) -> torch.Tensor:
@@ -268,21 +280,17 @@ class StageObjective:
             )
             labels = batch["label"]
             if "classification" in tasks and out.logits is not None:
+                # Zero-with-graph fallbacks keep every rank's graph over the same parameters.
                 valid = labels != IGNORE
-                if bool(valid.any()):
-                    terms["cls_fused"] = self.w("classification") * F.cross_entropy(
-                        out.logits[valid].float(), labels[valid]
+                terms["cls_fused"] = self.w("classification") * _masked_ce(
+                    out.logits, labels, valid
+                )
+                n_mod = max(1, len(out.modality_logits))
+                for m, lg in out.modality_logits.items():
+                    rows = valid & out.present[m]
+                    terms[f"cls_{m}"] = (
+                        self.w("classification") * _masked_ce(lg, labels, rows) / n_mod
                     )
-                    for m, lg in out.modality_logits.items():
-                        rows = valid & out.present[m]
-                        if bool(rows.any()):
-                            terms[f"cls_{m}"] = (
-                                self.w("classification")
-                                * F.cross_entropy(lg[rows].float(), labels[rows])
-                                / max(1, len(out.modality_logits))
-                            )
-                        else:
-                            terms[f"cls_{m}"] = lg.sum() * 0.0
             if "retrieval" in tasks:
                 for a, b in self.pairs:
                     if a in out.embeds and b in out.embeds:

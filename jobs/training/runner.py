@@ -203,6 +203,7 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
                 num_workers=tc.scaling.num_workers,
                 use_gpu=use_gpu,
                 resources_per_worker=resources,
+                placement_strategy=tc.scaling.placement_strategy,
             ),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(

@@ -1,0 +1,181 @@
+"""Overhead of the Ray Train + DeepSpeed loop vs a plain PyTorch loop, and 2-vs-1 worker scaling.
+
+    .venv/bin/python benchmarks/train_overhead.py [--steps 60] [--batch 8] [--model tiny]
+
+Same model, batch size, data (synthetic shards, rows cached in memory) and objective
+(``pretrain``: masked modelling + MoE aux) in all three runs:
+
+1. plain: one process, ``torch.optim.AdamW``, no Ray, no DeepSpeed;
+2. ray1: ``jobs.training`` with 1 worker (ZeRO-2, gloo, torch AdamW);
+3. ray2: the same with 2 workers (same per-worker batch: 2x the samples per step).
+
+steps/s are measured after ``--warmup`` steps (from the loop's metrics timestamps). Target:
+ray1/plain >= 0.9. Prints a table and writes ``benchmarks/results/train_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def plain_loop(shards: str, args: argparse.Namespace) -> float:
+    """steps/s of a single-process loop over the same rows, model and objective."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from jobs.training.data import RankBatches, inspect_shards
+    from jobs.training.objectives import StageObjective, build_model_from_kwargs
+    from jobs.training.runner import model_kwargs_from_data
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tc = _config(shards, "unused", 1, args)
+    info = inspect_shards(shards)
+    kw = model_kwargs_from_data(tc, shards, info, info.modalities)
+    model = build_model_from_kwargs({"size": tc.model, **kw})
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.pretrain.lr, betas=(0.9, 0.98))
+    obj = StageObjective(
+        "pretrain", tc.pretrain, modalities=info.modalities, label_names=info.label_names
+    )
+
+    class _Iter:
+        def iter_batches(self, **kw):
+            yield pq.read_table(os.path.join(shards, "train"))
+
+    batches = RankBatches(
+        _Iter(),
+        modalities=info.modalities,
+        batch_size=args.batch,
+        cache=True,
+        shuffle=True,
+        seed=0,
+        rank=0,
+    )
+    step, epoch, t0 = 0, 0, None
+    while step < args.steps:
+        for samples in batches.epoch(epoch):
+            batch = obj.collate(samples, info.label_names)
+            terms, _ = obj(model, batch, step=step)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.pretrain.grad_clip)
+            opt.step()
+            step += 1
+            if step == args.warmup:
+                t0 = time.perf_counter()
+            if step >= args.steps:
+                break
+        epoch += 1
+    return (args.steps - args.warmup) / (time.perf_counter() - t0)
+
+
+def _config(shards: str, runs: str, workers: int, args: argparse.Namespace):
+    from jobs.training.config import load_train_config
+
+    return load_train_config(
+        str(ROOT / "configs/train/tiny.yaml"),
+        [
+            f"data.shards_dir={shards}",
+            f"runs_dir={runs}",
+            f"name=bench{workers}",
+            f"model={args.model}",
+            f"data.batch_size={args.batch}",
+            f"scaling.num_workers={workers}",
+            f"scaling.cpus_per_worker={1.0 if workers == 1 else 0.5}",
+            f"pretrain.steps={args.steps}",
+            f"pretrain.checkpoint_every={10 * args.steps}",
+            f"log_every={args.warmup}",
+            "pretrain.warmup_steps=2",
+            "export_at_end=false",
+        ],
+    )
+
+
+def ray_loop(shards: str, runs: str, workers: int, args: argparse.Namespace) -> float:
+    """steps/s of the Ray Train + DeepSpeed loop, from the metrics timestamps."""
+    from jobs.training.metrics import read_jsonl
+    from jobs.training.runner import run_training
+
+    tc = _config(shards, runs, workers, args)
+    res = run_training(tc, ["pretrain"])
+    rows = [
+        r
+        for r in read_jsonl(os.path.join(res["run_dir"], "metrics.jsonl"))
+        if r.get("stage") == "pretrain" and "loss" in r
+    ]
+    first = next(r for r in rows if r["step"] == args.warmup)
+    last = rows[-1]
+    return (last["step"] - first["step"]) / (last["time"] - first["time"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/train_overhead.json"))
+    args = p.parse_args()
+    if args.steps % args.warmup:
+        raise SystemExit("--steps must be a multiple of --warmup (metrics are logged every warmup)")
+    import ray
+
+    from jobs.training.synthetic import write_synthetic_shards
+
+    work = tempfile.mkdtemp(prefix="bench_train_")
+    shards = write_synthetic_shards(os.path.join(work, "shards"), n=256, seed=0)
+    plain = plain_loop(shards, args)
+    ray_tmp = tempfile.mkdtemp(prefix="ray_b_", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=ray_tmp,
+        object_store_memory=500_000_000,
+        log_to_driver=False,
+    )
+    try:
+        ray1 = ray_loop(shards, os.path.join(work, "runs"), 1, args)
+        ray2 = ray_loop(shards, os.path.join(work, "runs"), 2, args)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "model": args.model,
+        "batch_per_worker": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": "cpu",
+        "plain_steps_per_s": plain,
+        "ray1_steps_per_s": ray1,
+        "ray2_steps_per_s": ray2,
+        "ray1_over_plain": ray1 / plain,
+        "ray2_samples_per_s_over_ray1": (2 * ray2) / ray1,
+        "target_ray1_over_plain": 0.9,
+        "cpus": os.cpu_count(),
+    }
+    print(f"plain PyTorch      : {plain:7.2f} steps/s")
+    print(f"Ray+DeepSpeed x1   : {ray1:7.2f} steps/s  ({ray1 / plain:.2f} of plain, target >= 0.9)")
+    print(f"Ray+DeepSpeed x2   : {ray2:7.2f} steps/s  (samples/s scaling x{2 * ray2 / ray1:.2f})")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

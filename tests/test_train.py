@@ -1,0 +1,219 @@
+"""End-to-end training runs: Ray Train + DeepSpeed (2 workers, CPU, gloo) on tiny shards.
+
+Each run is a real ``jobs.training.runner.run_training`` inside the session's ``ray_local``
+(2 CPUs): ZeRO-2 through all three stages with export; ZeRO-3 with an injected worker
+failure and resume; DeepSpeed MoE with expert parallelism; re-running a finished command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.training.config import load_train_config
+from jobs.training.data import table_to_samples
+from jobs.training.metrics import read_jsonl
+from jobs.training.schedule import lr_factor
+from jobs.training.synthetic import write_synthetic_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs/train/tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_synthetic_shards(str(tmp_path_factory.mktemp("shards")), n=96, seed=0)
+
+
+def _cfg(tmp: Path, shards: str, *overrides: str):
+    return load_train_config(TINY, [f"data.shards_dir={shards}", f"runs_dir={tmp}", *overrides])
+
+
+def _steps(records: list[dict], stage: str) -> list[dict]:
+    return [r for r in records if r.get("stage") == stage and "loss" in r]
+
+
+def _probe_matches_export(run_dir: Path, stage: str, export_dir: Path, shards: str) -> None:
+    """The export, loaded by ``models`` alone, embeds the probe rows exactly as the trained
+    engine did at the end of training."""
+    from models import OmniModel
+    from models.data import collate
+
+    probe = json.loads((run_dir / stage / "probe_ids.json").read_text())
+    expect = load_file(str(run_dir / stage / "probe.safetensors"))
+    table = pq.read_table(os.path.join(shards, "train"))
+    by_id = {s["id"]: s for s in table_to_samples(table, probe["modalities"])}
+    samples = [by_id[i] for i in probe["ids"]]
+    labels = json.loads(
+        json.dumps(
+            __import__("yaml").safe_load((export_dir / "training.yaml").read_text())["label_names"]
+        )
+    )
+    model = OmniModel.from_pretrained(export_dir)
+    batch = collate(samples, modalities=probe["modalities"], label_names=labels)
+    with torch.no_grad():
+        out = model(batch, modalities=probe["modalities"])
+    assert {k.split("/", 1)[1] for k in expect if k.startswith("embed/")} == set(out.embeds)
+    for m, e in out.embeds.items():
+        torch.testing.assert_close(e, expect[f"embed/{m}"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.fused, expect["fused"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_zero2_three_stages_export_and_resume_skip(ray_local, shards, tmp_path, capsys):
+    from jobs.training.runner import run_training
+
+    cfg = _cfg(
+        tmp_path,
+        shards,
+        "pretrain.steps=10",
+        "align.steps=8",
+        "finetune.steps=8",
+        "pretrain.checkpoint_every=5",
+        "align.checkpoint_every=4",
+        "finetune.checkpoint_every=4",
+        "align.pairs=[[text,image],[image,audio]]",
+    )
+    res = run_training(cfg, ["pretrain", "align", "finetune"])
+    run_dir = Path(res["run_dir"])
+    records = read_jsonl(str(run_dir / "metrics.jsonl"))
+    for stage, n in (("pretrain", 10), ("align", 8), ("finetune", 8)):
+        rows = _steps(records, stage)
+        assert [r["step"] for r in rows] == list(range(1, n + 1)), stage
+        first, last = (
+            np.mean([r["loss"] for r in rows[:3]]),
+            np.mean([r["loss"] for r in rows[-3:]]),
+        )
+        assert last < first, f"{stage}: loss did not fall ({first:.3f} -> {last:.3f})"
+        assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+        assert (run_dir / f"loss_{stage}.png").stat().st_size > 1000
+        assert (run_dir / stage / "DONE.json").is_file()
+        ckpts = sorted((run_dir / "ray" / f"tiny-{stage}").glob("checkpoint_*"))
+        assert ckpts and ckpts[-1].name == f"checkpoint_{n:08d}"
+        assert {p.name for p in ckpts[-1].iterdir()} >= {
+            "ds",
+            "complete_rank0.json",
+            "complete_rank1.json",
+            "rank0.json",
+            "rank1.json",
+        }
+    # Per-modality expert load and gates are logged; align logs only the configured pairs.
+    last = _steps(records, "finetune")[-1]
+    assert set(last["expert_load"]) == {"text", "image", "audio", "video", "pointcloud", "signal"}
+    assert all(abs(sum(v) - 1) < 1e-4 for v in last["expert_load"].values())
+    assert last["gates"] and all(0 <= g <= 1 for g in last["gates"].values())
+    nce = {k for r in _steps(records, "align") for k in r if k.startswith("loss/nce_")}
+    assert nce == {"loss/nce_text_image", "loss/nce_image_audio"}
+    assert any(k.startswith("loss/caption_") for k in _steps(records, "align")[0])
+    assert any(k.startswith("loss/cls_") for k in _steps(records, "finetune")[0])
+
+    export = Path(res["export_dir"])
+    assert {
+        "model.safetensors",
+        "model_config.yaml",
+        "metrics.json",
+        "training.yaml",
+        "data_config.yaml",
+    } <= {p.name for p in export.iterdir()}
+    info = __import__("yaml").safe_load((export / "training.yaml").read_text())
+    assert info["aligned_pairs"] == [["text", "image"], ["image", "audio"]]
+    assert info["label_names"] == [str(i) for i in range(10)]
+    _probe_matches_export(run_dir, "finetune", export, shards)
+
+    # The same command again: every stage is finished, nothing retrains.
+    n_lines = len(records)
+    capsys.readouterr()
+    run_training(cfg, ["pretrain", "align", "finetune"])
+    assert "stage pretrain: already finished, skipped" in capsys.readouterr().out
+    assert len(read_jsonl(str(run_dir / "metrics.jsonl"))) == n_lines
+
+
+@pytest.mark.slow
+def test_zero3_worker_failure_resumes_from_latest_checkpoint(ray_local, shards, tmp_path):
+    from jobs.export import main as export_main
+    from jobs.training.runner import run_training
+
+    cfg = _cfg(
+        tmp_path,
+        shards,
+        "deepspeed.zero_stage=3",
+        "pretrain.steps=12",
+        "pretrain.warmup_steps=3",
+        "pretrain.checkpoint_every=4",
+        "fault_injection.at_step=7",
+        "fault_injection.rank=1",
+        "export_at_end=false",
+    )
+    res = run_training(cfg, ["pretrain"])
+    run_dir = Path(res["run_dir"])
+    assert (run_dir / cfg.fault_injection.marker).is_file()  # the fault did fire
+    records = read_jsonl(str(run_dir / "metrics.jsonl"))
+    starts = [r for r in records if r.get("event") == "start"]
+    assert [s["resumed_from"] for s in starts] == [None, 4]  # restarted from checkpoint 4
+    assert all(s["zero_stage"] == 3 for s in starts)
+    rows = _steps(records, "pretrain")
+    after = rows[[r["step"] for r in rows].index(4, 0) + 1 :]
+    # Steps 5..6 ran before the crash (step 7 raised before logging), then 5..12 again.
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert after[-1]["step"] == 12
+    for r in rows:  # the LR schedule continues where it was (restored scheduler state)
+        expect = cfg.pretrain.lr * lr_factor(
+            r["step"] - 1, warmup_steps=3, total_steps=12, min_lr_ratio=cfg.pretrain.min_lr_ratio
+        )
+        assert r["lr"] == pytest.approx(expect, rel=1e-6), r["step"]
+    # jobs.export consolidates the ZeRO-3 partitions (zero_to_fp32) into a loadable export.
+    out = tmp_path / "export_z3"
+    assert (
+        export_main(
+            [
+                "--config",
+                TINY,
+                f"data.shards_dir={shards}",
+                f"runs_dir={tmp_path}",
+                "deepspeed.zero_stage=3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    _probe_matches_export(run_dir, "pretrain", out, shards)
+
+
+@pytest.mark.slow
+def test_deepspeed_moe_expert_parallel_over_two_workers(ray_local, shards, tmp_path):
+    from jobs.training.runner import run_training
+
+    cfg = _cfg(
+        tmp_path,
+        shards,
+        "deepspeed.moe_impl=deepspeed",
+        "deepspeed.ep_size=2",
+        "pretrain.steps=3",
+        "pretrain.checkpoint_every=3",
+        "export_at_end=false",
+        "name=moe",
+    )
+    res = run_training(cfg, ["pretrain"])
+    rows = _steps(read_jsonl(os.path.join(res["run_dir"], "metrics.jsonl")), "pretrain")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    ds_files = {
+        p.name for p in (Path(res["run_dir"]) / "ray/moe-pretrain/checkpoint_00000003/ds").iterdir()
+    }
+    assert any("expert" in f for f in ds_files)  # expert-parallel shards were checkpointed
+
+
+def test_missing_shards_fail_clearly(tmp_path):
+    from jobs.training.runner import run_training
+
+    cfg = _cfg(tmp_path, str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="jobs.prepare"):
+        run_training(cfg, ["pretrain"])
