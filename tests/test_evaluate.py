@@ -282,7 +282,7 @@ def test_unlabelled_split(setup, tmp_path):
     cols["label"] = [None] * 12
     shards = tmp_path / "shards"
     _write_shard(shards / "test" / "part-00000.parquet", cols)
-    cfg = EvalConfig(merge_into_export=False)
+    cfg = EvalConfig(merge_into_export=False, projection="tsne")
     res = evaluate.run_evaluation(setup["export"], shards, cfg, tmp_path / "out")
     assert res["retrieval_level"] == "instance"
     entry = res["retrieval"]["image->text"]

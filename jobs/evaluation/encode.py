@@ -85,7 +85,7 @@ def _forward(model: torch.nn.Module, batch: dict[str, Any], modalities: Sequence
     """``model(batch)`` with shape errors turned into a clear data error."""
     try:
         return model(_to_device(batch, _device(model)), modalities=list(modalities))
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, IndexError) as e:
         raise EvaluationError(
             f"the model cannot encode the split's {'+'.join(modalities)} tensors "
             f"(was the split prepared with the export's data_config.yaml?): {e}"
