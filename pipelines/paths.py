@@ -32,7 +32,10 @@ class _Root:
 def _make_root(uri_or_path: str) -> _Root:
     if _has_scheme(uri_or_path):
         fs, base = pafs.FileSystem.from_uri(uri_or_path)
-        base = posixpath.normpath(base)
+        if fs.type_name == "local":  # file:// roots: compare like local paths
+            base = os.path.realpath(base)
+        else:
+            base = posixpath.normpath(base)
     else:
         fs = pafs.LocalFileSystem()
         base = os.path.realpath(os.path.abspath(uri_or_path))

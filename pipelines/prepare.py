@@ -270,6 +270,7 @@ def run_prepare(
     for b in decoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
         for c in _KEY_COLUMNS:
             keys[c].extend(b.column(c).to_pylist())
+    t_keys = time.perf_counter() - t0 - t_decode
     plan, quarantine, info = plan_rows(keys, cfg)
 
     # ---- tokenizer ------------------------------------------------------------------
@@ -291,6 +292,7 @@ def run_prepare(
         )
         trained = True
     del keys
+    t_plan = time.perf_counter() - t0 - t_decode - t_keys
 
     # ---- stage 2: apply plan, tokenize, write shards --------------------------------
     written: list[dict[str, Any]] = []
@@ -322,6 +324,12 @@ def run_prepare(
     wall = time.perf_counter() - t0
 
     stats = build_stats(manifest, out, cfg, plan, quarantine, info, written, wall, t_decode)
+    stats["stage_seconds"] = {
+        "decode": round(t_decode, 3),
+        "keys": round(t_keys, 3),
+        "plan_and_tokenizer": round(t_plan, 3),
+        "finalize_and_write": round(wall - t_decode - t_keys - t_plan, 3),
+    }
     stats["tokenizer"] = {
         "trained": trained,
         "vocab_size": tokenizer.get_vocab_size(),

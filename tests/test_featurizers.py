@@ -240,6 +240,13 @@ def test_video_truncated_frames_and_arrays(tmp_path):
     with pytest.raises(SampleError) as e:
         get_featurizer("video", cfg).from_bytes(data, ".mp4")
     assert e.value.reason == "too_large"
+    # A track header claiming 60000x60000 frames is refused before decoding.
+    i = data.index(b"tkhd") - 4
+    end = i + struct.unpack(">I", data[i : i + 4])[0]
+    bomb = data[: end - 8] + struct.pack(">II", 60000 << 16, 60000 << 16) + data[end:]
+    with pytest.raises(SampleError) as e:
+        f.from_bytes(bomb, ".mp4")
+    assert e.value.reason == "too_large"
 
 
 def test_pointcloud_normalized_fps_and_nan():

@@ -494,6 +494,7 @@ def test_rerun_replaces_stale_shards(ray_local, hostile, tmp_path):
     stale = out / "train" / "train-00007-of-00009.parquet"
     shutil.copyfile(Path(__file__), stale)
     manifest = _write_manifest(root, rows[:3], "jsonl", name="small")
-    run_prepare(manifest, out, _quiet_config(), verbose=False)
+    # Given as a URI: read through pyarrow's filesystems, paths resolved under it.
+    run_prepare(f"file://{manifest}", out, _quiet_config(), verbose=False)
     assert not stale.exists()
     _check_accounting(out, 3)

@@ -43,12 +43,27 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return np.maximum(0.0, np.minimum(up, down)).astype(np.float32)
 
 
+@lru_cache(maxsize=32)
+def _polyphase_filter(up: int, down: int) -> np.ndarray:
+    # The filter resample_poly would design on every call (Kaiser, beta 5); cached.
+    max_rate = max(up, down)
+    return scipy.signal.firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
+
+
+@lru_cache(maxsize=8)
+def _hann(win: int) -> np.ndarray:
+    return scipy.signal.get_window("hann", win, fftbins=True).astype(np.float32)
+
+
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     """Polyphase resampling of a 1-D float signal from ``sr_in`` to ``sr_out`` Hz."""
     if sr_in == sr_out:
         return x
     g = gcd(int(sr_in), int(sr_out))
-    return scipy.signal.resample_poly(x, sr_out // g, sr_in // g).astype(np.float32)
+    up, down = sr_out // g, sr_in // g
+    return scipy.signal.resample_poly(x, up, down, window=_polyphase_filter(up, down)).astype(
+        np.float32
+    )
 
 
 def wav_truncation(data: bytes) -> str | None:
@@ -162,7 +177,7 @@ class AudioFeaturizer(Featurizer):
             mono = mono[start : start + (cfg.max_frames - 1) * hop + win]
             n_frames = cfg.max_frames
         frames = np.lib.stride_tricks.sliding_window_view(mono, win)[::hop][:n_frames]  # (T, win)
-        window = scipy.signal.get_window("hann", win, fftbins=True).astype(np.float32)
+        window = _hann(win)
         power = np.abs(np.fft.rfft(frames * window, n=n_fft, axis=1)) ** 2  # (T, n_fft/2+1)
         fb = mel_filterbank(cfg.sample_rate, n_fft, cfg.n_mels)
         feats = np.log(power.astype(np.float32) @ fb.T + 1e-6)  # (T, n_mels)

@@ -46,6 +46,44 @@ def isobmff_truncation(data: bytes) -> str | None:
     return None if pos == len(data) else f"{len(data) - pos} stray bytes after the last box"
 
 
+def _boxes(data: bytes, start: int, end: int):
+    """Yields ``(type, payload_start, box_end)`` of the ISO BMFF boxes in a byte range."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        head = 8
+        if size == 1 and pos + 16 <= end:
+            size, head = struct.unpack(">Q", data[pos + 8 : pos + 16])[0], 16
+        elif size == 0:
+            size = end - pos
+        if size < head or pos + size > end:
+            return
+        yield kind, pos + head, pos + size
+        pos += size
+
+
+def mp4_frame_size(data: bytes) -> tuple[int, int] | None:
+    """Largest (width, height) of the tracks in an MP4's ``moov/trak/tkhd``, or None.
+
+    Read from the header, so a decompression-bomb resolution is refused before any
+    frame is decoded.
+    """
+    best = None
+    for kind, a, b in _boxes(data, 0, len(data)):
+        if kind != b"moov":
+            continue
+        for tkind, ta, tb in _boxes(data, a, b):
+            if tkind != b"trak":
+                continue
+            for hkind, ha, hb in _boxes(data, ta, tb):
+                if hkind == b"tkhd" and hb - ha >= 84:
+                    w, h = struct.unpack(">II", data[hb - 8 : hb])
+                    w, h = w >> 16, h >> 16  # 16.16 fixed point
+                    if best is None or w * h > best[0] * best[1]:
+                        best = (w, h)
+    return best
+
+
 @register("video")
 class VideoFeaturizer(Featurizer):
     """Video -> uint8 (num_frames, size, size, 3)."""
@@ -81,9 +119,13 @@ class VideoFeaturizer(Featurizer):
         if n > cfg.max_frames:
             raise SampleError("too_large", f"{n} frames > max_frames={cfg.max_frames}")
         try:
-            first = vr[0].shape  # (H, W, 3)
-            if first[0] * first[1] > cfg.max_pixels:
-                raise SampleError("too_large", f"frame {first[1]}x{first[0]} > max_pixels")
+            size = mp4_frame_size(data)
+            if size is None or size[0] * size[1] == 0:
+                # Not MP4 (or no track header): decode one frame to learn the size.
+                first = vr[0].shape  # (H, W, 3)
+                size = (first[1], first[0])
+            if size[0] * size[1] > cfg.max_pixels:
+                raise SampleError("too_large", f"frame {size[0]}x{size[1]} > max_pixels")
             frames = vr.get_batch(uniform_indices(n, cfg.num_frames).tolist()).asnumpy()
         except SampleError:
             raise
