@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +52,21 @@ def _r1(entry: dict[str, Any]) -> float:
 
 
 def _auto_fusion_modalities(data: SplitData, mods: list[str], min_rows: int) -> list[str] | None:
-    """Largest modality set (>= 2) that at least ``min_rows`` labelled rows all have."""
+    """Largest modality set (>= 2) that at least ``min_rows`` labelled rows all have.
+
+    Every subset of the (at most six) modalities is tried, in canonical order, so the
+    choice is deterministic; among equally large sets the best supported wins.
+    """
     present = {m: np.asarray([t is not None for t in data.tensors[m]]) for m in mods}
     labelled = np.asarray([x is not None for x in data.labels])
-    combos = {tuple(m for m in mods if present[m][i]) for i in range(len(data)) if labelled[i]}
-    best: tuple[int, int, tuple[str, ...]] | None = None
-    for combo in combos:
-        if len(combo) < 2:
-            continue
-        support = int(np.logical_and.reduce([present[m] for m in combo] + [labelled]).sum())
-        if support >= min_rows:
-            key = (len(combo), support, combo)
-            if best is None or key[:2] > best[:2]:
-                best = key
-    return list(best[2]) if best else None
+    best: tuple[int, int] | None = None
+    chosen: tuple[str, ...] | None = None
+    for size in range(2, len(mods) + 1):
+        for combo in combinations(mods, size):
+            support = int(np.logical_and.reduce([present[m] for m in combo] + [labelled]).sum())
+            if support >= min_rows and (best is None or (size, support) > best):
+                best, chosen = (size, support), combo
+    return list(chosen) if chosen else None
 
 
 def _text_featurizer(export_dir: Path, data_dir: Path | None):

@@ -276,6 +276,22 @@ def test_in_process_variants(setup, tmp_path):
     assert res["emergent_alignment"]["skipped"]
 
 
+def test_auto_fusion_set_considers_subsets():
+    """Rows with {t,i,a,v} or {t,i,a,p}: no exact combination has 3 rows, {t,i,a} has 6."""
+    from jobs.evaluation.data import SplitData
+
+    x = np.zeros(1)
+    rows = [("text", "image", "audio", "video")] * 3 + [
+        ("text", "image", "audio", "pointcloud")
+    ] * 3
+    mods = ["text", "image", "audio", "video", "pointcloud"]
+    data = SplitData(ids=[str(i) for i in range(6)], labels=["a"] * 6)
+    data.tensors = {m: [x if m in r else None for r in rows] for m in mods}
+    assert evaluate._auto_fusion_modalities(data, mods, 4) == ["text", "image", "audio"]
+    assert evaluate._auto_fusion_modalities(data, mods, 3) == ["text", "image", "audio", "video"]
+    assert evaluate._auto_fusion_modalities(data, mods, 7) is None
+
+
 def test_unlabelled_split(setup, tmp_path):
     """No labels: instance-level retrieval only; zero-shot and fusion skipped with reasons."""
     cols = _rows(12, seed=3)
