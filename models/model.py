@@ -208,6 +208,10 @@ class OmniModel(nn.Module):
         present = self._present(modality, batch)
         enc = self.encoders[modality].encode(batch, mask_ratio=mask_ratio, present=present)
         x, stats = self.trunk(enc.tokens, enc.mask)
+        return self._features(modality, enc, x, stats, present)
+
+    def _features(self, modality, enc, x, stats, present) -> ModalityFeatures:
+        """Adapter, pooling and projection after the trunk."""
         x = self.adapters[modality](x)
         pooled = masked_mean(x, enc.mask)
         embed = self.projections[modality](pooled)
@@ -221,6 +225,32 @@ class OmniModel(nn.Module):
             targets=enc.targets,
             stats=stats,
         )
+
+    def encode_many(
+        self,
+        batch: dict[str, Any],
+        modalities: Sequence[str],
+        *,
+        mask_ratio: dict[str, float] | None = None,
+    ) -> dict[str, ModalityFeatures]:
+        """:meth:`encode_features` for several modalities with one packed trunk pass
+        (same per-token results; the MoE runs larger, more efficient expert GEMMs).
+
+        Returns:
+            ``{m: ModalityFeatures}``.
+        """
+        ratios = mask_ratio or {}
+        encs, presents = {}, {}
+        for m in modalities:
+            if m not in self.encoders:
+                raise KeyError(f"modality {m!r} is not loaded (loaded: {self.modalities})")
+            presents[m] = self._present(m, batch)
+            encs[m] = self.encoders[m].encode(batch, mask_ratio=ratios.get(m), present=presents[m])
+        outs = self.trunk.forward_many([(encs[m].tokens, encs[m].mask) for m in modalities])
+        return {
+            m: self._features(m, encs[m], x, stats, presents[m])
+            for m, (x, stats) in zip(modalities, outs, strict=True)
+        }
 
     def fuse_features(
         self, features: dict[str, ModalityFeatures]
@@ -309,10 +339,8 @@ class OmniModel(nn.Module):
             ratios = {m: r for m, r in mask_ratio.items() if r}
         elif mask_ratio:
             ratios = dict.fromkeys(active, float(mask_ratio))
-        feats: dict[str, ModalityFeatures] = {}
-        for m in active:
-            f = self.encode_features(m, batch, mask_ratio=ratios.get(m))
-            feats[m] = f
+        feats = self.encode_many(batch, active, mask_ratio=ratios) if active else {}
+        for m, f in feats.items():
             out.features[m] = f
             out.embeds[m] = f.embed
             out.pooled[m] = f.pooled
@@ -320,6 +348,7 @@ class OmniModel(nn.Module):
             out.expert_load[m] = f.stats.counts.detach()
             out.dropped[m] = f.stats.dropped.detach()
         if feats:
+            # The packed trunk pass balances experts over the whole batch (joint values).
             out.aux = {
                 "moe_aux": torch.stack([f.stats.aux for f in feats.values()]).mean(),
                 "moe_z": torch.stack([f.stats.z for f in feats.values()]).mean(),

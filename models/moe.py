@@ -141,8 +141,20 @@ class NativeMoE(nn.Module):
         """Per-expert slot count when dropping: ``ceil(cf * T * k / E)``."""
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        """Routes ``x`` ``(T, d)`` through the experts; returns ``(T, d)`` and stats."""
+    def forward(
+        self, x: torch.Tensor, segments: torch.Tensor | None = None, num_segments: int = 1
+    ) -> tuple[torch.Tensor, MoEStats]:
+        """Routes tokens through the experts.
+
+        Args:
+            x: ``(T, d)`` tokens.
+            segments: Optional ``(T,)`` int64 segment (modality) of each token; then
+                ``counts`` is ``(S, E)`` and ``dropped`` ``(S,)`` per segment.
+            num_segments: ``S``.
+
+        Returns:
+            ``(T, d)`` and :class:`MoEStats`.
+        """
         t, _ = x.shape
         k, e = self.top_k, self.num_experts
         weights, experts, probs, logits = self.router(x)
@@ -154,20 +166,28 @@ class NativeMoE(nn.Module):
         flat_tok = torch.arange(t, device=x.device).repeat(k)  # (k*T,)
         flat_w = weights.t().reshape(-1)
         counts = expert_counts(flat_e, e)  # (E,)
+        seg_counts = counts
+        no_drop = torch.zeros((), dtype=torch.long, device=x.device)
+        if segments is not None:
+            flat_seg = segments.repeat(k)  # (k*T,) segment of each assignment
+            seg_counts = expert_counts(flat_seg * e + flat_e, num_segments * e).view(-1, e)
+            no_drop = torch.zeros(num_segments, dtype=torch.long, device=x.device)
         if self._use_grouped(x):
             out = self._grouped_experts(x, experts, weights, counts)
-            zero = torch.zeros((), dtype=torch.long, device=x.device)
-            return out, MoEStats(aux=aux, z=z, counts=counts, dropped=zero)
+            return out, MoEStats(aux=aux, z=z, counts=seg_counts, dropped=no_drop)
         order = torch.sort(flat_e, stable=True).indices
         sorted_e, tok, w = flat_e[order], flat_tok[order], flat_w[order]
         kept = counts
-        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        dropped = no_drop
         if not self.dropless:
             cap = self.capacity(t)
             starts = torch.cumsum(counts, 0) - counts  # (E,) first slot of each expert
             rank = torch.arange(sorted_e.numel(), device=x.device) - starts[sorted_e]
             keep = rank < cap
-            dropped = (~keep).sum()
+            if segments is None:
+                dropped = (~keep).sum()
+            else:
+                dropped = expert_counts(flat_seg[order][~keep], num_segments)
             tok, w = tok[keep], w[keep]
             kept = counts.clamp(max=cap)
         xs = x.index_select(0, tok)  # (A, d) tokens grouped by expert
@@ -179,7 +199,7 @@ class NativeMoE(nn.Module):
         if outs:
             y = torch.cat(outs) * w.to(x.dtype).unsqueeze(-1)  # (A, d)
             out = out.index_add(0, tok, y)
-        return out, MoEStats(aux=aux, z=z, counts=counts, dropped=dropped)
+        return out, MoEStats(aux=aux, z=z, counts=seg_counts, dropped=dropped)
 
     def _use_grouped(self, x: torch.Tensor) -> bool:
         if self.grouped_gemm == "never" or not self.dropless or not hasattr(torch, "_grouped_mm"):
@@ -290,10 +310,13 @@ class DenseFFN(nn.Module):
         self.num_experts = num_experts
         self.mlp = MLP(dim, hidden * top_k, dropout=dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(
+        self, x: torch.Tensor, segments: torch.Tensor | None = None, num_segments: int = 1
+    ) -> tuple[torch.Tensor, MoEStats]:
         zero = x.sum() * 0.0
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
-        return self.mlp(x), MoEStats(aux=zero, z=zero, counts=counts, dropped=counts.sum())
+        shape = (self.num_experts,) if segments is None else (num_segments, self.num_experts)
+        counts = torch.zeros(shape, dtype=torch.long, device=x.device)
+        return self.mlp(x), MoEStats(aux=zero, z=zero, counts=counts, dropped=counts.sum(-1))
 
 
 class DeepSpeedMoEFFN(nn.Module):
@@ -393,6 +416,44 @@ class TrunkBlock(nn.Module):
         x = x.reshape(b * n, d).index_add(0, idx, y).view(b, n, d)
         return x, stats
 
+    def forward_many(
+        self, xs: list[torch.Tensor], masks: list[torch.Tensor | None]
+    ) -> tuple[list[torch.Tensor], MoEStats]:
+        """Several token sets (modalities) at once: attention stays within each set, the
+        MoE FFN runs once over all valid tokens (larger, more efficient expert GEMMs).
+
+        Args:
+            xs: ``[(B_i, N_i, d)]``; masks: ``[(B_i, N_i)]`` or None (all valid).
+
+        Returns:
+            The updated ``xs`` and stats with per-set ``counts (S, E)``, ``dropped (S,)``.
+        """
+        flats, idxs, sizes = [], [], []
+        outs = []
+        for x, mask in zip(xs, masks, strict=True):
+            b, n, d = x.shape
+            x = x + self.attn(self.norm1(x), key_mask=mask)
+            outs.append(x)
+            h = self.norm2(x).reshape(b * n, d)
+            idx = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+            if idx is not None:
+                h = h.index_select(0, idx)
+            flats.append(h)
+            idxs.append(idx)
+            sizes.append(h.shape[0])
+        h = torch.cat(flats)  # (sum T_i, d)
+        seg = torch.repeat_interleave(
+            torch.arange(len(xs), device=h.device), torch.tensor(sizes, device=h.device)
+        )
+        y, stats = self.ffn(h, seg, len(xs))
+        for i, (y_i, idx) in enumerate(zip(y.split(sizes), idxs, strict=True)):
+            b, n, d = outs[i].shape
+            if idx is None:
+                outs[i] = outs[i] + y_i.view(b, n, d)
+            else:
+                outs[i] = outs[i].reshape(b * n, d).index_add(0, idx, y_i).view(b, n, d)
+        return outs, stats
+
 
 @dataclass
 class TrunkStats:
@@ -434,3 +495,35 @@ class MoETrunk(nn.Module):
             counts=torch.stack([s.counts for s in stats]),
             dropped=torch.stack([s.dropped for s in stats]),
         )
+
+    def forward_many(
+        self, items: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, TrunkStats]]:
+        """Runs several modalities' token sets together (see ``TrunkBlock.forward_many``);
+        per-token results equal separate :meth:`forward` calls (dropless routing).
+
+        Args:
+            items: ``[(x (B_i, N_i, d), mask (B_i, N_i))]``.
+
+        Returns:
+            ``[(y_i, TrunkStats_i)]``; ``aux``/``z`` are the joint (whole-batch) values,
+            ``counts (L, E)`` and ``dropped (L,)`` are per item.
+        """
+        if len(items) == 1 or any(
+            isinstance(layer.ffn, DeepSpeedMoEFFN) for layer in self.layers
+        ):  # DeepSpeed-MoE reports no per-token routing: one call per item
+            return [self.forward(x, m) for x, m in items]
+        xs = [x for x, _ in items]
+        masks = [None if bool(m.all()) else m for _, m in items]
+        stats = []
+        for layer in self.layers:
+            xs, s = layer.forward_many(xs, masks)
+            stats.append(s)
+        aux = torch.stack([s.aux for s in stats]).mean()
+        z = torch.stack([s.z for s in stats]).mean()
+        counts = torch.stack([s.counts for s in stats], 1)  # (S, L, E)
+        dropped = torch.stack([s.dropped for s in stats], 1)  # (S, L)
+        return [
+            (self.norm(x), TrunkStats(aux=aux, z=z, counts=counts[i], dropped=dropped[i]))
+            for i, x in enumerate(xs)
+        ]

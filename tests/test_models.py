@@ -315,6 +315,11 @@ def test_split_api_matches_forward(cfg: OmniConfig) -> None:
     batch = make_batch(cfg, n=3, modalities=["image", "audio"])
     out = model(batch)
     feats = {m: model.encode_features(m, batch) for m in ("image", "audio")}
+    # The forward packs both modalities into one trunk pass: same per-token results and
+    # the same per-modality expert usage as separate passes.
+    for m, f in feats.items():
+        torch.testing.assert_close(out.embeds[m], f.embed)
+        assert torch.equal(out.expert_load[m], f.stats.counts)
     fused, gates = model.fuse_features(feats)
     torch.testing.assert_close(fused, out.fused)
     torch.testing.assert_close(gates, out.gates)
@@ -365,7 +370,7 @@ def test_beam_search_scores_at_least_greedy(cfg: OmniConfig) -> None:
         logp = model.decoder(ids[:, :-1], memory, mask).log_softmax(-1)
         tgt = ids[:, 1:]
         n = len(seq) + 1 if len(seq) < 5 else len(seq)
-        return float(logp.gather(-1, tgt[..., None])[0, :n, 0].sum()) / n
+        return float(logp.gather(-1, tgt[..., None])[0, :n, 0].sum().detach()) / n
 
     greedy = model.generate_from_features(feats, max_len=5, num_beams=1)[0]
     beam = model.generate_from_features(feats, max_len=5, num_beams=4)[0]
