@@ -98,7 +98,12 @@ def _zero_shot(
     prompts = [
         t.format(label=cfg.label_text.get(c, c)) for c in class_names for t in cfg.prompt_templates
     ]
-    ids = [np.asarray(featurizer.from_text(p)) for p in prompts]
+    from pipelines.featurize import SampleError
+
+    try:
+        ids = [np.asarray(featurizer.from_text(p)) for p in prompts]
+    except SampleError as e:
+        return {"skipped": f"a label prompt cannot be tokenized ({e}); check prompt_templates"}
     emb = embed_arrays(model, "text", ids, cfg.batch_size)  # (C*T, E)
     cls = M.class_embeddings(emb.reshape(len(class_names), len(cfg.prompt_templates), -1))
     per_mod: dict[str, Any] = {}

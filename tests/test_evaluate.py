@@ -257,6 +257,19 @@ def test_in_process_variants(setup, tmp_path):
     )
     assert "fewer than 100 labelled rows" in res["fusion"]["skipped"]
     assert "not cross-modal" in res["zero_shot"]["per_modality"]["text"]["note"]
+    # A template that makes an empty prompt: zero-shot skipped with the reason.
+    res = evaluate.run_evaluation(
+        export,
+        setup["shards"],
+        EvalConfig(
+            plots=False,
+            merge_into_export=False,
+            prompt_templates=[" {label} "],
+            label_text={"0": " "},
+        ),
+        tmp_path / "g",
+    )
+    assert "cannot be tokenized" in res["zero_shot"]["skipped"]
 
     # An export without a classification head.
     nohead = setup["root"] / "export_nohead"
