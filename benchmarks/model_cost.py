@@ -116,6 +116,27 @@ def trunk_sparse_vs_dense(cfg: OmniConfig, batch: int, seq: int, reps: int) -> d
     }
 
 
+def tiny_step(reps: int) -> dict:
+    """Forward+backward of the ``tiny`` model on a batch of 8 with all six modalities."""
+    cfg = OmniConfig.from_name("tiny", num_classes=10)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = collate(synthetic_samples(cfg, 8, seed=0), label_names=[str(i) for i in range(10)])
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        out = model(batch, mask_ratio=0.5, caption=True)
+        loss = sum(e.square().mean() for e in out.embeds.values()) + out.fused.square().mean()
+        loss.backward()
+
+    return {
+        "params": model.num_parameters(),
+        "batch": 8,
+        "fwd_bwd_cpu_s": cpu_timeit(run, reps),
+        "fwd_bwd_wall_s": timeit(run, reps),
+    }
+
+
 def modality_separation(model, cfg: OmniConfig, batch_size: int, reps: int) -> dict:
     """Inference cost of a text-only forward vs an all-modality forward."""
     samples = synthetic_samples(cfg, batch_size, seed=0)
@@ -282,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
         result["threads"] = args.threads
         result["timing"] = "CPU seconds of this process (time.process_time), min over reps"
+        result["tiny_step"] = tiny_step(args.reps)
         cfg = OmniConfig.from_name(args.size)
         trunk_cfg = cfg.replace(num_experts=args.trunk_experts)
         result["trunk"] = trunk_sparse_vs_dense(

@@ -104,6 +104,19 @@ def test_variable_length_padding_is_masked(cfg: OmniConfig) -> None:
         torch.testing.assert_close(alone.embeds[m][0], padded.embeds[m][0], atol=1e-5, rtol=1e-4)
 
 
+def test_pointcloud_with_normals() -> None:
+    """(N, 6) clouds (xyz + normals/colours) when configured; xyz-only input is refused."""
+    c = OmniConfig.from_name("tiny", pointcloud_channels=6, modalities=["pointcloud"])
+    torch.manual_seed(0)
+    model = build_model(c)
+    batch = collate(synthetic_samples(c, 2))
+    assert batch["pointcloud"].shape == (2, 256, 6)
+    out = model(batch)
+    assert out.embeds["pointcloud"].shape == (2, c.embed_dim)
+    with pytest.raises(ValueError, match="C>=6"):
+        model({"pointcloud": torch.randn(2, 256, 3)})
+
+
 def test_text_ids_out_of_range(cfg: OmniConfig) -> None:
     enc = build_encoder("text", cfg)
     with pytest.raises(ValueError, match="range"):
