@@ -30,8 +30,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def plain_loop(shards: str, args: argparse.Namespace) -> float:
-    """steps/s of a single-process loop over the same rows, model and objective."""
+def plain_loop(shards: str, args: argparse.Namespace, stats: dict | None = None) -> float:
+    """steps/s of a single-process loop over the same rows, model and objective.
+
+    ``stats`` (optional) receives tokens/s, samples/s and approximate model FLOPs per step
+    (``6 * active params per token * tokens``, per modality; attention scores and heads
+    excluded), used for the GPU MFU figure.
+    """
     import pyarrow.parquet as pq
     import torch
 
@@ -39,12 +44,16 @@ def plain_loop(shards: str, args: argparse.Namespace) -> float:
     from jobs.training.objectives import StageObjective, build_model_from_kwargs
     from jobs.training.runner import model_kwargs_from_data
 
-    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     tc = _config(shards, "unused", 1, args)
     info = inspect_shards(shards)
     kw = model_kwargs_from_data(tc, shards, info, info.modalities)
-    model = build_model_from_kwargs({"size": tc.model, **kw})
+    model = build_model_from_kwargs({"size": tc.model, **kw}).to(device)
+    active = {m: model.active_parameters_per_token(m) for m in info.modalities}
+    flops, tokens, n_samples = 0.0, 0, 0
     opt = torch.optim.AdamW(model.parameters(), lr=tc.pretrain.lr, betas=(0.9, 0.98))
     obj = StageObjective(
         "pretrain", tc.pretrain, modalities=info.modalities, label_names=info.label_names
@@ -67,18 +76,39 @@ def plain_loop(shards: str, args: argparse.Namespace) -> float:
     while step < args.steps:
         for samples in batches.epoch(epoch):
             batch = obj.collate(samples, info.label_names)
-            terms, _ = obj(model, batch, step=step)
+            if device.type != "cpu":
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                terms, out = obj(model, batch, step=step)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.pretrain.grad_clip)
             opt.step()
             step += 1
+            if t0 is not None:
+                n_tok = {m: int(f.mask.sum()) for m, f in out.features.items()}
+                tokens += sum(n_tok.values())
+                flops += sum(6.0 * active[m] * n for m, n in n_tok.items())
+                n_samples += len(samples)
             if step == args.warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 t0 = time.perf_counter()
             if step >= args.steps:
                 break
         epoch += 1
-    return (args.steps - args.warmup) / (time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    if stats is not None:
+        stats.update(
+            samples_per_s=n_samples / dt,
+            tokens_per_s=tokens / dt,
+            model_flops_per_s=flops / dt,
+            active_params_per_token={m: int(v) for m, v in active.items()},
+            params=sum(p.numel() for p in model.parameters()),
+        )
+    return (args.steps - args.warmup) / dt
 
 
 def _config(shards: str, runs: str, workers: int, args: argparse.Namespace):
@@ -126,17 +156,53 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/train_overhead.json"))
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument(
+        "--plain-only",
+        action="store_true",
+        help="only the single-process loop (e.g. a GPU box without Ray/DeepSpeed): "
+        "samples/s, tokens/s and MFU",
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)"
+    )
     args = p.parse_args()
     if args.steps % args.warmup:
         raise SystemExit("--steps must be a multiple of --warmup (metrics are logged every warmup)")
-    import ray
-
     from jobs.training.synthetic import write_synthetic_shards
 
     work = tempfile.mkdtemp(prefix="bench_train_")
-    shards = write_synthetic_shards(os.path.join(work, "shards"), n=256, seed=0)
+    shards = write_synthetic_shards(os.path.join(work, "shards"), n=max(256, 4 * args.batch))
+    if args.plain_only:
+        stats: dict = {}
+        sps = plain_loop(shards, args, stats)
+        shutil.rmtree(work, ignore_errors=True)
+        import torch
+
+        result = {
+            "model": args.model,
+            "batch": args.batch,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+            "bf16": args.bf16,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "steps_per_s": sps,
+            **stats,
+            "mfu_approx": stats["model_flops_per_s"] / (args.peak_tflops * 1e12),
+            "peak_tflops": args.peak_tflops,
+        }
+        print(json.dumps(result, indent=2))
+        _write(
+            args.out or str(ROOT / f"benchmarks/results/train_{args.model}_{args.device}.json"),
+            result,
+        )
+        return 0
     plain = plain_loop(shards, args)
+    import ray
+
     ray_tmp = tempfile.mkdtemp(prefix="ray_b_", dir="/tmp")
     ray.init(
         address="local",
@@ -170,11 +236,15 @@ def main() -> int:
     print(f"plain PyTorch      : {plain:7.2f} steps/s")
     print(f"Ray+DeepSpeed x1   : {ray1:7.2f} steps/s  ({ray1 / plain:.2f} of plain, target >= 0.9)")
     print(f"Ray+DeepSpeed x2   : {ray2:7.2f} steps/s  (samples/s scaling x{2 * ray2 / ray1:.2f})")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    _write(args.out or str(ROOT / "benchmarks/results/train_overhead.json"), result)
     print(json.dumps(result))
     return 0
+
+
+def _write(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -255,7 +255,10 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
     if tc.export_at_end and last is not None and stages and last == stages[-1]:
         export_dir = export_run(tc, paths, info, pairs, mods)
         print(f"[train] exported {last} weights to {export_dir}", flush=True)
-    return {"stages": summaries, "export_dir": export_dir, "run_dir": paths.run_dir}
+    summary = {"stages": summaries, "export_dir": export_dir, "run_dir": paths.run_dir}
+    with open(os.path.join(paths.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return summary
 
 
 def export_run(
