@@ -348,6 +348,8 @@ def run_evaluation(
     zero_shot = _zero_shot(model, export_dir, data_dir, data, embeds, class_names, cfg)
     t = lap("zero_shot", t)
     emergent = _emergent(retrieval, mods, aligned, source)
+    r1 = {k: round(_r1(v), 4) for k, v in retrieval.items() if "skipped" not in v}
+    mean_r1 = float(np.mean(list(r1.values()))) if r1 else None
 
     result: dict[str, Any] = {
         "split": cfg.split,
@@ -361,6 +363,12 @@ def run_evaluation(
         "zero_shot": zero_shot,
         "fusion": fusion,
         "emergent_alignment": emergent,
+        # Compact headline views (reports, jobs.demo); the full numbers are above.
+        "mean_R@1": mean_r1,
+        "retrieval_summary": {"level": "category" if has_labels else "instance", "R@1": r1},
+        "emergent": {
+            k: emergent[k] for k in ("mean_R@1", "mean_R@1_aligned", "skipped") if k in emergent
+        },
         "skipped": skipped,
         "config": cfg.to_dict(),
     }

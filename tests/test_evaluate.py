@@ -176,6 +176,12 @@ def test_cli_end_to_end(setup, tmp_path):
         np.mean([res["retrieval"][k]["category"]["R@1"] for k in want])
     )
     assert 0.0 <= em["mean_R@1_aligned"] <= 1.0
+    # Headline views agree with the details.
+    assert res["emergent"]["mean_R@1"] == em["mean_R@1"]
+    assert set(res["retrieval_summary"]["R@1"]) == expected
+    assert res["mean_R@1"] == pytest.approx(
+        np.mean([res["retrieval"][k]["category"]["R@1"] for k in expected]), abs=1e-4
+    )
 
     zs = res["zero_shot"]
     assert zs["class_names"] == LABELS
