@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -28,16 +29,28 @@ sys.path.insert(0, str(REPO))
 from pipelines import demo_corpus as dc  # noqa: E402
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of every finished descendant (workers, ffmpeg, espeak)."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _build(out: Path, n: int, seed: int, workers: int) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     dc.build_corpus(out, n=n, seed=seed, workers=workers, overwrite=True)
     seconds = time.perf_counter() - t0
+    cpu = _cpu_seconds() - c0
     info = json.loads((out / "corpus_info.json").read_text())
     files = sum(1 for p in out.rglob("*") if p.is_file())
     return {
         "n": n,
         "workers": workers,
         "seconds": round(seconds, 2),
+        # wall time depends on how busy the shared machine is; CPU time much less so
+        "cpu_seconds": round(cpu, 2),
         "rows_per_s": round(n / seconds, 1),
         "files": files,
         "mbytes": round(info["bytes"] / 1e6, 1),
@@ -100,6 +113,8 @@ def main() -> None:
     result: dict = {
         "benchmark": "demo_corpus_build",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        # The machine is shared: the load average tells how contended the timings were.
+        "loadavg_1min_start": round(os.getloadavg()[0], 2),
     }
     with tempfile.TemporaryDirectory(prefix="omnidigits_bench_") as tmp:
         tmp_p = Path(tmp)
@@ -109,7 +124,8 @@ def main() -> None:
         result["small"] = small_a
         result["small_workers1_seconds"] = small_b["seconds"]
         result["deterministic_across_workers"] = same
-        print(f"n={args.n_small}: {small_a['seconds']}s ({args.workers} workers), "
+        print(f"n={args.n_small}: {small_a['seconds']}s ({small_a['cpu_seconds']}s CPU, "
+              f"{args.workers} workers), "
               f"{small_b['seconds']}s (1 worker); byte-identical: {same}")  # fmt: skip
 
         result["per_item_ms"] = _profile(24, args.seed)
@@ -129,10 +145,12 @@ def main() -> None:
             shutil.rmtree(old, ignore_errors=True)
             result["large"]["kept_at"] = str(keep)
         large = result["large"]
-        print(f"n={args.n_large}: {large['seconds']}s with {args.workers} workers "
+        print(f"n={args.n_large}: {large['seconds']}s ({large['cpu_seconds']}s CPU) with "
+              f"{args.workers} workers "
               f"({large['rows_per_s']} rows/s, {large['files']} files, {large['mbytes']} MB, "
               f"{large['corrupt_files']} corrupt, {large['duplicates']} duplicates)")  # fmt: skip
 
+    result["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
