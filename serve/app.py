@@ -80,12 +80,17 @@ def build_app(args: OmniServeArgs) -> Application:
                 "(set gallery.split_dir to a prepared split, or null to disable /v1/search)"
             )
     plain = args.model_dump()
+    opts = args.deployment_options
+
+    def options(name: str) -> dict[str, Any]:
+        return {**opts.get(name, {}), "name": name}
+
     encoders = {
-        m: ModalityEncoder.options(name=encoder_name(m)).bind(m, plain)
+        m: ModalityEncoder.options(**options(encoder_name(m))).bind(m, plain)
         for m in args.served_modalities
     }
-    fusion = FusionHead.options(name=FUSION_NAME).bind(plain)
-    return Router.options(name=ROUTER_NAME).bind(plain, encoders, fusion)
+    fusion = FusionHead.options(**options(FUSION_NAME)).bind(plain)
+    return Router.options(**options(ROUTER_NAME)).bind(plain, encoders, fusion)
 
 
 __all__ = ["DEPLOYMENT_NAMES", "build_app", "encoder_name", "serve"]

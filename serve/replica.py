@@ -197,7 +197,14 @@ class ModalityEncoder:
 
     def stats(self) -> dict[str, Any]:
         """Per-replica counters (tests assert modality separation on these)."""
-        return {"modality": self.modality, "replica": self._replica_id, **self.counters}
+        import ray
+
+        return {
+            "modality": self.modality,
+            "replica": self._replica_id,
+            "actor_name": ray.get_runtime_context().get_actor_name(),
+            **self.counters,
+        }
 
     def check_health(self) -> None:
         """Serve health check: the model must still be loaded."""

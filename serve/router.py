@@ -44,6 +44,10 @@ app = FastAPI(
 )
 
 
+#: Extra attempts of an encoder call whose replica died mid-request.
+_REPLICA_RETRIES = 2
+
+
 # -- request bodies ------------------------------------------------------------------
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -180,6 +184,7 @@ class Router:
         self.api_key = self.args.resolved_api_key()
         self.inflight = 0
         self.rejected = 0
+        self.replica_retries = 0
 
     async def _build_galleries(self) -> None:
         g = self.args.gallery
@@ -296,17 +301,33 @@ class Router:
         return [self._parse_one(m, v, f"{param}.{m}") for m, v in obj.items()]
 
     async def _embed(self, item: RawInput, want_features: bool = False) -> dict[str, Any]:
+        from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        try:
-            out = await self.encoders[item.modality].embed.remote(item, want_features)
-        except BackPressureError:
-            raise ApiError(
-                503, f"{item.modality} replicas are overloaded, retry later", "overloaded"
-            ) from None
-        except DeploymentUnavailableError:
-            raise ApiError(503, f"{item.modality} deployment unavailable", "unavailable") from None
-        return raise_if_error(out)
+        # Encoding is idempotent: a request caught on a replica that died (killed, OOM,
+        # node lost) is retried on another one instead of failing the client.
+        for attempt in range(_REPLICA_RETRIES + 1):
+            try:
+                out = await self.encoders[item.modality].embed.remote(item, want_features)
+                return raise_if_error(out)
+            except BackPressureError:
+                raise ApiError(
+                    503, f"{item.modality} replicas are overloaded, retry later", "overloaded"
+                ) from None
+            except DeploymentUnavailableError:
+                raise ApiError(
+                    503, f"{item.modality} deployment unavailable", "unavailable"
+                ) from None
+            except (RayActorError, ActorUnavailableError) as e:
+                self.replica_retries += 1
+                if attempt == _REPLICA_RETRIES:
+                    raise ApiError(
+                        503,
+                        f"{item.modality} replica lost ({type(e).__name__}), retry later",
+                        "replica_unavailable",
+                    ) from None
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def _gather(self, coros: list) -> list[Any]:
         """Runs coroutines concurrently; the first ApiError wins, the rest are cancelled."""
@@ -585,4 +606,8 @@ class Router:
 
     def stats(self) -> dict[str, Any]:
         """Router counters (in-flight and rejected requests)."""
-        return {"inflight": self.inflight, "rejected": self.rejected}
+        return {
+            "inflight": self.inflight,
+            "rejected": self.rejected,
+            "replica_retries": self.replica_retries,
+        }

@@ -1,0 +1,457 @@
+"""Load test of the OmniRay service over real HTTP (asyncio + httpx), JSON out.
+
+Measures, against the app deployed on 127.0.0.1 (a private local Ray, a free port):
+
+1. p50/p99 latency and throughput of ``/v1/embeddings`` for text, image and audio at
+   concurrency 1, 8 and 32 (fp32, dynamic batching on);
+2. dynamic batching off vs on at concurrency 32 (image; target >= 2x throughput);
+3. INT8 vs fp32 replicas at concurrency 32 (image, text, audio; target >= 1.5x);
+4. a replica killed under load (``ray.kill`` of one of two image replicas): failed requests
+   (target <= 1 %) and recovery time (until Serve reports two running replicas again).
+
+Every cell is bounded by ``--seconds`` and ``--max-requests``. With no ``--export`` an
+*untrained* export of ``--size`` (default ``small``) is written to ``runs/serve_bench/``
+(speed does not depend on the weights); inputs are real files of the OmniDigits corpus
+(``--corpus``, built small when absent).
+
+    .venv/bin/python benchmarks/serve_load.py                  # full run (~6-10 min on 2 cores)
+    .venv/bin/python benchmarks/serve_load.py --quick          # smoke run (~2-3 min)
+    .venv/bin/python benchmarks/serve_load.py --export runs/demo/export --phases load,int8
+
+Writes ``benchmarks/results/serve_load.json`` (override with ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+APP = "omniray_bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentiles(lat: list[float]) -> dict[str, float | None]:
+    if not lat:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "mean_ms": None}
+    a = np.asarray(lat) * 1000
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p90_ms": round(float(np.percentile(a, 90)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "mean_ms": round(float(a.mean()), 2),
+    }
+
+
+async def _load(
+    url: str,
+    bodies: list[dict],
+    concurrency: int,
+    seconds: float,
+    max_requests: int,
+    events: list | None = None,
+) -> dict[str, Any]:
+    """Closed-loop load: ``concurrency`` workers, each sending its next request as soon as
+    the previous one is answered, until the time or request budget is spent."""
+    import httpx
+
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    sent = 0
+    t_end = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def worker(wid: int) -> None:
+            nonlocal sent
+            i = wid
+            while time.perf_counter() < t_end and sent < max_requests:
+                sent += 1
+                body = bodies[i % len(bodies)]
+                i += concurrency
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/v1/embeddings", json=body)
+                    code = r.status_code
+                except httpx.HTTPError:
+                    code = -1  # connection error / timeout: counted as failed
+                dt = time.perf_counter() - t0
+                statuses[code] = statuses.get(code, 0) + 1
+                if code == 200:
+                    lat.append(dt)
+                if events is not None:
+                    events.append((time.perf_counter(), code, dt))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker(w) for w in range(concurrency)])
+        wall = time.perf_counter() - t0
+    ok = statuses.get(200, 0)
+    return {
+        "concurrency": concurrency,
+        "requests": sum(statuses.values()),
+        "ok": ok,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(ok / wall, 2) if wall else None,
+        **_percentiles(lat),
+    }
+
+
+def _inputs(corpus: Path, modality: str, n: int = 16) -> list[dict]:
+    """Request bodies with one real input each (files of the corpus, base64)."""
+    rows = [json.loads(x) for x in (corpus / "manifest.jsonl").read_text().splitlines() if x]
+    bad = set()
+    info = corpus / "corpus_info.json"
+    if info.is_file():
+        ci = json.loads(info.read_text())
+        for key in ("corrupt", "corrupt_files"):
+            for c in ci.get(key, []) or []:
+                bad.add(c.get("path") if isinstance(c, dict) else str(c))
+    bodies = []
+    for r in rows:
+        v = r.get(modality)
+        if not v or v in bad:
+            continue
+        if modality == "text":
+            bodies.append({"input": [{"text": v}]})
+        else:
+            p = corpus / v
+            if p.suffix not in {".png", ".jpg", ".wav"}:
+                continue  # keep the common formats; the corpus plants odd ones too
+            bodies.append({"input": [{modality: base64.b64encode(p.read_bytes()).decode()}]})
+        if len(bodies) >= n:
+            break
+    if not bodies:
+        raise RuntimeError(f"no {modality} inputs in {corpus}")
+    return bodies
+
+
+def _deploy(args: dict[str, Any]) -> None:
+    from ray import serve
+
+    from serve.app import build_app
+
+    t0 = time.perf_counter()
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    print(f"  deployed in {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+async def _check_inputs(url: str, bodies: dict[str, list[dict]]) -> None:
+    """Drops inputs the service refuses (e.g. corrupt corpus files) before measuring."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        for m, bs in bodies.items():
+            keep = []
+            for b in bs:
+                r = await c.post("/v1/embeddings", json=b)
+                if r.status_code == 200:
+                    keep.append(b)
+            if not keep:
+                raise RuntimeError(f"service refused every {m} input")
+            bodies[m] = keep
+
+
+def _warm(url: str, bodies: dict[str, list[dict]]) -> None:
+    for m in bodies:
+        asyncio.run(_load(url, bodies[m], 4, 2.0, 40))
+
+
+def _replica_kill(url: str, body_list: list[dict], a: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    events: list = []
+    names: set[str] = set()
+    handle = serve.get_deployment_handle("image_encoder", APP)
+    for _ in range(40):
+        names.add(handle.stats.remote().result()["actor_name"])
+        if len(names) >= 2:
+            break
+    if len(names) < 2:
+        return {"skipped": f"found {len(names)} image replicas, need 2"}
+    victim = sorted(names)[0]
+    kill_at: dict[str, float] = {}
+
+    async def run() -> dict[str, Any]:
+        async def killer() -> None:
+            await asyncio.sleep(a.kill_after)
+            kill_at["t"] = time.perf_counter()
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+        res, _ = await asyncio.gather(
+            _load(url, body_list, a.kill_concurrency, a.kill_seconds, 10**9, events), killer()
+        )
+        return res
+
+    res = asyncio.run(run())
+    t_kill = kill_at["t"]
+    # Recovery: until the controller reports both replicas running again.
+    recovered = None
+    deadline = time.perf_counter() + 120
+    while time.perf_counter() < deadline:
+        st = serve.status().applications[APP].deployments["image_encoder"]
+        running = st.replica_states.get("RUNNING", 0)
+        if running >= 2 and time.perf_counter() > t_kill + 0.5:
+            recovered = time.perf_counter()
+            break
+        time.sleep(0.25)
+    failed = sum(1 for _, code, _ in events if code != 200)
+    after = [dt for t, code, dt in events if t >= t_kill and code == 200]
+    return {
+        "victim": victim,
+        "concurrency": a.kill_concurrency,
+        "requests": len(events),
+        "failed": failed,
+        "failed_pct": round(100 * failed / max(1, len(events)), 3),
+        "target_failed_pct_max": 1.0,
+        "statuses": res["statuses"],
+        "recovery_s_until_2_replicas_running": (
+            round(recovered - t_kill, 2) if recovered is not None else None
+        ),
+        "latency_after_kill": _percentiles(after),
+        "latency_overall": {k: res[k] for k in ("p50_ms", "p99_ms")},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--export", help="export dir (default: untrained --size export)")
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--corpus", default=None, help="OmniDigits corpus dir for inputs")
+    ap.add_argument("--work", default=str(REPO / "runs" / "serve_bench"))
+    ap.add_argument("--modalities", default="text,image,audio")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per cell")
+    ap.add_argument("--max-requests", type=int, default=1500, help="per cell")
+    ap.add_argument("--phases", default="load,batching,int8,kill")
+    ap.add_argument("--kill-concurrency", type=int, default=8)
+    ap.add_argument("--kill-seconds", type=float, default=15.0)
+    ap.add_argument("--kill-after", type=float, default=4.0)
+    ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--quick", action="store_true", help="short cells (smoke run)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.seconds, a.max_requests, a.kill_seconds, a.kill_after = 3.0, 300, 8.0, 2.5
+
+    import ray
+    import yaml
+    from ray import serve
+
+    from serve.devtools import DEFAULT_TEXTS, make_untrained_export
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = Path(a.corpus) if a.corpus else REPO / "data" / "omnidigits"
+    if not (corpus / "manifest.jsonl").is_file():
+        corpus = work / "corpus"
+        if not (corpus / "manifest.jsonl").is_file():
+            from pipelines.demo_corpus import build_corpus
+
+            print(f"building a 60-row corpus in {corpus}", flush=True)
+            build_corpus(corpus, n=60, seed=0, workers=2, overwrite=True)
+    if a.export:
+        export, trained = Path(a.export), True
+    else:
+        export, trained = work / f"export_{a.size}", False
+        if not (export / "model.safetensors").is_file():
+            texts = list(DEFAULT_TEXTS) + [
+                json.loads(x).get("text") or ""
+                for x in (corpus / "manifest.jsonl").read_text().splitlines()
+                if x
+            ]
+            print(f"writing an untrained {a.size} export to {export}", flush=True)
+            make_untrained_export(export, size=a.size, texts=[t for t in texts if t])
+    model_cfg = yaml.safe_load((export / "model_config.yaml").read_text())
+
+    mods = a.modalities.split(",")
+    concs = [int(c) for c in a.concurrency.split(",")]
+    phases = set(a.phases.split(","))
+    base_args: dict[str, Any] = {
+        "export_dir": str(export),
+        "modalities": mods,
+        "model_name": "omniray-bench",
+        "limits": {"max_inflight": 1024, "request_timeout_s": 60},
+        "batching": {
+            "enabled": True,
+            "max_batch_size": 32,
+            "max_batch_cost": 8192,
+            "batch_wait_timeout_s": 0.005,
+        },
+        "deployment_options": {
+            f"{m}_encoder": {"max_ongoing_requests": 128, "max_queued_requests": 1024} for m in mods
+        },
+    }
+    results: dict[str, Any] = {
+        "benchmark": "serve_load",
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            "size": model_cfg.get("name", a.size),
+            "export": str(export),
+            "trained": trained,
+            "d_model": model_cfg.get("d_model"),
+            "trunk_layers": model_cfg.get("trunk_layers"),
+            "num_experts": model_cfg.get("num_experts"),
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "note": "shared 2-core CPU machine, colleagues' tests running concurrently: "
+            "figures are noisy lower bounds; client, proxy, router and replicas "
+            "all share the same cores",
+            "loadavg_start": os.getloadavg(),
+        },
+        "settings": {
+            "seconds_per_cell": a.seconds,
+            "max_requests_per_cell": a.max_requests,
+            "concurrency": concs,
+            "modalities": mods,
+            "torch_threads_per_replica": 1,
+            "batching": base_args["batching"],
+        },
+        "targets": {
+            "batching_speedup_image_c32": 2.0,
+            "int8_speedup_c32": 1.5,
+            "p99_ms_at_c8_max": 500,
+            "replica_kill_failed_pct_max": 1.0,
+        },
+    }
+    temp = tempfile.mkdtemp(prefix="ray_sb_", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=a.num_cpus,
+        include_dashboard=False,
+        _temp_dir=temp,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    bodies = {m: _inputs(corpus, m) for m in mods}
+
+    def save() -> None:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=2))
+
+    try:
+        if phases & {"load", "batching", "int8"}:
+            print("deploy fp32, batching on", flush=True)
+            _deploy(base_args)
+            asyncio.run(_check_inputs(url, bodies))
+            _warm(url, bodies)
+            results["load_fp32_batched"] = {}
+            for m in mods:
+                for c in concs if "load" in phases else [32]:
+                    r = asyncio.run(_load(url, bodies[m], c, a.seconds, a.max_requests))
+                    results["load_fp32_batched"].setdefault(m, {})[f"c{c}"] = r
+                    print(
+                        f"  {m:6s} c={c:<3d} {r['throughput_rps']:8.1f} rps  "
+                        f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  {r['statuses']}",
+                        flush=True,
+                    )
+            save()
+        if "batching" in phases:
+            print("deploy fp32, batching OFF", flush=True)
+            off = json.loads(json.dumps(base_args))
+            off["batching"]["enabled"] = False
+            _deploy(off)
+            _warm(url, {"image": bodies["image"]})
+            r = asyncio.run(_load(url, bodies["image"], 32, a.seconds, a.max_requests))
+            on = results["load_fp32_batched"]["image"]["c32"]
+            results["batching_off_vs_on_image_c32"] = {
+                "off": r,
+                "on": on,
+                "speedup": round(on["throughput_rps"] / r["throughput_rps"], 2),
+            }
+            print(
+                f"  batching speedup (image, c=32): "
+                f"{results['batching_off_vs_on_image_c32']['speedup']}x",
+                flush=True,
+            )
+            save()
+        if "int8" in phases:
+            print("deploy INT8, batching on", flush=True)
+            q = json.loads(json.dumps(base_args))
+            q["quantization"] = "int8"
+            _deploy(q)
+            _warm(url, bodies)
+            out = {}
+            for m in mods:
+                r = asyncio.run(_load(url, bodies[m], 32, a.seconds, a.max_requests))
+                fp = results["load_fp32_batched"][m]["c32"]
+                out[m] = {
+                    "int8": r,
+                    "fp32": fp,
+                    "speedup": round(r["throughput_rps"] / fp["throughput_rps"], 2),
+                }
+                print(
+                    f"  int8 {m:6s} c=32 {r['throughput_rps']:8.1f} rps "
+                    f"({out[m]['speedup']}x fp32)",
+                    flush=True,
+                )
+            results["int8_vs_fp32_c32"] = out
+            save()
+        if "kill" in phases:
+            print("deploy 2 image replicas, kill one under load", flush=True)
+            k = json.loads(json.dumps(base_args))
+            k["modalities"] = ["image"]
+            k["deployment_options"] = {
+                "image_encoder": {"num_replicas": 2, "max_ongoing_requests": 128}
+            }
+            _deploy(k)
+            _warm(url, {"image": bodies["image"]})
+            results["replica_kill"] = _replica_kill(url, bodies["image"], a)
+            print(f"  replica kill: {results['replica_kill']}", flush=True)
+            save()
+    finally:
+        results["machine"]["loadavg_end"] = os.getloadavg()
+        save()
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    summary = {}
+    if "load_fp32_batched" in results:
+        summary["p99_ms_c8"] = {
+            m: v.get("c8", {}).get("p99_ms") for m, v in results["load_fp32_batched"].items()
+        }
+    if "batching_off_vs_on_image_c32" in results:
+        summary["batching_speedup"] = results["batching_off_vs_on_image_c32"]["speedup"]
+    if "int8_vs_fp32_c32" in results:
+        summary["int8_speedup"] = {m: v["speedup"] for m, v in results["int8_vs_fp32_c32"].items()}
+    if "replica_kill" in results:
+        summary["kill_failed_pct"] = results["replica_kill"].get("failed_pct")
+        summary["kill_recovery_s"] = results["replica_kill"].get(
+            "recovery_s_until_2_replicas_running"
+        )
+    results["summary"] = summary
+    save()
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
