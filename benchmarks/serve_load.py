@@ -2,6 +2,7 @@
 
 Measures, against the app deployed on 127.0.0.1 (a private local Ray, a free port):
 
+0. the image encoder alone (no HTTP): fp32 vs INT8, batch 1 vs 32, for ``--model-sizes``;
 1. p50/p99 latency and throughput of ``/v1/embeddings`` for text, image and audio at
    concurrency 1, 8 and 32 (fp32, dynamic batching on);
 2. dynamic batching off vs on at concurrency 32 (image; target >= 2x throughput);
@@ -118,8 +119,8 @@ async def _load(
     }
 
 
-def _inputs(corpus: Path, modality: str, n: int = 16) -> list[dict]:
-    """Request bodies with one real input each (files of the corpus, base64)."""
+def _inputs(corpus: Path, modality: str, n: int = 16, per_request: int = 1) -> list[dict]:
+    """Request bodies with ``per_request`` real inputs each (corpus files, base64)."""
     rows = [json.loads(x) for x in (corpus / "manifest.jsonl").read_text().splitlines() if x]
     bad = set()
     info = corpus / "corpus_info.json"
@@ -144,7 +145,64 @@ def _inputs(corpus: Path, modality: str, n: int = 16) -> list[dict]:
             break
     if not bodies:
         raise RuntimeError(f"no {modality} inputs in {corpus}")
+    if per_request > 1:
+        items = [b["input"][0] for b in bodies]
+        bodies = [
+            {"input": [items[(i + j) % len(items)] for j in range(per_request)]}
+            for i in range(len(items))
+        ]
     return bodies
+
+
+def _model_phase(sizes: list[str], work: Path) -> dict[str, Any]:
+    """Encoder-only throughput (no HTTP): fp32 vs INT8, batch 1 vs 32, one thread.
+
+    Separates what batching and INT8 do to the model from the serving overhead.
+    """
+    import torch
+
+    from models.data import collate
+    from serve.devtools import make_untrained_export
+    from serve.runtime import load_model
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    for size in sizes:
+        export = work / f"export_{size}"
+        if not (export / "model.safetensors").is_file():
+            make_untrained_export(export, size=size)
+        res: dict[str, Any] = {}
+        for quant in ("none", "int8"):
+            model = load_model(export, modalities=["image"], parts=[], quantization=quant)
+            for bsz in (1, 32):
+                batch = collate(
+                    [
+                        {"image": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)}
+                        for _ in range(bsz)
+                    ],
+                    modalities=("image",),
+                )
+                with torch.inference_mode():
+                    model.encode_features("image", batch)
+                    n, t0 = 0, time.perf_counter()
+                    while time.perf_counter() - t0 < 3.0 or n < 3:
+                        model.encode_features("image", batch)
+                        n += 1
+                    dt = (time.perf_counter() - t0) / n
+                res[f"{quant}_b{bsz}"] = {
+                    "ms_per_batch": round(dt * 1000, 2),
+                    "items_per_s": round(bsz / dt, 1),
+                }
+        res["batching_speedup_b32_vs_b1"] = round(
+            res["none_b32"]["items_per_s"] / res["none_b1"]["items_per_s"], 2
+        )
+        res["int8_speedup_b32"] = round(
+            res["int8_b32"]["items_per_s"] / res["none_b32"]["items_per_s"], 2
+        )
+        out[size] = res
+        print(f"  model {size}: {res}", flush=True)
+    return out
 
 
 def _deploy(args: dict[str, Any]) -> None:
@@ -245,10 +303,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--seconds", type=float, default=8.0, help="per cell")
     ap.add_argument("--max-requests", type=int, default=1500, help="per cell")
-    ap.add_argument("--phases", default="load,batching,int8,kill")
+    ap.add_argument("--phases", default="model,load,batching,int8,kill")
     ap.add_argument("--kill-concurrency", type=int, default=8)
     ap.add_argument("--kill-seconds", type=float, default=15.0)
     ap.add_argument("--kill-after", type=float, default=4.0)
+    ap.add_argument("--items-per-request", type=int, default=8)
+    ap.add_argument("--model-sizes", default="small", help="sizes of the 'model' phase")
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--quick", action="store_true", help="short cells (smoke run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
@@ -358,6 +418,10 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.out).write_text(json.dumps(results, indent=2))
 
     try:
+        if "model" in phases:
+            print("model-level image encoder throughput (1 thread)", flush=True)
+            results["model_level_image"] = _model_phase(a.model_sizes.split(","), work)
+            save()
         if phases & {"load", "batching", "int8"}:
             print("deploy fp32, batching on", flush=True)
             _deploy(base_args)
@@ -375,23 +439,36 @@ def main(argv: list[str] | None = None) -> None:
                     )
             save()
         if "batching" in phases:
+            # Batching merges items across requests; it pays off where the model's work
+            # dominates the per-request overhead (proxy, router, handles): also measured
+            # with several images per request.
+            multi = _inputs(corpus, "image", per_request=a.items_per_request)
+            on_multi = asyncio.run(_load(url, multi, 32, a.seconds, a.max_requests))
             print("deploy fp32, batching OFF", flush=True)
             off = json.loads(json.dumps(base_args))
             off["batching"]["enabled"] = False
             _deploy(off)
             _warm(url, {"image": bodies["image"]})
             r = asyncio.run(_load(url, bodies["image"], 32, a.seconds, a.max_requests))
+            off_multi = asyncio.run(_load(url, multi, 32, a.seconds, a.max_requests))
             on = results["load_fp32_batched"]["image"]["c32"]
+            k = a.items_per_request
             results["batching_off_vs_on_image_c32"] = {
-                "off": r,
-                "on": on,
-                "speedup": round(on["throughput_rps"] / r["throughput_rps"], 2),
+                "one_image_per_request": {
+                    "off": r,
+                    "on": on,
+                    "speedup": round(on["throughput_rps"] / r["throughput_rps"], 2),
+                },
+                f"{k}_images_per_request": {
+                    "off": off_multi,
+                    "on": on_multi,
+                    "items_per_s_off": round(off_multi["throughput_rps"] * k, 1),
+                    "items_per_s_on": round(on_multi["throughput_rps"] * k, 1),
+                    "speedup": round(on_multi["throughput_rps"] / off_multi["throughput_rps"], 2),
+                },
             }
-            print(
-                f"  batching speedup (image, c=32): "
-                f"{results['batching_off_vs_on_image_c32']['speedup']}x",
-                flush=True,
-            )
+            for key, v in results["batching_off_vs_on_image_c32"].items():
+                print(f"  batching speedup (image, c=32, {key}): {v['speedup']}x", flush=True)
             save()
         if "int8" in phases:
             print("deploy INT8, batching on", flush=True)
@@ -439,7 +516,14 @@ def main(argv: list[str] | None = None) -> None:
             m: v.get("c8", {}).get("p99_ms") for m, v in results["load_fp32_batched"].items()
         }
     if "batching_off_vs_on_image_c32" in results:
-        summary["batching_speedup"] = results["batching_off_vs_on_image_c32"]["speedup"]
+        summary["batching_speedup"] = {
+            k: v["speedup"] for k, v in results["batching_off_vs_on_image_c32"].items()
+        }
+    if "model_level_image" in results:
+        summary["model_level"] = {
+            k: {x: v[x] for x in ("batching_speedup_b32_vs_b1", "int8_speedup_b32")}
+            for k, v in results["model_level_image"].items()
+        }
     if "int8_vs_fp32_c32" in results:
         summary["int8_speedup"] = {m: v["speedup"] for m, v in results["int8_vs_fp32_c32"].items()}
     if "replica_kill" in results:
