@@ -64,6 +64,23 @@ def timeit(
     return min(times)
 
 
+def cpu_compare(
+    fn_a: Callable[[], object], fn_b: Callable[[], object], reps: int, warmup: int = 2
+) -> tuple[float, float]:
+    """Min CPU seconds of ``fn_a`` and ``fn_b``, measured alternately so that both see the
+    same background load (the box is shared with other jobs)."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(reps):
+        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.process_time()
+            fn()
+            acc.append(time.process_time() - t0)
+    return min(ta), min(tb)
+
+
 def cpu_timeit(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
     """Like :func:`timeit` but in CPU seconds of this process (``time.process_time``):
     with one intra-op thread it measures the work done, not the time spent waiting for a
@@ -91,8 +108,7 @@ def trunk_sparse_vs_dense(cfg: OmniConfig, batch: int, seq: int, reps: int) -> d
 
         return run
 
-    t_sparse = cpu_timeit(step(sparse), reps)
-    t_dense = cpu_timeit(step(dense), reps)
+    t_sparse, t_dense = cpu_compare(step(sparse), step(dense), reps)
     ffn_sparse = sum(n_params(layer.ffn) for layer in sparse.layers)
     ffn_dense = sum(n_params(layer.ffn) for layer in dense.layers)
     return {
@@ -143,10 +159,9 @@ def modality_separation(model, cfg: OmniConfig, batch_size: int, reps: int) -> d
     full = collate(samples)
     text = collate(samples, modalities=["text"])
     with torch.no_grad():
-        t_full = timeit(lambda: model(full), reps)
-        t_text = timeit(lambda: model(text), reps)
+        t_full, t_text = cpu_compare(lambda: model(full), lambda: model(text), reps)
         per_mod = {
-            m: timeit(lambda m=m: model.encode_features(m, full), reps) for m in cfg.modalities
+            m: cpu_timeit(lambda m=m: model.encode_features(m, full), reps) for m in cfg.modalities
         }
     return {
         "batch": batch_size,
@@ -165,8 +180,7 @@ def int8_vs_fp32(model, cfg: OmniConfig, batch_size: int, reps: int, modalities=
     q = quantize_int8(model)
     batch = collate(synthetic_samples(cfg, batch_size, seed=1, modalities=modalities))
     with torch.no_grad():
-        t_fp = cpu_timeit(lambda: model(batch), reps)
-        t_q = cpu_timeit(lambda: q(batch), reps)
+        t_fp, t_q = cpu_compare(lambda: model(batch), lambda: q(batch), reps)
         ref, got = model(batch), q(batch)
     cos = {
         m: float(F.cosine_similarity(ref.embeds[m], got.embeds[m], dim=-1).min())
@@ -302,7 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         torch.set_num_threads(args.threads)
         result["threads"] = args.threads
-        result["timing"] = "CPU seconds of this process (time.process_time), min over reps"
+        result["timing"] = (
+            "CPU seconds of this process (time.process_time), min over reps, "
+            "compared pairs measured alternately"
+        )
         result["tiny_step"] = tiny_step(args.reps)
         cfg = OmniConfig.from_name(args.size)
         trunk_cfg = cfg.replace(num_experts=args.trunk_experts)
