@@ -41,6 +41,9 @@ def _env() -> dict[str, str]:
     env.pop("RAY_ADDRESS", None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONPATH"] = str(ROOT)
+    # A short-lived cluster on 127.0.0.1 only: no token auth (with a token in ~/.ray, `ray
+    # start` would enable it and the job client here would have to find the same token).
+    env["RAY_AUTH_MODE"] = "disabled"
     return env
 
 
