@@ -254,6 +254,8 @@ class Router:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON body: {e}", "invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "JSON body nested too deeply", "invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError(422, "body must be a JSON object", "wrong_type")
         try:

@@ -40,17 +40,28 @@ def check_export_dir(export_dir: str | Path) -> Path:
 def load_feature_config(export_dir: str | Path):
     """The featurization config the model was trained with (``data_config.yaml``).
 
+    Only the ``features`` section is read: serving needs nothing else, and an export must
+    stay loadable when unrelated sections of ``DataConfig`` (execution, dedupe, ...) change.
+
     Returns:
         ``pipelines.config.FeatureConfig``; defaults (with a warning) if the export has
         no ``data_config.yaml``.
+
+    Raises:
+        common.config.ConfigError: The ``features`` section does not validate.
     """
-    from pipelines.config import FeatureConfig, load_data_config
+    from common.config import ConfigError, from_dict, read_yaml
+    from pipelines.config import FeatureConfig
 
     path = Path(export_dir) / "data_config.yaml"
     if not path.is_file():
         logger.warning("%s missing: featurizing with FeatureConfig defaults", path)
         return FeatureConfig()
-    return load_data_config(path).features
+    section = read_yaml(path).get("features") or {}
+    try:
+        return from_dict(FeatureConfig, section, where=f"{path}.features")
+    except (TypeError, ValueError) as e:  # __post_init__ checks of nested sections
+        raise ConfigError(f"{path}.features: {e}") from e
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

@@ -435,6 +435,13 @@ def _fuzz_cases(env: Env) -> list[tuple[str, str, Any, int, str | None]]:
     return [
         ("malformed json", E, b"{bad json", 400, "invalid_json"),
         ("not utf8", E, b"\xff\xfe\x00", 400, "invalid_json"),
+        (
+            "deep nesting",
+            E,
+            b'{"input": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+            400,
+            "invalid_json",
+        ),
         ("body not object", E, [1, 2], 422, "wrong_type"),
         ("missing input", E, {"model": "omniray-tiny"}, 422, "invalid_field"),
         ("unknown field", E, {"input": "x", "temperature": 1}, 422, "invalid_field"),

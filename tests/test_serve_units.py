@@ -275,3 +275,17 @@ def test_int8_replica_model_close_to_fp32(tmp_path):
     assert float(cos.min()) > 0.98, cos
     with pytest.raises(ValueError, match="quantization"):
         load_model(export, modalities=["image"], quantization="int4")
+
+
+def test_feature_config_reads_only_the_features_section(tmp_path):
+    from common.config import ConfigError
+    from serve.runtime import load_feature_config
+
+    (tmp_path / "data_config.yaml").write_text(
+        yaml.safe_dump({"features": {"image": {"size": 48}}, "execution": {"some_future_key": 1}})
+    )
+    assert load_feature_config(tmp_path).image.size == 48
+    (tmp_path / "data_config.yaml").write_text(yaml.safe_dump({"features": {"imag": {}}}))
+    with pytest.raises(ConfigError, match="imag"):
+        load_feature_config(tmp_path)
+    assert load_feature_config(tmp_path / "none").image.size == 32  # defaults when absent
