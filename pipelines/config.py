@@ -231,16 +231,16 @@ class ExecutionConfig:
 
     Attributes:
         batch_size: Manifest rows per decode batch (one actor call).
-        concurrency: Max decode actors (``None``: one per cluster CPU).
+        concurrency: Max concurrent decode tasks (``None``: one per cluster CPU).
         rows_per_block: Manifest rows per block after reading (the unit of parallelism).
-        actor_memory_mb: Memory reserved per decode actor (bounds concurrency on small nodes).
+        decode_memory_mb: Memory reserved per decode task (bounds concurrency on small nodes).
         progress_bars: Ray Data progress bars.
     """
 
     batch_size: int = 16
     concurrency: int | None = None
     rows_per_block: int = 64
-    actor_memory_mb: int = 512
+    decode_memory_mb: int = 512
     progress_bars: bool = True
 
 

@@ -4,10 +4,10 @@ Ray Data does the heavy work in parallel; the driver only sees small per-row key
 
     read manifest (Ray Data, JSONL/CSV/Parquet, any pyarrow filesystem)
       -> repartition into small blocks (the unit of parallelism)
-      -> DecodeRows actors: resolve + read + decode + validate + featurize + dedupe keys
+      -> DecodeRows tasks: resolve + read + decode + validate + featurize + dedupe keys
       -> materialize (object store, spills to disk: RAM stays bounded)
     driver: keys -> duplicate ids, duplicates, splits, shard counts; tokenizer training
-      -> FinalizeRows actors: apply the plan, tokenize text
+      -> FinalizeRows tasks: apply the plan, tokenize text
       -> groupby(split, shard).map_groups(write_shard): one sorted Parquet file per shard
     driver: quarantine.jsonl, stats.json, data_config.yaml, summary
 
@@ -38,8 +38,8 @@ from pipelines.paths import manifest_root
 from pipelines.schema import MODALITIES, SPLITS
 from pipelines.stages import (
     KNOWN_COLUMNS,
-    DecodeRows,
     ManifestError,
+    decode_batch,
     finalize_batch,
     record,
     write_shard,
@@ -241,8 +241,8 @@ def run_prepare(
         check_columns(names, cfg, manifest)
     ds = ds.repartition(target_num_rows_per_block=cfg.execution.rows_per_block)
     ds = ds.map_batches(
-        DecodeRows,
-        fn_constructor_kwargs={
+        decode_batch,
+        fn_kwargs={
             "config": cfg_dict,
             "root": manifest_root(manifest),
             "jsonl": jsonl,
@@ -250,9 +250,9 @@ def run_prepare(
         },
         batch_size=cfg.execution.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=conc),
+        compute=ray.data.TaskPoolStrategy(size=conc),
         num_cpus=1,
-        memory=cfg.execution.actor_memory_mb * 2**20,
+        memory=cfg.execution.decode_memory_mb * 2**20,
     )
     try:
         decoded = ds.materialize()
@@ -300,7 +300,8 @@ def run_prepare(
         plan_ref = ray.put(
             {k: plan[k] for k in ("drop_rows", "drop_mods", "group_split", "num_shards")}
         )
-        final = decoded.map_batches(
+        # Bigger blocks for stage 2: per-task overhead, not compute, dominates here.
+        final = decoded.repartition(target_num_rows_per_block=1024).map_batches(
             finalize_batch,
             fn_kwargs={"config": cfg_dict, "plan": plan_ref, "tokenizer_json": tokenizer.to_str()},
             batch_size=None,

@@ -1,9 +1,9 @@
 """The Ray Data stages of ``prepare`` (run inside workers; pure functions of a batch).
 
-1. :class:`DecodeRows` (actor UDF): manifest rows -> decoded, validated, featurized
+1. :class:`DecodeRows` (via :func:`decode_batch`): manifest rows -> decoded, validated, featurized
    modalities + dedupe keys + quarantine records. Every failure is caught per modality;
    a bad file never takes the worker down.
-2. :class:`FinalizeRows` (actor UDF): applies the driver's plan (duplicates, dropped
+2. :class:`FinalizeRows` (via :func:`finalize_batch`): applies the driver's plan (duplicates, dropped
    rows, split and shard), tokenizes text, lists each row's modalities.
 3. :func:`write_shard` (``map_groups``): one group = one output shard, written sorted
    by id under a deterministic name.
@@ -246,6 +246,27 @@ class DecodeRows:
         return pa.Table.from_arrays(arrays, names=names).cast(schema)
 
 
+_DECODERS: dict[str, DecodeRows] = {}
+
+
+def decode_batch(
+    batch: pa.Table, config: dict[str, Any], root: str, jsonl: bool, source: str
+) -> pa.Table:
+    """Task UDF around :class:`DecodeRows`, one decoder cached per worker process.
+
+    Tasks rather than an actor pool: Ray reuses warm worker processes (imports and the
+    cached decoder survive between tasks), and no idle actors keep holding CPUs after
+    the stage, which would stall the next stage on a small node. The cache key is the
+    full set-up, so a different run never reuses a stale decoder.
+    """
+    key = json.dumps([config, root, jsonl, source], sort_keys=True, default=str)
+    dec = _DECODERS.get(key)
+    if dec is None:
+        _DECODERS.clear()
+        dec = _DECODERS[key] = DecodeRows(config, root, jsonl, source)
+    return dec(batch)
+
+
 class FinalizeRows:
     """Stage 2: applies the driver's plan and tokenizes text.
 
@@ -365,12 +386,17 @@ def write_shard(group: pa.Table, out: str, num_shards: dict[str, int]) -> pa.Tab
         fs, base = pafs.LocalFileSystem(), out
     name = shard_name(split, shard, num_shards[split])
     fs.create_dir(f"{base.rstrip('/')}/{split}", recursive=True)
+    meta_cols = ["id", "label", "group", "modalities"]
     pq.write_table(
         table,
         f"{base.rstrip('/')}/{split}/{name}",
         filesystem=fs,
         compression="zstd",
         row_group_size=1024,
+        # Dictionaries and min/max statistics are useless on tensor payloads and cost
+        # ~5x the write time; keep them for the small metadata columns only.
+        use_dictionary=meta_cols,
+        write_statistics=meta_cols,
     )
     return pa.table(
         {"split": [split], "shard": [shard], "rows": [table.num_rows], "file": [f"{split}/{name}"]}
