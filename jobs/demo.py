@@ -1,0 +1,371 @@
+"""The main job end to end: corpus → Ray Data shards → 3-stage Ray Train + DeepSpeed training →
+evaluation → export → Ray Serve app → real requests to every endpoint → report.
+
+    python -m jobs.demo                 # the CPU demo on OmniDigits (`make demo`)
+    python -m jobs.demo --fresh         # redo every step
+    python -m jobs.demo --profile tiny  # the same orchestration at test size (minutes)
+
+Every step runs the project's own entry point (``python -m pipelines.demo_corpus``,
+``jobs.prepare``, ``jobs.train``, ``jobs.evaluate``) as a subprocess, so the demo exercises
+exactly what a user runs by hand or under ``ray job submit``. A step is skipped when its
+outputs exist and its inputs (command, config files, upstream results) are unchanged since it
+last succeeded; the fingerprints live in ``<work>/demo_state.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Sizes and configs of one demo flavour."""
+
+    n: int
+    data_config: str
+    train_config: str
+    serve_config: str
+    corpus_workers: int = 2
+
+
+PROFILES: dict[str, Profile] = {
+    "demo": Profile(
+        n=2000,
+        data_config="configs/data/omnidigits.yaml",
+        train_config="configs/train/demo_small.yaml",
+        serve_config="configs/serve/demo.yaml",
+    ),
+    "tiny": Profile(
+        n=120,
+        data_config="configs/data/omnidigits.yaml",
+        train_config="configs/train/tiny.yaml",
+        serve_config="configs/serve/tiny.yaml",
+    ),
+}
+
+
+@dataclasses.dataclass
+class Step:
+    """One orchestrated step: a command, what it reads, and what proves it finished."""
+
+    name: str
+    cmd: list[str]
+    inputs: list[Path]
+    outputs: list[Path]
+
+
+def _fingerprint(step: Step, upstream: str) -> str:
+    h = hashlib.sha256()
+    h.update(shlex.join(step.cmd).encode())
+    h.update(upstream.encode())
+    for p in step.inputs:
+        if p.is_file():
+            h.update(p.read_bytes())
+        elif p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                h.update(str(f.relative_to(p)).encode())
+                h.update(str(f.stat().st_size).encode())
+        else:
+            h.update(b"<missing>")
+    return h.hexdigest()[:16]
+
+
+class Orchestrator:
+    """Runs steps in order, skipping the ones that are up to date."""
+
+    def __init__(self, work: Path, fresh: bool) -> None:
+        self.work = work
+        self.state_path = work / "demo_state.json"
+        self.state: dict[str, str] = {}
+        if self.state_path.is_file() and not fresh:
+            self.state = json.loads(self.state_path.read_text())
+        self.timings: dict[str, dict] = {}
+        self._upstream = ""
+
+    def run(self, step: Step) -> None:
+        fp = _fingerprint(step, self._upstream)
+        done = all(p.exists() for p in step.outputs)
+        if done and self.state.get(step.name) == fp:
+            print(f"\n==> [{step.name}] up to date, skipped", flush=True)
+            self.timings[step.name] = {"seconds": 0.0, "skipped": True}
+            self._upstream += fp
+            return
+        print(f"\n==> [{step.name}] {shlex.join(step.cmd)}", flush=True)
+        t0 = time.perf_counter()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.run(step.cmd, cwd=ROOT, env=env)
+        dt = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(
+                f"demo: step '{step.name}' failed (exit {proc.returncode}) after {dt:.0f}s"
+            )
+        missing = [str(p) for p in step.outputs if not p.exists()]
+        if missing:
+            raise SystemExit(f"demo: step '{step.name}' finished but did not produce {missing}")
+        print(f"==> [{step.name}] done in {dt:.1f}s", flush=True)
+        self.timings[step.name] = {"seconds": round(dt, 1), "skipped": False}
+        self.state[step.name] = fp
+        self._upstream += fp
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.state_path.write_text(json.dumps(self.state, indent=2))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.demo",
+        description="Run OmniRay end to end on the built-in OmniDigits corpus.",
+    )
+    p.add_argument("--profile", choices=sorted(PROFILES), default="demo")
+    p.add_argument("--work", type=Path, default=None, help="work dir (default: data/<profile>)")
+    p.add_argument(
+        "--reports", type=Path, default=None, help="plots/report dir (default: reports/)"
+    )
+    p.add_argument("--fresh", action="store_true", help="redo every step")
+    p.add_argument("--n", type=int, default=None, help="corpus size (default: the profile's)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the served app")
+    p.add_argument("--no-serve", action="store_true", help="stop after evaluation")
+    return p.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Paths:
+    """Where each step writes (all under one work dir, so a test can use a temp dir)."""
+
+    corpus: Path
+    shards: Path
+    runs: Path
+    run_name: str
+    reports: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs / self.run_name
+
+    @property
+    def export(self) -> Path:
+        return self.run_dir / "export"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.reports / "eval"
+
+
+def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[Step]:
+    py = sys.executable
+    n = args.n or prof.n
+    train_cfg = ROOT / prof.train_config
+    data_cfg = ROOT / prof.data_config
+    return [
+        Step(
+            "corpus",
+            [
+                py,
+                "-m",
+                "pipelines.demo_corpus",
+                "--out",
+                str(paths.corpus),
+                "--n",
+                str(n),
+                "--seed",
+                "0",
+                "--workers",
+                str(prof.corpus_workers),
+                "--overwrite",
+            ],
+            inputs=[ROOT / "pipelines" / "demo_corpus.py"],
+            outputs=[paths.corpus / "manifest.jsonl"],
+        ),
+        Step(
+            "prepare",
+            [
+                py,
+                "-m",
+                "jobs.prepare",
+                "--manifest",
+                str(paths.corpus / "manifest.jsonl"),
+                "--out",
+                str(paths.shards),
+                "--config",
+                str(data_cfg),
+            ],
+            inputs=[data_cfg, paths.corpus / "manifest.jsonl"],
+            outputs=[paths.shards / "stats.json", paths.shards / "test"],
+        ),
+        Step(
+            "train",
+            [
+                py,
+                "-m",
+                "jobs.train",
+                "--config",
+                str(train_cfg),
+                "--stages",
+                "all",
+                f"data.shards_dir={paths.shards}",
+                f"runs_dir={paths.runs}",
+                f"name={paths.run_name}",
+                f"export_dir={paths.export}",
+            ],
+            inputs=[train_cfg, paths.shards / "stats.json"],
+            outputs=[paths.export / "model.safetensors", paths.export / "model_config.yaml"],
+        ),
+        Step(
+            "evaluate",
+            [
+                py,
+                "-m",
+                "jobs.evaluate",
+                "--export",
+                str(paths.export),
+                "--data",
+                str(paths.shards),
+                "--split",
+                "test",
+                "--out",
+                str(paths.eval_dir),
+            ],
+            inputs=[paths.export / "model.safetensors"],
+            outputs=[paths.eval_dir / "metrics.json"],
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prof = PROFILES[args.profile]
+    work = (args.work or ROOT).resolve()
+    paths = Paths(
+        corpus=work
+        / "data"
+        / ("omnidigits" if args.profile == "demo" else f"omnidigits_{args.profile}"),
+        shards=work
+        / "data"
+        / (
+            "omnidigits_prepared"
+            if args.profile == "demo"
+            else f"omnidigits_{args.profile}_prepared"
+        ),
+        runs=work / "runs",
+        run_name=args.profile,
+        reports=(args.reports or work / "reports").resolve(),
+    )
+    t_start = time.perf_counter()
+    orch = Orchestrator(work / "runs" / f"{args.profile}_demo_state", fresh=args.fresh)
+    for step in build_steps(args, prof, paths):
+        orch.run(step)
+    _collect_plots(paths)
+    serving: dict = {}
+    if not args.no_serve:
+        from jobs.demo_serve import exercise_service
+
+        print("\n==> [serve] serve run (Ray Serve) + one request per endpoint", flush=True)
+        t0 = time.perf_counter()
+        serving = exercise_service(
+            serve_yaml=ROOT / prof.serve_config,
+            export_dir=paths.export,
+            shards_dir=paths.shards,
+            corpus_dir=paths.corpus,
+            work_dir=paths.run_dir,
+            port=args.port,
+        )
+        orch.timings["serve"] = {"seconds": round(time.perf_counter() - t0, 1), "skipped": False}
+    report = build_report(paths, orch.timings, serving, time.perf_counter() - t_start)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    (paths.reports / "demo_report.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    if serving and not serving.get("ok", False):
+        print("demo: some sample requests failed (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _collect_plots(paths: Paths) -> None:
+    """Copies the training loss curves next to the evaluation plots in ``reports/``."""
+    import shutil
+
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    for png in sorted(paths.run_dir.glob("*.png")):
+        shutil.copy2(png, paths.reports / png.name)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def build_report(paths: Paths, timings: dict, serving: dict, total_s: float) -> dict:
+    """Gathers the figures of every step into one dict (also written as JSON)."""
+    stats = _read_json(paths.shards / "stats.json")
+    metrics = _read_json(paths.eval_dir / "metrics.json")
+    train_summary = _read_json(paths.run_dir / "summary.json")
+    return {
+        "total_seconds": round(total_s, 1),
+        "steps": timings,
+        "corpus": {
+            "rows_read": stats.get("rows_read"),
+            "rows_written": (stats.get("rows_written") or {}).get("total"),
+            "splits": {k: v for k, v in (stats.get("rows_written") or {}).items() if k != "total"},
+            "rows_dropped": stats.get("rows_dropped"),
+            "quarantine_records": (stats.get("quarantined") or {}).get("records"),
+        },
+        "quarantine_by_reason": (stats.get("quarantined") or {}).get("by_reason"),
+        "training": train_summary,
+        "evaluation": {
+            k: metrics.get(k)
+            for k in ("retrieval_summary", "mean_R@1", "emergent", "fusion", "zero_shot")
+            if k in metrics
+        },
+        "serving": serving,
+        "paths": {
+            "export": str(paths.export),
+            "reports": str(paths.reports),
+            "plots": sorted(str(p) for p in paths.reports.rglob("*.png")),
+        },
+    }
+
+
+def format_report(report: dict) -> str:
+    """A one-screen summary of :func:`build_report`."""
+    lines = ["", "=" * 72, "OmniRay demo report", "=" * 72]
+    steps = ", ".join(
+        f"{k} " + ("cached" if v.get("skipped") else f"{v['seconds']:.0f}s")
+        for k, v in report["steps"].items()
+    )
+    lines.append(f"steps: {steps}  (total {report['total_seconds']:.0f}s)")
+    c = report["corpus"]
+    lines.append(
+        f"corpus: read {c.get('rows_read')}, written {c.get('rows_written')} {c.get('splits')}, "
+        f"rows dropped {c.get('rows_dropped')}; quarantined inputs {c.get('quarantine_records')} "
+        f"{report.get('quarantine_by_reason')}"
+    )
+    tr = report.get("training") or {}
+    if tr:
+        lines.append("training: " + json.dumps(tr)[:300])
+    ev = report.get("evaluation") or {}
+    for k, v in ev.items():
+        lines.append(f"{k}: {json.dumps(v)[:300]}")
+    sv = report.get("serving") or {}
+    for name, r in (sv.get("requests") or {}).items():
+        lines.append(
+            f"  {name:<22} {r.get('status')} {r.get('latency_ms', 0):7.1f} ms  {r.get('summary', '')}"
+        )
+    lines.append(f"export: {report['paths']['export']}")
+    lines.append(f"reports: {report['paths']['reports']} ({len(report['paths']['plots'])} plots)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
