@@ -303,33 +303,59 @@ class Router:
         return [self._parse_one(m, v, f"{param}.{m}") for m, v in obj.items()]
 
     async def _embed(self, item: RawInput, want_features: bool = False) -> dict[str, Any]:
+        return (await self._embed_many([item], want_features))[0]
+
+    async def _embed_many(
+        self, items: list[RawInput], want_features: bool = False
+    ) -> list[dict[str, Any]]:
+        """Embeds items of ONE modality with one call to its deployment.
+
+        Raises:
+            ApiError: The first item's error (4xx), or 503 when overloaded/unavailable.
+        """
         from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+        m = items[0].modality
         # Encoding is idempotent: a request caught on a replica that died (killed, OOM,
         # node lost) is retried on another one instead of failing the client.
         for attempt in range(_REPLICA_RETRIES + 1):
             try:
-                out = await self.encoders[item.modality].embed.remote(item, want_features)
-                return raise_if_error(out)
+                outs = await self.encoders[m].embed_many.remote(items, want_features)
+                return [raise_if_error(o) for o in outs]
             except BackPressureError:
                 raise ApiError(
-                    503, f"{item.modality} replicas are overloaded, retry later", "overloaded"
+                    503, f"{m} replicas are overloaded, retry later", "overloaded"
                 ) from None
             except DeploymentUnavailableError:
-                raise ApiError(
-                    503, f"{item.modality} deployment unavailable", "unavailable"
-                ) from None
+                raise ApiError(503, f"{m} deployment unavailable", "unavailable") from None
             except (RayActorError, ActorUnavailableError) as e:
                 self.replica_retries += 1
                 if attempt == _REPLICA_RETRIES:
                     raise ApiError(
                         503,
-                        f"{item.modality} replica lost ({type(e).__name__}), retry later",
+                        f"{m} replica lost ({type(e).__name__}), retry later",
                         "replica_unavailable",
                     ) from None
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    async def _embed_all(
+        self, items: list[RawInput], want_features: bool = False
+    ) -> list[dict[str, Any]]:
+        """Embeds items of any modalities: one call per modality, concurrently; results
+        in the order of ``items``."""
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it.modality, []).append(i)
+        outs = await self._gather(
+            [self._embed_many([items[i] for i in idx], want_features) for idx in groups.values()]
+        )
+        result: list[dict[str, Any]] = [{}] * len(items)
+        for idx, out in zip(groups.values(), outs, strict=True):
+            for i, o in zip(idx, out, strict=True):
+                result[i] = o
+        return result
 
     async def _gather(self, coros: list) -> list[Any]:
         """Runs coroutines concurrently; the first ApiError wins, the rest are cancelled."""
@@ -363,8 +389,8 @@ class Router:
             prompts = [
                 (lab, t.format(label=lab)) for lab in missing for t in self.args.label_templates
             ]
-            outs = await self._gather(
-                [self._embed(self._parse_one("text", p, f"labels[{lab!r}]")) for lab, p in prompts]
+            outs = await self._embed_all(
+                [self._parse_one("text", p, f"labels[{lab!r}]") for lab, p in prompts]
             )
             per: dict[str, list[np.ndarray]] = {}
             for (lab, _), o in zip(prompts, outs, strict=True):
@@ -449,7 +475,7 @@ class Router:
                     "wrong_type",
                     param,
                 )
-        outs = await self._deadline(self._gather([self._embed(it) for it in items]))
+        outs = await self._deadline(self._embed_all(items))
         data = []
         for i, o in enumerate(outs):
             vec = np.asarray(o["embed"], dtype=np.float32)
@@ -496,7 +522,7 @@ class Router:
         items = self._parse_sample(req.input, "input", single=False)
 
         async def run() -> dict[str, Any]:
-            outs = await self._gather([self._embed(it, want_features=True) for it in items])
+            outs = await self._embed_all(items, want_features=True)
             feats = {it.modality: o["features"] for it, o in zip(items, outs, strict=True)}
             return await self.fusion.fuse.remote(feats)
 
@@ -593,7 +619,7 @@ class Router:
         beams = req.num_beams or self.args.describe_num_beams
 
         async def run() -> dict[str, Any]:
-            outs = await self._gather([self._embed(it, want_features=True) for it in items])
+            outs = await self._embed_all(items, want_features=True)
             feats = {it.modality: o["features"] for it, o in zip(items, outs, strict=True)}
             return await self.fusion.describe.remote(feats, max_len, beams)
 
