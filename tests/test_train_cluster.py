@@ -73,6 +73,12 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            # Every port of our own: colleagues' clusters hold the defaults on this machine.
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
             "--disable-usage-stats",
         ],
         env=env,
@@ -96,35 +102,34 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
             "working_dir": str(ROOT),
             "excludes": [".venv", ".git", "data", "runs", "reports", "*.egg-info"],
         }
-        proc = subprocess.run(
-            [
-                f"{VENV_BIN}/ray",
-                "job",
-                "submit",
-                "--address",
-                address,
-                "--runtime-env-json",
-                json.dumps(runtime_env),
-                "--",
-                "python",
-                "-m",
-                "jobs.train",
-                "--config",
-                "configs/train/tiny.yaml",
-                "--stages",
-                "pretrain",
-                f"data.shards_dir={shards}",
-                f"runs_dir={tmp_path}",
-                "name=submitted",
-                "scaling.num_workers=1",
-                "pretrain.steps=3",
-                "pretrain.checkpoint_every=3",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=540,
-        )
+        cmd = [
+            f"{VENV_BIN}/ray",
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "jobs.train",
+            "--config",
+            "configs/train/tiny.yaml",
+            "--stages",
+            "pretrain",
+            f"data.shards_dir={shards}",
+            f"runs_dir={tmp_path}",
+            "name=submitted",
+            "scaling.num_workers=1",
+            "pretrain.steps=3",
+            "pretrain.checkpoint_every=3",
+        ]
+        for _ in range(30):  # the dashboard's job agent comes up after its HTTP server
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+            if "No available agent" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(4)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in (proc.stdout + proc.stderr).lower()
     finally:
@@ -147,10 +152,17 @@ CLUSTER_SCRIPT = textwrap.dedent(
     from jobs.training.runner import run_training
 
     shards, runs, temp = sys.argv[1:4]
+    ports = [int(x) for x in sys.argv[4].split(",")]
+
+    def own_ports(i):
+        # Colleagues' clusters hold the default agent ports on this machine.
+        return {"dashboard_agent_listen_port": ports[3 * i], "metrics_export_port": ports[3 * i + 1],
+                "runtime_env_agent_port": ports[3 * i + 2]}
+
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "_temp_dir": temp,
-        "object_store_memory": 300_000_000})
-    cluster.add_node(num_cpus=1, object_store_memory=300_000_000)
+        "num_cpus": 1, "include_dashboard": False, "temp_dir": temp,
+        "object_store_memory": 300_000_000, **own_ports(0)})
+    cluster.add_node(num_cpus=1, object_store_memory=300_000_000, **own_ports(1))
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
@@ -175,8 +187,9 @@ def test_two_node_cluster(tmp_path):
     script = tmp_path / "two_nodes.py"
     script.write_text(CLUSTER_SCRIPT)
     temp_dir = tempfile.mkdtemp(prefix="rcl_", dir="/tmp")
+    ports = ",".join(str(_free_port()) for _ in range(6))
     proc = subprocess.run(
-        [PY, str(script), shards, str(tmp_path), temp_dir],
+        [PY, str(script), shards, str(tmp_path), temp_dir, ports],
         cwd=ROOT,
         env=_env(),
         capture_output=True,

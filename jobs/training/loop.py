@@ -90,6 +90,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ),
         dist_init_required=False,
     )
+    if tc.deepspeed.zero_stage == 3:
+        _gather_z3_persistent(engine.module)
 
     # -- resume: Ray's latest checkpoint if complete, else the newest complete one (#41700).
     state = TrainState(world_size=world, stage=stage)
@@ -292,6 +294,22 @@ def _param_groups(
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     return split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "dense"})
+
+
+def _gather_z3_persistent(model: torch.nn.Module) -> None:
+    """Makes ZeRO-3 *persistent* parameters available once, for good.
+
+    ZeRO-3 fetches a module's own parameters in that module's forward hook; the encoders run
+    through ``encode()`` rather than ``forward``, so their direct parameters (positions,
+    modality and mask embeddings) would never be fetched and backward would see empty
+    tensors. ``configs/deepspeed/zero3.yaml`` sets ``stage3_param_persistence_threshold``
+    above the size of such parameters (persistent = never released after a gather), and
+    this gathers them once right after ``deepspeed.initialize``.
+    """
+    for p in model.parameters():
+        status = getattr(p, "ds_status", None)
+        if getattr(p, "ds_persist", False) and status is not None and status.name != "AVAILABLE":
+            p.all_gather()
 
 
 def _mark_z3_leaves(model: torch.nn.Module) -> None:
