@@ -88,8 +88,8 @@ def env(ray_local, tiny_corpus, tmp_path_factory):
     args["gallery"]["split_dir"] = str(split)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=APP, route_prefix="/")
     try:
+        serve.run(build_app(args), name=APP, route_prefix="/")
         yield Env(
             url=f"http://127.0.0.1:{port}",
             export=export,
@@ -99,8 +99,10 @@ def env(ray_local, tiny_corpus, tmp_path_factory):
             args=args,
         )
     finally:
-        serve.delete(APP)
-        serve.shutdown()
+        try:
+            serve.delete(APP)
+        finally:
+            serve.shutdown()
 
 
 @pytest.fixture(scope="module")
