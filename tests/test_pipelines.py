@@ -494,7 +494,16 @@ def test_rerun_replaces_stale_shards(ray_local, hostile, tmp_path):
     stale = out / "train" / "train-00007-of-00009.parquet"
     shutil.copyfile(Path(__file__), stale)
     manifest = _write_manifest(root, rows[:3], "jsonl", name="small")
+    # A given tokenizer is used (and copied), not retrained.
+    from pipelines.tokenizer import train_tokenizer
+
+    train_tokenizer(["some other corpus text"] * 10, tmp_path / "tok", vocab_size=300)
+    cfg = _quiet_config(tokenizer_path=str(tmp_path / "tok"))
     # Given as a URI: read through pyarrow's filesystems, paths resolved under it.
-    run_prepare(f"file://{manifest}", out, _quiet_config(), verbose=False)
+    stats = run_prepare(f"file://{manifest}", out, cfg, verbose=False)
     assert not stale.exists()
     _check_accounting(out, 3)
+    assert stats["tokenizer"]["trained"] is False
+    assert (out / "tokenizer/tokenizer.json").read_bytes() == (
+        tmp_path / "tok/tokenizer.json"
+    ).read_bytes()
