@@ -119,6 +119,16 @@ async def _load(
     }
 
 
+#: File types used as inputs (the corpus also plants rarer formats and corrupt files).
+_COMMON_SUFFIXES: dict[str, set[str]] = {
+    "image": {".png", ".jpg"},
+    "audio": {".wav"},
+    "video": {".mp4"},
+    "pointcloud": {".ply", ".pcd", ".xyz"},
+    "signal": {".npy", ".csv"},
+}
+
+
 def _inputs(corpus: Path, modality: str, n: int = 16, per_request: int = 1) -> list[dict]:
     """Request bodies with ``per_request`` real inputs each (corpus files, base64)."""
     rows = [json.loads(x) for x in (corpus / "manifest.jsonl").read_text().splitlines() if x]
@@ -138,7 +148,7 @@ def _inputs(corpus: Path, modality: str, n: int = 16, per_request: int = 1) -> l
             bodies.append({"input": [{"text": v}]})
         else:
             p = corpus / v
-            if p.suffix not in {".png", ".jpg", ".wav"}:
+            if p.suffix not in _COMMON_SUFFIXES[modality]:
                 continue  # keep the common formats; the corpus plants odd ones too
             bodies.append({"input": [{modality: base64.b64encode(p.read_bytes()).decode()}]})
         if len(bodies) >= n:
@@ -303,7 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--seconds", type=float, default=8.0, help="per cell")
     ap.add_argument("--max-requests", type=int, default=1500, help="per cell")
-    ap.add_argument("--phases", default="model,load,batching,int8,kill")
+    ap.add_argument("--phases", default="model,load,batching,int8,kill,others")
+    ap.add_argument(
+        "--others",
+        default="video,pointcloud,signal",
+        help="modalities of the 'others' phase (c=8 latency only)",
+    )
     ap.add_argument("--kill-concurrency", type=int, default=8)
     ap.add_argument("--kill-seconds", type=float, default=15.0)
     ap.add_argument("--kill-after", type=float, default=4.0)
@@ -399,6 +414,10 @@ def main(argv: list[str] | None = None) -> None:
             "replica_kill_failed_pct_max": 1.0,
         },
     }
+    if Path(a.out).is_file() and not phases >= {"load", "batching", "int8", "kill"}:
+        # A partial re-run (some phases) keeps the other phases' figures of the last run.
+        previous = json.loads(Path(a.out).read_text())
+        results = {**previous, **{k: v for k, v in results.items() if k != "summary"}}
     temp = tempfile.mkdtemp(prefix="ray_sb_", dir="/tmp")
     ray.init(
         address="local",
@@ -492,6 +511,29 @@ def main(argv: list[str] | None = None) -> None:
                 )
             results["int8_vs_fp32_c32"] = out
             save()
+        if "others" in phases:
+            others = a.others.split(",")
+            print(f"deploy {others}, c=8 latency", flush=True)
+            o = json.loads(json.dumps(base_args))
+            o["modalities"] = others
+            o["deployment_options"] = {
+                f"{m}_encoder": {"max_ongoing_requests": 128, "max_queued_requests": 1024}
+                for m in others
+            }
+            _deploy(o)
+            ob = {m: _inputs(corpus, m) for m in others}
+            asyncio.run(_check_inputs(url, ob))
+            _warm(url, ob)
+            results["load_fp32_batched_c8_other_modalities"] = {}
+            for m in others:
+                r = asyncio.run(_load(url, ob[m], 8, a.seconds, a.max_requests))
+                results["load_fp32_batched_c8_other_modalities"][m] = r
+                print(
+                    f"  {m:10s} c=8 {r['throughput_rps']:8.1f} rps  p50 {r['p50_ms']} ms  "
+                    f"p99 {r['p99_ms']} ms  {r['statuses']}",
+                    flush=True,
+                )
+            save()
         if "kill" in phases:
             print("deploy 2 image replicas, kill one under load", flush=True)
             k = json.loads(json.dumps(base_args))
@@ -515,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
         summary["p99_ms_c8"] = {
             m: v.get("c8", {}).get("p99_ms") for m, v in results["load_fp32_batched"].items()
         }
+    for m, v in results.get("load_fp32_batched_c8_other_modalities", {}).items():
+        summary.setdefault("p99_ms_c8", {})[m] = v.get("p99_ms")
     if "batching_off_vs_on_image_c32" in results:
         summary["batching_speedup"] = {
             k: v["speedup"] for k, v in results["batching_off_vs_on_image_c32"].items()
