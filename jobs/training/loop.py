@@ -214,7 +214,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ray.train.report(scalar)
             if state.step >= st.steps:
                 break
-        if not got_any:
+        # A resume exactly at an epoch's end skips every batch of it: that is no error.
+        if not got_any and state.batch == 0:
             raise RuntimeError(
                 f"rank {rank}: epoch {state.epoch} yielded no batch of {tc.data.batch_size} "
                 "rows; lower data.batch_size or use fewer workers"
