@@ -209,6 +209,11 @@ def test_deepspeed_moe_expert_parallel_over_two_workers(ray_local, shards, tmp_p
         p.name for p in (Path(res["run_dir"]) / "ray/moe-pretrain/checkpoint_00000003/ds").iterdir()
     }
     assert any("expert" in f for f in ds_files)  # expert-parallel shards were checkpointed
+    # Consolidated with every expert in one process (ep_size 1), loadable by models alone.
+    from models import OmniModel
+
+    model = OmniModel.from_pretrained(Path(res["run_dir"]) / "pretrain" / "final")
+    assert model.config.moe_impl == "deepspeed" and model.config.ep_size == 1
 
 
 def test_missing_shards_fail_clearly(tmp_path):

@@ -43,8 +43,15 @@ def consolidate_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / DS_TAG).is_dir():
         raise FileNotFoundError(f"{ckpt_dir} holds no DeepSpeed checkpoint (no '{DS_TAG}/')")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
+    expert_files = sorted((ckpt_dir / DS_TAG).glob("layer_*_expert_*_model_states.pt"))
+    if expert_files:
+        state = _moe_state_dict(ckpt_dir / DS_TAG, expert_files)
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
     cfg = OmniConfig.from_yaml(model_config)
+    if expert_files and cfg.ep_size != 1:
+        # The consolidated model holds every expert in one process (no expert parallelism).
+        cfg = cfg.replace(ep_size=1)
     model = build_model(cfg)
     expected = model.state_dict()
     unknown_extra = [k for k in state if k not in expected]
@@ -69,6 +76,23 @@ def consolidate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     return out
+
+
+def _moe_state_dict(tag_dir: Path, expert_files: list[Path]) -> dict[str, torch.Tensor]:
+    """DeepSpeed-MoE checkpoint (ZeRO-1/2 only; ZeRO-3 MoE is refused by config) -> state dict.
+
+    ``zero_to_fp32`` does not understand the per-expert files, so the dense weights come from
+    rank 0's module state (complete under ZeRO-1/2) and each expert's from its own file
+    (DeepSpeed stores them under global expert ids). These ``.pt`` files are our own
+    training output, loaded on the trusted training side; exports stay safetensors.
+    """
+    main = torch.load(
+        tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
+    state = {k: v.float() for k, v in main["module"].items()}
+    for f in expert_files:
+        state.update({k: v.float() for k, v in torch.load(f, map_location="cpu").items()})
+    return state
 
 
 def _shares_storage(model: torch.nn.Module, key: str, loaded: dict[str, Any]) -> bool:
