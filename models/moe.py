@@ -192,8 +192,12 @@ class NativeMoE(nn.Module):
             kept = counts.clamp(max=cap)
         xs = x.index_select(0, tok)  # (A, d) tokens grouped by expert
         outs = []
+        track_grads = torch.is_grad_enabled()
         for i, chunk in enumerate(xs.split(kept.tolist())):
-            if chunk.shape[0]:
+            # While training, every expert runs even on an empty chunk: an expert left out of
+            # one rank's backward gets no gradient there, and data-parallel reducers (DDP,
+            # ZeRO's gradient buckets) then disagree across ranks and abort.
+            if chunk.shape[0] or track_grads:
                 outs.append(self.experts[i](chunk))
         out = torch.zeros_like(x)
         if outs:
