@@ -160,9 +160,9 @@ CLUSTER_SCRIPT = textwrap.dedent(
                 "runtime_env_agent_port": ports[3 * i + 2]}
 
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "temp_dir": temp,
+        "num_cpus": 2, "include_dashboard": False, "temp_dir": temp,
         "object_store_memory": 300_000_000, **own_ports(0)})
-    cluster.add_node(num_cpus=1, object_store_memory=300_000_000, **own_ports(1))
+    cluster.add_node(num_cpus=2, object_store_memory=300_000_000, **own_ports(1))
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
@@ -188,16 +188,23 @@ def test_two_node_cluster(tmp_path):
     script.write_text(CLUSTER_SCRIPT)
     temp_dir = tempfile.mkdtemp(prefix="rcl_", dir="/tmp")
     ports = ",".join(str(_free_port()) for _ in range(6))
-    proc = subprocess.run(
+    # Its own session, so that on a timeout the whole tree (raylets, GCS) is killed too.
+    proc = subprocess.Popen(
         [PY, str(script), shards, str(tmp_path), temp_dir, ports],
         cwd=ROOT,
         env=_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=540,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "RESULT" in proc.stdout
+    try:
+        out, err = proc.communicate(timeout=540)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "RESULT" in out
     run_dir = tmp_path / "two_nodes"
     assert [r["step"] for r in _losses(run_dir, "pretrain")] == [1, 2, 3]
     assert (run_dir / "export" / "model.safetensors").is_file()
