@@ -128,7 +128,9 @@ def connect_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        # Without RAY_ADDRESS, always a fresh local instance: ``address=None`` would attach to
+        # whichever cluster ``ray start`` launched last on this machine.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
 def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
