@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +64,9 @@ class Step:
     cmd: list[str]
     inputs: list[Path]
     outputs: list[Path]
+    #: Directories removed before the step reruns with inputs that differ from its last
+    #: attempt's (an interrupted attempt with the same inputs resumes from them instead).
+    clean: list[Path] = dataclasses.field(default_factory=list)
 
 
 def _fingerprint(step: Step, upstream: str) -> str:
@@ -84,8 +88,9 @@ def _fingerprint(step: Step, upstream: str) -> str:
 class Orchestrator:
     """Runs steps in order, skipping the ones that are up to date."""
 
-    def __init__(self, work: Path, fresh: bool) -> None:
+    def __init__(self, work: Path, fresh: bool, env: dict[str, str] | None = None) -> None:
         self.work = work
+        self.env = dict(env or os.environ)
         self.state_path = work / "demo_state.json"
         self.state: dict[str, str] = {}
         if self.state_path.is_file() and not fresh:
@@ -93,18 +98,28 @@ class Orchestrator:
         self.timings: dict[str, dict] = {}
         self._upstream = ""
 
+    def up_to_date(self, step: Step) -> bool:
+        """Whether ``step`` would be skipped (outputs exist, inputs unchanged)."""
+        fp = _fingerprint(step, self._upstream)
+        return all(p.exists() for p in step.outputs) and self.state.get(step.name) == fp
+
     def run(self, step: Step) -> None:
         fp = _fingerprint(step, self._upstream)
-        done = all(p.exists() for p in step.outputs)
-        if done and self.state.get(step.name) == fp:
+        if self.up_to_date(step):
             print(f"\n==> [{step.name}] up to date, skipped", flush=True)
             self.timings[step.name] = {"seconds": 0.0, "skipped": True}
             self._upstream += fp
             return
+        if self.state.get(f"{step.name}.attempt") != fp:
+            for d in step.clean:
+                if d.exists():
+                    print(f"==> [{step.name}] inputs changed: removing {d}", flush=True)
+                    shutil.rmtree(d)
+        self.state[f"{step.name}.attempt"] = fp
+        self._save()
         print(f"\n==> [{step.name}] {shlex.join(step.cmd)}", flush=True)
         t0 = time.perf_counter()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.run(step.cmd, cwd=ROOT, env=env)
+        proc = subprocess.run(step.cmd, cwd=ROOT, env=dict(self.env, PYTHONUNBUFFERED="1"))
         dt = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(
@@ -117,8 +132,90 @@ class Orchestrator:
         self.timings[step.name] = {"seconds": round(dt, 1), "skipped": False}
         self.state[step.name] = fp
         self._upstream += fp
+        self._save()
+
+    def _save(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self.state_path.write_text(json.dumps(self.state, indent=2))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalHead:
+    """A private single-node Ray cluster on 127.0.0.1 for the whole demo.
+
+    Every step attaches to it through ``RAY_ADDRESS`` exactly as under ``ray job submit``:
+    Ray starts once instead of once per step, and no step can attach to another Ray that
+    happens to run on the machine. Started with ``ray start --head --block`` in its own
+    process session and stopped by signalling that process, never by a global ``ray stop``.
+    """
+
+    def __init__(self, num_cpus: int | None) -> None:
+        import tempfile
+
+        self.port = _free_port()
+        self.temp_dir = tempfile.mkdtemp(prefix="omni_", dir="/tmp")  # unix-socket path limit
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = dict(os.environ)
+        self.env["RAY_ADDRESS"] = self.address
+        # Loopback-only throwaway cluster: no token handshake between its own processes.
+        self.env.setdefault("RAY_AUTH_MODE", "disabled")
+        self.env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray_bin = Path(sys.executable).with_name("ray")
+        cmd = [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--block",
+            f"--port={self.port}",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--ray-client-server-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+        ]
+        if num_cpus:
+            cmd.append(f"--num-cpus={num_cpus}")
+        env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        self._wait()
+
+    def _wait(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        probe = [sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"]
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"demo: `ray start --head` exited with {self.proc.returncode}")
+            ok = subprocess.run(probe, env=self.env, capture_output=True, timeout=120)
+            if ok.returncode == 0:
+                print(f"==> Ray head up at {self.address}", flush=True)
+                return
+            time.sleep(2)
+        self.stop()
+        raise SystemExit("demo: the local Ray head did not come up")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                    self.proc.wait(timeout=wait)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,6 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=None, help="corpus size (default: the profile's)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the served app")
     p.add_argument("--no-serve", action="store_true", help="stop after evaluation")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the demo's Ray head")
     return p.parse_args(argv)
 
 
@@ -201,6 +299,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             ],
             inputs=[data_cfg, paths.corpus / "manifest.jsonl"],
             outputs=[paths.shards / "stats.json", paths.shards / "test"],
+            clean=[paths.shards],
         ),
         Step(
             "train",
@@ -219,6 +318,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             ],
             inputs=[train_cfg, paths.shards / "stats.json"],
             outputs=[paths.export / "model.safetensors", paths.export / "model_config.yaml"],
+            clean=[paths.run_dir],
         ),
         Step(
             "evaluate",
@@ -237,6 +337,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             ],
             inputs=[paths.export / "model.safetensors"],
             outputs=[paths.eval_dir / "metrics.json"],
+            clean=[paths.eval_dir],
         ),
     ]
 
@@ -261,25 +362,41 @@ def main(argv: list[str] | None = None) -> int:
         reports=(args.reports or work / "reports").resolve(),
     )
     t_start = time.perf_counter()
-    orch = Orchestrator(work / "runs" / f"{args.profile}_demo_state", fresh=args.fresh)
-    for step in build_steps(args, prof, paths):
-        orch.run(step)
-    _collect_plots(paths)
+    state_dir = work / "runs" / f"{args.profile}_demo_state"
+    steps = build_steps(args, prof, paths)
+    orch = Orchestrator(state_dir, fresh=args.fresh)
+    head: LocalHead | None = None
     serving: dict = {}
-    if not args.no_serve:
-        from jobs.demo_serve import exercise_service
+    try:
+        for step in steps:
+            if head is None and step.name != "corpus" and not orch.up_to_date(step):
+                head = LocalHead(args.num_cpus)
+                orch.env = head.env
+            orch.run(step)
+        _collect_plots(paths)
+        if not args.no_serve:
+            from jobs.demo_serve import exercise_service
 
-        print("\n==> [serve] serve run (Ray Serve) + one request per endpoint", flush=True)
-        t0 = time.perf_counter()
-        serving = exercise_service(
-            serve_yaml=ROOT / prof.serve_config,
-            export_dir=paths.export,
-            shards_dir=paths.shards,
-            corpus_dir=paths.corpus,
-            work_dir=paths.run_dir,
-            port=args.port,
-        )
-        orch.timings["serve"] = {"seconds": round(time.perf_counter() - t0, 1), "skipped": False}
+            if head is None:
+                head = LocalHead(args.num_cpus)
+            print("\n==> [serve] serve run (Ray Serve) + one request per endpoint", flush=True)
+            t0 = time.perf_counter()
+            serving = exercise_service(
+                serve_yaml=ROOT / prof.serve_config,
+                export_dir=paths.export,
+                shards_dir=paths.shards,
+                corpus_dir=paths.corpus,
+                work_dir=paths.run_dir,
+                port=args.port,
+                env=head.env,
+            )
+            orch.timings["serve"] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "skipped": False,
+            }
+    finally:
+        if head is not None:
+            head.stop()
     report = build_report(paths, orch.timings, serving, time.perf_counter() - t_start)
     paths.reports.mkdir(parents=True, exist_ok=True)
     (paths.reports / "demo_report.json").write_text(json.dumps(report, indent=2))
@@ -292,8 +409,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _collect_plots(paths: Paths) -> None:
     """Copies the training loss curves next to the evaluation plots in ``reports/``."""
-    import shutil
-
     paths.reports.mkdir(parents=True, exist_ok=True)
     for png in sorted(paths.run_dir.glob("*.png")):
         shutil.copy2(png, paths.reports / png.name)

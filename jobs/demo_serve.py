@@ -118,6 +118,7 @@ def exercise_service(
     corpus_dir: Path,
     work_dir: Path,
     port: int,
+    env: dict[str, str] | None = None,
     startup_timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Starts the app with ``serve run``, sends one request per endpoint/modality, stops it.
@@ -133,8 +134,9 @@ def exercise_service(
     log_path = work_dir / "serve.log"
     serve_bin = Path(sys.executable).with_name("serve")
     cmd = [str(serve_bin), "run", str(yaml_path)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONUNBUFFERED"] = "1"
+    # With RAY_ADDRESS (the demo's own head) `serve run` deploys there and, on Ctrl-C, removes
+    # the app and leaves the cluster to its owner.
+    env = dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1")
     rows = _test_rows(shards_dir, corpus_dir)
     results: dict[str, Any] = {"ok": True, "requests": {}, "log": str(log_path)}
     base = f"http://127.0.0.1:{port}"
@@ -159,7 +161,7 @@ def exercise_service(
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C the ``serve run`` process (it tears down Serve and its local Ray)."""
+    """Ctrl-C the ``serve run`` process (it deletes the app and shuts Serve down)."""
     if proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGINT, 90), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
@@ -194,7 +196,10 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
         return data if ok else None
 
     call("healthz", "GET", "/healthz", summarize=lambda d: d.get("status", ""))
-    call("models", "GET", "/v1/models", summarize=lambda d: ",".join(m["id"] for m in d["data"]))
+    listed = call(
+        "models", "GET", "/v1/models", summarize=lambda d: ",".join(m["id"] for m in d["data"])
+    )
+    model_id = listed["data"][0]["id"] if listed and listed.get("data") else "omniray"
     for m in ("text", "image", "audio", "video", "pointcloud", "signal"):
         row = _pick(rows, (m,))
         if row is None:
@@ -204,7 +209,7 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
             f"embed/{m}",
             "POST",
             "/v1/embeddings",
-            {"input": [_input_for(row, m, corpus_dir)], "model": "omniray"},
+            {"input": [_input_for(row, m, corpus_dir)], "model": model_id},
             summarize=lambda d: f"dim={len(d['data'][0]['embedding'])}",
         )
     fuse_mods = ("image", "audio", "signal")

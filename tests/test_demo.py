@@ -68,7 +68,9 @@ def test_demo_tiny_end_to_end_and_cached_rerun(tmp_path):
         *(f"embed/{m}" for m in ("text", "image", "audio", "video", "pointcloud", "signal")),
     ):
         assert reqs[name]["status"] == 200, (name, reqs[name])
-    assert len(report["serving"]["seven_search"]["top5_labels"]) == 5
+    # The tiny test split holds only a few images: up to 5 results, all labelled.
+    top = report["serving"]["seven_search"]["top5_labels"]
+    assert 1 <= len(top) <= 5 and all(lab is not None for lab in top)
     assert (tmp_path / "runs" / "tiny" / "export" / "model.safetensors").is_file()
     assert any(p.endswith(".png") for p in report["paths"]["plots"])
     assert "OmniRay demo report" in r.stdout
