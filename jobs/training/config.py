@@ -108,6 +108,8 @@ class StageSection:
         grad_clip: Global gradient-norm clip (0 disables).
         mask_ratio: Token/patch mask ratio (pretrain masked modelling, align reconstruction).
         pairs: align: modality pairs aligned with InfoNCE; ``None`` = every pair.
+        label_positives: align: every same-label key is a positive in InfoNCE (multi-positive,
+            for corpora whose pairs are category-level like OmniDigits); False = the same row.
         loss_weights: Weight per loss term name (missing names weigh 1.0).
         modality_dropout: finetune: probability of dropping a modality from a row.
         freeze: finetune: ``none`` (train all), ``encoders`` (freeze modality encoders), or
@@ -127,6 +129,7 @@ class StageSection:
     grad_clip: float = 1.0
     mask_ratio: float = 0.3
     pairs: list[list[str]] | None = None
+    label_positives: bool = False
     loss_weights: dict[str, float] = field(default_factory=dict)
     modality_dropout: float = 0.3
     freeze: str = "none"

@@ -268,6 +268,7 @@ class StageObjective:
                         out.present[b],
                         out.logit_scale,
                         max_scale=cfg.max_logit_scale,
+                        labels=batch["label"] if self.st.label_positives else None,
                     )
             for m, r in out.recon.items():
                 terms[f"xrecon_{m}"] = self.w("recon") * recon_loss(r)
