@@ -290,3 +290,23 @@ def load_data_config(
         raise
     except (TypeError, ValueError) as e:  # __post_init__ checks of nested sections
         raise ConfigError(f"{path or 'DataConfig'}: {e}") from e
+
+
+def load_feature_config(path: str | Path) -> FeatureConfig:
+    """Only the ``features`` section of a ``data_config.yaml`` (as copied into exports).
+
+    Consumers of an export (evaluation, serving) need nothing else, and an export must stay
+    loadable when unrelated sections of :class:`DataConfig` (execution, dedupe, ...) change.
+
+    Raises:
+        ConfigError: The file is missing or its ``features`` section does not validate.
+    """
+    from common.config import from_dict, read_yaml
+
+    section = read_yaml(path).get("features") or {}
+    try:
+        return from_dict(FeatureConfig, section, where=f"{path}.features")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # __post_init__ checks of nested sections
+        raise ConfigError(f"{path}.features: {e}") from e

@@ -50,18 +50,14 @@ def load_feature_config(export_dir: str | Path):
     Raises:
         common.config.ConfigError: The ``features`` section does not validate.
     """
-    from common.config import ConfigError, from_dict, read_yaml
     from pipelines.config import FeatureConfig
+    from pipelines.config import load_feature_config as load_features
 
     path = Path(export_dir) / "data_config.yaml"
     if not path.is_file():
         logger.warning("%s missing: featurizing with FeatureConfig defaults", path)
         return FeatureConfig()
-    section = read_yaml(path).get("features") or {}
-    try:
-        return from_dict(FeatureConfig, section, where=f"{path}.features")
-    except (TypeError, ValueError) as e:  # __post_init__ checks of nested sections
-        raise ConfigError(f"{path}.features: {e}") from e
+    return load_features(path)
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:

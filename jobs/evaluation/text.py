@@ -20,7 +20,7 @@ def load_text_featurizer(export_dir: Path, data_dir: Path | None = None):
         EvaluationError: no tokenizer, or an unreadable data config.
     """
     try:
-        from pipelines.config import FeatureConfig, load_data_config
+        from pipelines.config import FeatureConfig, load_feature_config
         from pipelines.featurize import get_featurizer
     except ImportError as e:  # a featurizer's decoder library missing on this node
         raise EvaluationError(f"cannot import the featurizers: {e}") from e
@@ -33,7 +33,7 @@ def load_text_featurizer(export_dir: Path, data_dir: Path | None = None):
         (r / "data_config.yaml" for r in roots if (r / "data_config.yaml").is_file()), None
     )
     try:
-        features = load_data_config(cfg_path).features if cfg_path else FeatureConfig()
+        features = load_feature_config(cfg_path) if cfg_path else FeatureConfig()
     except ConfigError as e:
         raise EvaluationError(f"unreadable data config {cfg_path}: {e}") from e
     try:
