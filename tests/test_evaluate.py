@@ -262,7 +262,7 @@ def test_in_process_variants(setup, tmp_path):
         tmp_path / "f",
     )
     assert "fewer than 100 labelled rows" in res["fusion"]["skipped"]
-    assert "not cross-modal" in res["zero_shot"]["per_modality"]["text"]["note"]
+    assert "not cross-modal" in res["zero_shot"]["per_modality"]["text"]["note"], res["zero_shot"]
     # A template that makes an empty prompt: zero-shot skipped with the reason.
     res = evaluate.run_evaluation(
         export,
