@@ -346,17 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prof = PROFILES[args.profile]
     work = (args.work or ROOT).resolve()
+    suffix = "" if args.profile == "demo" else f"_{args.profile}"
     paths = Paths(
-        corpus=work
-        / "data"
-        / ("omnidigits" if args.profile == "demo" else f"omnidigits_{args.profile}"),
-        shards=work
-        / "data"
-        / (
-            "omnidigits_prepared"
-            if args.profile == "demo"
-            else f"omnidigits_{args.profile}_prepared"
-        ),
+        corpus=work / "data" / f"omnidigits{suffix}",
+        shards=work / "data" / f"omnidigits{suffix}_prepared",
         runs=work / "runs",
         run_name=args.profile,
         reports=(args.reports or work / "reports").resolve(),
