@@ -278,26 +278,15 @@ def export_run(
     stage = stage or next((s for s in reversed(STAGES) if os.path.isdir(paths.final(s))), None)
     if stage is None or not os.path.isdir(paths.final(stage)):
         raise FileNotFoundError(f"no finished stage with weights under {paths.run_dir}")
-    records = read_jsonl(paths.metrics)
-    metrics = {
-        "stages": {
-            s: _stage_summary(records, s, tc.stage(s).steps)
-            for s in STAGES
-            if any(r.get("stage") == s for r in records)
-        },
-        "exported_stage": stage,
-    }
-    training_info = {
-        "aligned_pairs": pairs,
-        "label_names": info.label_names,
-        "modalities": mods,
-        "exported_stage": stage,
-        "stages_done": [s for s in STAGES if os.path.isfile(paths.done(s))],
-        "model": tc.model,
-        "zero_stage": tc.deepspeed.zero_stage,
-        "num_workers": tc.scaling.num_workers,
-        "shards_dir": paths.shards,
-    }
+    metrics, training_info = _export_info(tc, paths, info, pairs, mods, stage)
+    training_info["stages_done"] = [s for s in STAGES if os.path.isfile(paths.done(s))]
+    training_info.update(
+        {
+            "zero_stage": tc.deepspeed.zero_stage,
+            "num_workers": tc.scaling.num_workers,
+            "shards_dir": paths.shards,
+        }
+    )
     return str(
         write_export(
             paths.final(stage),
@@ -399,26 +388,41 @@ def _export_weights(
 ) -> str:
     from jobs.training.export import write_export
 
-    records = read_jsonl(paths.metrics)
+    metrics, training_info = _export_info(tc, paths, info, pairs, mods, stage)
     return str(
         write_export(
             weights,
             out or paths.export,
             shards_dir=paths.shards,
-            metrics={
-                "stages": {
-                    s: _stage_summary(records, s, tc.stage(s).steps)
-                    for s in STAGES
-                    if any(r.get("stage") == s for r in records)
-                },
-                "exported_stage": stage,
-            },
-            training_info={
-                "aligned_pairs": pairs,
-                "label_names": info.label_names,
-                "modalities": mods,
-                "exported_stage": stage,
-                "model": tc.model,
-            },
+            metrics=metrics,
+            training_info=training_info,
         )
     )
+
+
+def _export_info(
+    tc: TrainConfig,
+    paths: RunPaths,
+    info: ShardInfo,
+    pairs: list[list[str]],
+    mods: list[str],
+    stage: str,
+) -> tuple[dict, dict]:
+    """The export's ``metrics.json`` (per-stage loss summaries) and ``training.yaml`` basics."""
+    records = read_jsonl(paths.metrics)
+    metrics = {
+        "stages": {
+            s: _stage_summary(records, s, tc.stage(s).steps)
+            for s in STAGES
+            if any(r.get("stage") == s for r in records)
+        },
+        "exported_stage": stage,
+    }
+    training_info = {
+        "aligned_pairs": pairs,
+        "label_names": info.label_names,
+        "modalities": mods,
+        "exported_stage": stage,
+        "model": tc.model,
+    }
+    return metrics, training_info
