@@ -207,14 +207,9 @@ class LocalHead:
     def stop(self) -> None:
         import signal
 
-        if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                    self.proc.wait(timeout=wait)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
+        from jobs.demo_serve import stop_process_group
+
+        stop_process_group(self.proc, ((signal.SIGTERM, 60), (signal.SIGKILL, 10)))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -160,11 +160,11 @@ def exercise_service(
     return results
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C the ``serve run`` process (it deletes the app and shuts Serve down)."""
+def stop_process_group(proc: subprocess.Popen, escalation: tuple[tuple[int, float], ...]) -> None:
+    """Signals ``proc``'s process group with each ``(signal, wait_s)`` in turn until it exits."""
     if proc.poll() is not None:
         return
-    for sig, wait in ((signal.SIGINT, 90), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+    for sig, wait in escalation:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -174,6 +174,11 @@ def _stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C the ``serve run`` process (it deletes the app and shuts Serve down)."""
+    stop_process_group(proc, ((signal.SIGINT, 90), (signal.SIGTERM, 20), (signal.SIGKILL, 10)))
 
 
 def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: dict) -> None:
