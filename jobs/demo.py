@@ -77,9 +77,11 @@ def _fingerprint(step: Step, upstream: str) -> str:
         if p.is_file():
             h.update(p.read_bytes())
         elif p.is_dir():
-            for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            files = (q for q in p.rglob("*") if q.is_file() and "__pycache__" not in q.parts)
+            for f in sorted(files):
                 h.update(str(f.relative_to(p)).encode())
-                h.update(str(f.stat().st_size).encode())
+                # Source files by content (an edit of the model retrains); data by size.
+                h.update(f.read_bytes() if f.suffix == ".py" else str(f.stat().st_size).encode())
         else:
             h.update(b"<missing>")
     return h.hexdigest()[:16]
@@ -311,7 +313,13 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
                 f"name={paths.run_name}",
                 f"export_dir={paths.export}",
             ],
-            inputs=[train_cfg, paths.shards / "stats.json"],
+            # The model and training code too: a change to either retrains.
+            inputs=[
+                train_cfg,
+                paths.shards / "stats.json",
+                ROOT / "models",
+                ROOT / "jobs" / "training",
+            ],
             outputs=[paths.export / "model.safetensors", paths.export / "model_config.yaml"],
             clean=[paths.run_dir],
         ),

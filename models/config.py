@@ -54,6 +54,8 @@ class OmniConfig:
         vocab_size, pad_id, bos_id, eos_id, mask_id: Text vocabulary (INTERFACES §1).
         max_text_len: Longest text sequence (positions).
         image_size, image_patch: Square image side and ViT patch side.
+        image_stem: ``conv`` (log2(patch) stride-2 convolutions, the default: learns shapes
+            in far fewer steps) or ``linear`` (the plain ViT patch embedding).
         audio_bins, audio_max_frames, audio_patch: Log-mel bins F, longest T, frames per patch.
         video_frames, video_size, video_patch, video_tubelet: Frames, side, spatial and
             temporal tubelet size.
@@ -96,6 +98,7 @@ class OmniConfig:
     # image
     image_size: int = 32
     image_patch: int = 8
+    image_stem: str = "conv"
     # audio
     audio_bins: int = 40
     audio_max_frames: int = 128
@@ -142,6 +145,14 @@ class OmniConfig:
         bad = [k for k, v in checks.items() if v]
         if bad:
             raise ConfigError(f"sizes must divide evenly: {bad}")
+        if self.image_stem not in ("conv", "linear"):
+            raise ConfigError(f"image_stem must be conv|linear, got {self.image_stem!r}")
+        if self.image_stem == "conv" and (
+            self.image_patch < 2 or self.image_patch & (self.image_patch - 1)
+        ):
+            raise ConfigError(
+                f"image_stem=conv needs a power-of-two image_patch, got {self.image_patch}"
+            )
         if self.pointcloud_channels < 3:
             raise ConfigError("pointcloud_channels must be >= 3 (xyz first)")
 

@@ -566,6 +566,8 @@ def build_model(
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear | nn.Embedding) and "ffn.moe" not in name:
             _init_weights(module)
+    for enc in encoders.values():  # input layers: fan-in init (see ModalityEncoder.stem_names)
+        enc.reset_stem()
     return model
 
 

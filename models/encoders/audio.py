@@ -15,6 +15,8 @@ from models.encoders.base import ModalityEncoder, Tokenized
 class AudioEncoder(ModalityEncoder):
     """Groups ``audio_patch`` frames x all mel bins into one token; variable T via mask."""
 
+    stem_names = ("proj",)
+
     def __init__(self, cfg: OmniConfig) -> None:
         super().__init__(cfg)
         self.bins = cfg.audio_bins

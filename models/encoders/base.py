@@ -91,6 +91,11 @@ class ModalityEncoder(nn.Module):
 
     modality: str = ""
     target_kind: str = "patches"
+    #: Attribute names of the input layers (patch/point embeddings). They keep PyTorch's
+    #: fan-in scaled init: the 0.02 init of the transformer layers makes the first tokens
+    #: of low-dimensional inputs (3-D points, short patches) nearly input-independent, and
+    #: a from-scratch run then spends its first hundreds of steps near a collapsed space.
+    stem_names: tuple[str, ...] = ()
 
     def __init__(self, cfg: OmniConfig) -> None:
         super().__init__()
@@ -107,6 +112,13 @@ class ModalityEncoder(nn.Module):
 
     def tokenize(self, batch: dict[str, torch.Tensor]) -> Tokenized:
         raise NotImplementedError
+
+    def reset_stem(self) -> None:
+        """Fan-in (PyTorch default) init of the Linear/Conv layers named by ``stem_names``."""
+        for name in self.stem_names:
+            for mod in getattr(self, name).modules():
+                if isinstance(mod, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                    mod.reset_parameters()
 
     def input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The modality's tensor from ``batch`` with a clear error when absent."""
@@ -155,6 +167,20 @@ class ModalityEncoder(nn.Module):
         """The uniform contract: featurized batch -> ``(tokens (B, N, d), mask (B, N))``."""
         out = self.encode(batch)
         return out.tokens, out.mask
+
+
+def standardize(x: torch.Tensor, channel_dim: int = -1, eps: float = 1e-3) -> torch.Tensor:
+    """Per-sample, per-channel standardization (zero mean, unit variance over every axis
+    but the batch and ``channel_dim``).
+
+    Clips and images are mostly flat background; without this the background's mean
+    dominates every patch embedding and all inputs start out looking alike.
+    """
+    x = x.to(torch.float32)
+    dims = tuple(d for d in range(1, x.dim()) if d != channel_dim % x.dim())
+    mean = x.mean(dims, keepdim=True)
+    std = x.std(dims, keepdim=True, unbiased=False)
+    return (x - mean) / (std + eps)
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:

@@ -73,9 +73,15 @@ def group_points(
 
 @register_encoder("pointcloud")
 class PointCloudEncoder(ModalityEncoder):
-    """Tokens are FPS groups; positions are an MLP of the centre coordinates."""
+    """Tokens are FPS groups; positions are an MLP of the centre coordinates.
+
+    Neighbour offsets are divided by the cloud's mean group radius, so the mini-PointNet
+    sees local shape at unit scale whatever the density (raw offsets of a unit-scaled cloud
+    are ~0.05: nearly invisible to a freshly initialized MLP).
+    """
 
     target_kind = "points"
+    stem_names = ("point_mlp1", "point_mlp2", "pos_mlp")
 
     def __init__(self, cfg: OmniConfig) -> None:
         super().__init__(cfg)
@@ -104,6 +110,9 @@ class PointCloudEncoder(ModalityEncoder):
         groups, centres = group_points(
             pts, self.n_groups, self.group_size, None if valid is None else valid.bool()
         )
+        rel = groups[..., :3]
+        radius = rel.norm(dim=-1).amax(-1).mean(1).clamp_min(1e-6)  # (B,) mean group radius
+        groups = torch.cat([rel / radius[:, None, None, None], groups[..., 3:]], -1)
         f = self.point_mlp1(groups)  # (B, G, K, d)
         g = f.max(2, keepdim=True).values.expand_as(f)
         f = self.point_mlp2(torch.cat([f, g], -1)).max(2).values  # (B, G, d)

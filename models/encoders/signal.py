@@ -15,6 +15,8 @@ class SignalEncoder(ModalityEncoder):
     """Each channel is cut into patches of length P that share one linear embedding;
     tokens get a channel embedding and a time-position embedding (C * L/P tokens)."""
 
+    stem_names = ("proj",)
+
     def __init__(self, cfg: OmniConfig) -> None:
         super().__init__(cfg)
         self.channels = cfg.signal_channels

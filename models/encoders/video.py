@@ -7,12 +7,19 @@ from torch import nn
 
 from models.config import OmniConfig
 from models.encoders import register_encoder
-from models.encoders.base import ModalityEncoder, Tokenized, to_unit_float
+from models.encoders.base import ModalityEncoder, Tokenized, standardize
 
 
 @register_encoder("video")
 class VideoEncoder(ModalityEncoder):
-    """``t x p x p`` tubelets -> linear embedding + learned space-time positions."""
+    """``t x p x p`` tubelets -> linear embedding + learned space-time positions.
+
+    Each clip is standardized per channel first (clips are mostly static background, whose
+    mean would otherwise dominate every tubelet); the targets of masked modelling are the
+    standardized tubelets (MAE's normalized-pixel targets).
+    """
+
+    stem_names = ("proj",)
 
     def __init__(self, cfg: OmniConfig) -> None:
         super().__init__(cfg)
@@ -34,9 +41,7 @@ class VideoEncoder(ModalityEncoder):
             )
         b = v.shape[0]
         t, p = self.tubelet, self.patch
-        x = to_unit_float(v).reshape(
-            b, self.frames // t, t, self.size // p, p, self.size // p, p, 3
-        )
+        x = standardize(v).reshape(b, self.frames // t, t, self.size // p, p, self.size // p, p, 3)
         x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, F/t, H/p, W/p, t, p, p, 3)
         tubes = x.reshape(b, -1, self.target_dim)  # (B, N, t*p*p*3)
         mask = torch.ones(tubes.shape[:2], dtype=torch.bool, device=v.device)
