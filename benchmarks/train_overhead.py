@@ -6,8 +6,10 @@ Same model, batch size, data (synthetic shards, rows cached in memory) and objec
 (``pretrain``: masked modelling + MoE aux) in all three runs:
 
 1. plain: one process, ``torch.optim.AdamW``, no Ray, no DeepSpeed;
-2. ray1: ``jobs.training`` with 1 worker (ZeRO-2, gloo, torch AdamW);
-3. ray2: the same with 2 workers (same per-worker batch: 2x the samples per step).
+2. deepspeed: the same process with a DeepSpeed engine (world size 1, gloo, the job's
+   DeepSpeed config) and no Ray: separates DeepSpeed's own cost from Ray Train's;
+3. ray1: ``jobs.training`` with 1 worker (ZeRO-2, gloo, torch AdamW);
+4. ray2: the same with 2 workers (same per-worker batch: 2x the samples per step).
 
 steps/s are measured after ``--warmup`` steps (from the loop's metrics timestamps). Target:
 ray1/plain >= 0.9. Prints a table and writes ``benchmarks/results/train_overhead.json``.
@@ -30,8 +32,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def plain_loop(shards: str, args: argparse.Namespace, stats: dict | None = None) -> float:
+def plain_loop(
+    shards: str, args: argparse.Namespace, stats: dict | None = None, *, deepspeed: bool = False
+) -> float:
     """steps/s of a single-process loop over the same rows, model and objective.
+
+    With ``deepspeed=True`` the optimizer step goes through a DeepSpeed engine built from the
+    job's DeepSpeed config (world size 1, gloo), still without Ray.
 
     ``stats`` (optional) receives tokens/s, samples/s and approximate model FLOPs per step
     (``6 * active params per token * tokens``, per modality; attention scores and heads
@@ -55,6 +62,24 @@ def plain_loop(shards: str, args: argparse.Namespace, stats: dict | None = None)
     active = {m: model.active_parameters_per_token(m) for m in info.modalities}
     flops, tokens, n_samples = 0.0, 0, 0
     opt = torch.optim.AdamW(model.parameters(), lr=tc.pretrain.lr, betas=(0.9, 0.98))
+    engine = None
+    if deepspeed:
+        import deepspeed as ds
+        import torch.distributed as dist
+
+        from jobs.training.engine import deepspeed_config, lift_scalar_params
+
+        if not dist.is_initialized():
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0")
+            os.environ.update(WORLD_SIZE="1", LOCAL_RANK="0")
+            dist.init_process_group("gloo")
+        lift_scalar_params(model)
+        engine, *_ = ds.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(tc, tc.pretrain, use_gpu=device.type == "cuda"),
+            dist_init_required=False,
+        )
     obj = StageObjective(
         "pretrain", tc.pretrain, modalities=info.modalities, label_names=info.label_names
     )
@@ -78,12 +103,17 @@ def plain_loop(shards: str, args: argparse.Namespace, stats: dict | None = None)
             batch = obj.collate(samples, info.label_names)
             if device.type != "cpu":
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                terms, out = obj(model, batch, step=step)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.pretrain.grad_clip)
-            opt.step()
+            if engine is not None:
+                terms, out = obj(engine, batch, step=step)
+                engine.backward(terms["loss"])
+                engine.step()
+            else:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    terms, out = obj(model, batch, step=step)
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.pretrain.grad_clip)
+                opt.step()
             step += 1
             if t0 is not None:
                 n_tok = {m: int(f.mask.sum()) for m, f in out.features.items()}
@@ -100,6 +130,10 @@ def plain_loop(shards: str, args: argparse.Namespace, stats: dict | None = None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    if engine is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     if stats is not None:
         stats.update(
             samples_per_s=n_samples / dt,
@@ -201,6 +235,7 @@ def main() -> int:
         )
         return 0
     plain = plain_loop(shards, args)
+    ds_only = plain_loop(shards, args, deepspeed=True)
     import ray
 
     ray_tmp = tempfile.mkdtemp(prefix="ray_b_", dir="/tmp")
@@ -226,6 +261,8 @@ def main() -> int:
         "warmup": args.warmup,
         "device": "cpu",
         "plain_steps_per_s": plain,
+        "deepspeed_no_ray_steps_per_s": ds_only,
+        "deepspeed_no_ray_over_plain": ds_only / plain,
         "ray1_steps_per_s": ray1,
         "ray2_steps_per_s": ray2,
         "ray1_over_plain": ray1 / plain,
@@ -234,6 +271,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
     }
     print(f"plain PyTorch      : {plain:7.2f} steps/s")
+    print(f"DeepSpeed, no Ray  : {ds_only:7.2f} steps/s  ({ds_only / plain:.2f} of plain)")
     print(f"Ray+DeepSpeed x1   : {ray1:7.2f} steps/s  ({ray1 / plain:.2f} of plain, target >= 0.9)")
     print(f"Ray+DeepSpeed x2   : {ray2:7.2f} steps/s  (samples/s scaling x{2 * ray2 / ray1:.2f})")
     _write(args.out or str(ROOT / "benchmarks/results/train_overhead.json"), result)
