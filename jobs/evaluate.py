@@ -17,6 +17,7 @@ modality absent from the split, ...) is recorded as ``{"skipped": "<reason>"}``;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -190,6 +191,37 @@ def _fusion_result(
     }
 
 
+def _fusion_pairs(
+    model, data: SplitData, mods: list[str], info: TrainingInfo, cfg: EvalConfig
+) -> dict[str, Any]:
+    """Fusion gain of every modality pair (rows having both): where one modality is already
+    perfect on the all-modality rows, the headline gain hits the ceiling; pairs show whether
+    fusing two imperfect modalities helps."""
+    from jobs.evaluation.encode import head_logits
+
+    per: dict[str, Any] = {}
+    for a, b in combinations(mods, 2):
+        plan = _fusion_plan(
+            model, data, mods, info, dataclasses.replace(cfg, fusion_modalities=[a, b])
+        )
+        if "skipped" in plan:
+            continue
+        _, f_logits, s_logits = head_logits(model, data, [a, b], plan["rows"], cfg.batch_size)
+        r = _fusion_result(plan, f_logits, s_logits, cfg)
+        per[f"{a}+{b}"] = {
+            k: r[k] for k in ("n", "fused_accuracy", "best_single_accuracy", "fusion_gain")
+        }
+    if not per:
+        return {"skipped": f"no modality pair has {cfg.min_fusion_rows} labelled rows"}
+    gains = [v["fusion_gain"] for v in per.values()]
+    return {
+        "pairs": per,
+        "mean_gain": float(np.mean(gains)),
+        "pairs_with_gain": int(sum(g > 0 for g in gains)),
+        "pairs_with_loss": int(sum(g < 0 for g in gains)),
+    }
+
+
 def _emergent(
     retrieval: dict[str, Any], mods: list[str], aligned: list[list[str]] | None, source: str
 ) -> dict[str, Any]:
@@ -309,6 +341,7 @@ def run_evaluation(
         )
         done = {m: (plan["rows"], e) for m, e in f_emb.items()}
         fusion = _fusion_result(plan, f_logits, s_logits, cfg)
+        fusion["pairwise"] = _fusion_pairs(model, data, mods, info, cfg)
     t = lap("fusion", t)
     # Per-modality embeddings: (sorted row indices (n,), embeddings (n, E)).
     embeds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -535,6 +568,13 @@ def format_summary(result: dict[str, Any]) -> str:
             f" vs best single {fu['best_single_modality']} {fu['best_single_accuracy']:.3f}"
             f" -> gain {fu['fusion_gain']:+.3f}"
         )
+        pw = fu.get("pairwise", {})
+        if "mean_gain" in pw:
+            lines.append(
+                f"fusion of modality pairs: mean gain {pw['mean_gain']:+.3f} over "
+                f"{len(pw['pairs'])} pairs ({pw['pairs_with_gain']} gain, "
+                f"{pw['pairs_with_loss']} lose)"
+            )
     else:
         lines.append(f"fusion gain: skipped ({fu['skipped']})")
     em = result["emergent_alignment"]

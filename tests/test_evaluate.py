@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,16 @@ def test_cli_end_to_end(setup, tmp_path):
     assert 0.0 <= fu["fused_accuracy"] <= 1.0
     assert fu["best_single_accuracy"] == max(fu["single_accuracy"].values())
     assert fu["fusion_gain"] == pytest.approx(fu["fused_accuracy"] - fu["best_single_accuracy"])
+    # Every modality pair with enough rows gets its own fused-vs-best-single comparison.
+    pw = fu["pairwise"]
+    assert set(pw["pairs"]) <= {f"{a}+{b}" for a, b in combinations(SPLIT_MODS, 2)}
+    assert pw["pairs"], pw
+    for v in pw["pairs"].values():
+        assert v["n"] >= 16  # min_fusion_rows
+        assert v["fusion_gain"] == pytest.approx(v["fused_accuracy"] - v["best_single_accuracy"])
+    gains = [v["fusion_gain"] for v in pw["pairs"].values()]
+    assert pw["mean_gain"] == pytest.approx(sum(gains) / len(gains))
+    assert pw["pairs_with_gain"] == sum(g > 0 for g in gains)
 
     for name in ("retrieval_r1", "embeddings_2d", "zero_shot", "fusion"):
         png = out / f"{name}.png"
