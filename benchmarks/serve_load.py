@@ -180,7 +180,7 @@ def _model_phase(sizes: list[str], work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for size in sizes:
         export = work / f"export_{size}"
-        if not (export / "model.safetensors").is_file():
+        if not _loads(export):
             make_untrained_export(export, size=size)
         res: dict[str, Any] = {}
         for quant in ("none", "int8"):
@@ -303,6 +303,21 @@ def _replica_kill(url: str, body_list: list[dict], a: argparse.Namespace) -> dic
     }
 
 
+def _loads(export: Path) -> bool:
+    """Whether a cached untrained export exists and still fits the current model code (an
+    export written before a change to the encoders would fail to load: rebuild it)."""
+    if not (export / "model.safetensors").is_file():
+        return False
+    from models.model import OmniModel
+
+    try:
+        OmniModel.from_pretrained(export)
+    except (KeyError, RuntimeError, ValueError) as e:
+        print(f"rebuilding {export}: it no longer fits the model ({type(e).__name__})", flush=True)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", help="export dir (default: untrained --size export)")
@@ -351,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         export, trained = Path(a.export), True
     else:
         export, trained = work / f"export_{a.size}", False
-        if not (export / "model.safetensors").is_file():
+        if not _loads(export):
             texts = list(DEFAULT_TEXTS) + [
                 json.loads(x).get("text") or ""
                 for x in (corpus / "manifest.jsonl").read_text().splitlines()
