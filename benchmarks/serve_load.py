@@ -409,9 +409,8 @@ def main(argv: list[str] | None = None) -> None:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "note": "shared 2-core CPU machine, colleagues' tests running concurrently: "
-            "figures are noisy lower bounds; client, proxy, router and replicas "
-            "all share the same cores",
+            "note": "the load generator, HTTP proxy, router and replicas all share these "
+            "cores; other load on the machine shows in loadavg_start/loadavg_end",
             "loadavg_start": os.getloadavg(),
         },
         "settings": {
