@@ -46,6 +46,7 @@ def plain_loop(
     """
     import pyarrow.parquet as pq
     import torch
+    import torch.distributed as dist
 
     from jobs.training.data import RankBatches, inspect_shards
     from jobs.training.objectives import StageObjective, build_model_from_kwargs
@@ -65,7 +66,6 @@ def plain_loop(
     engine = None
     if deepspeed:
         import deepspeed as ds
-        import torch.distributed as dist
 
         from jobs.training.engine import deepspeed_config, lift_scalar_params
 
@@ -131,8 +131,6 @@ def plain_loop(
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     if engine is not None:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     if stats is not None:
         stats.update(

@@ -239,8 +239,8 @@ class ExecutionConfig:
 
     batch_size: int = 32
     concurrency: int | None = None
-    # Measured on 2 cores (2,000 OmniDigits rows): 64-row blocks 14.5-17.8 s for the decode
-    # stage, 256-row blocks ~12 s: each task costs ~0.1-0.2 s of scheduling besides its work.
+    # Decode stage alone on 2 cores, warm workers, 2,000 OmniDigits rows: 64-row blocks
+    # 14.5-17.8 s, 256-row blocks 12.4 s (each task costs ~0.1-0.2 s of scheduling).
     rows_per_block: int = 256
     decode_memory_mb: int = 512
     progress_bars: bool = True

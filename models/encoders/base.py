@@ -181,12 +181,3 @@ def standardize(x: torch.Tensor, channel_dim: int = -1, eps: float = 1e-3) -> to
     mean = x.mean(dims, keepdim=True)
     std = x.std(dims, keepdim=True, unbiased=False)
     return (x - mean) / (std + eps)
-
-
-def to_unit_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [-1, 1]; float input is taken as already in [0, 1]."""
-    if x.dtype == torch.uint8:
-        x = x.to(torch.float32) / 255.0
-    else:
-        x = x.to(torch.float32)
-    return x * 2.0 - 1.0
