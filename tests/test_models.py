@@ -558,6 +558,24 @@ def test_config_validation() -> None:
         OmniConfig.from_name("tiny", top_k=9)
     with pytest.raises(ConfigError, match="divide"):
         OmniConfig.from_name("tiny", image_patch=5)
+    with pytest.raises(ConfigError, match=r"image_stem must be conv\|linear, got .resnet."):
+        OmniConfig.from_name("tiny", image_stem="resnet")
+    with pytest.raises(ConfigError, match="power-of-two image_patch, got 3"):
+        OmniConfig.from_name("tiny", image_size=24, image_patch=3)
+    # A linear patch embedding takes any patch that divides the image.
+    assert OmniConfig.from_name("tiny", image_size=24, image_patch=3, image_stem="linear")
+
+
+def test_linear_image_stem_encodes() -> None:
+    """``image_stem: linear`` (plain ViT patch embedding) gives the same token layout."""
+    cfg = OmniConfig.from_name("tiny", image_stem="linear")
+    model = build_model(cfg, modalities=["image"], parts=[]).eval()
+    img = torch.randint(0, 256, (2, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        tokens, mask = model.encoders["image"]({"image": img})
+    n = (cfg.image_size // cfg.image_patch) ** 2
+    assert tokens.shape == (2, n, cfg.d_model) and mask.all()
+    assert torch.isfinite(tokens).all()
 
 
 def test_sizes_parameter_budget() -> None:
