@@ -10,7 +10,7 @@ audio or video parameters. Serving replicas may hold a single branch
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,6 +314,7 @@ class OmniModel(nn.Module):
         *,
         recon_cross: bool = True,
         caption: bool = False,
+        parts: Collection[str] | None = None,
     ) -> OmniOutput:
         """Runs the branches of the modalities present in ``batch``.
 
@@ -326,11 +327,18 @@ class OmniModel(nn.Module):
                 reconstruction); False = unimodal.
             caption: Teacher-forced modality -> text logits ``out.caption_logits[m]``
                 ``(B, L-1, V)`` for every non-text modality (targets ``batch["text"][:, 1:]``).
+            parts: Optional parts (of :data:`PARTS`) this forward may run; default all loaded
+                ones. A training stage names only what its losses read, so e.g. unimodal
+                pretraining computes no fusion or classifier logits.
 
         Returns:
             :class:`OmniOutput`.
         """
         active = self._active(batch, modalities)
+        run = set(PARTS) if parts is None else set(parts)
+        unknown = run - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown parts {sorted(unknown)}; known: {list(PARTS)}")
         out = OmniOutput(
             logit_scale=self.logit_scale, fusion_modalities=list(self.config.modalities)
         )
@@ -353,10 +361,10 @@ class OmniModel(nn.Module):
                 "moe_aux": torch.stack([f.stats.aux for f in feats.values()]).mean(),
                 "moe_z": torch.stack([f.stats.z for f in feats.values()]).mean(),
             }
-            if self.fusion is not None:
+            if self.fusion is not None and "fusion" in run:
                 out.fused, out.gates = self.fuse_features(feats)
         for m, f in feats.items():
-            if f.masked is None or m not in self.recon_heads:
+            if f.masked is None or m not in self.recon_heads or "recon" not in run:
                 continue
             others = {o: g for o, g in feats.items() if o != m}
             ctx, ctx_mask = self._memory(others) if (recon_cross and others) else (None, None)
@@ -368,7 +376,7 @@ class OmniModel(nn.Module):
                 kind=self.encoders[m].target_kind,
                 cross=ctx is not None,
             )
-        if caption and self.decoder is not None and "text" in batch:
+        if caption and self.decoder is not None and "decoder" in run and "text" in batch:
             ids = batch["text"].long()
             ids_mask = batch.get("text_mask")
             ids_mask = (ids != self.config.pad_id) if ids_mask is None else ids_mask.bool()
@@ -379,7 +387,7 @@ class OmniModel(nn.Module):
                 out.caption_logits[m] = self.decoder(
                     ids[:, :-1], memory, mem_mask, ids_mask[:, :-1]
                 )
-        if self.classifier is not None:
+        if self.classifier is not None and "classifier" in run:
             if out.fused is not None:
                 out.logits = self.classifier(out.fused)
             out.modality_logits = {m: self.classifier(f.embed) for m, f in feats.items()}

@@ -216,6 +216,63 @@ def test_deepspeed_moe_expert_parallel_over_two_workers(ray_local, shards, tmp_p
     assert model.config.moe_impl == "deepspeed" and model.config.ep_size == 1
 
 
+@pytest.mark.slow
+def test_zero0_single_worker_freezes_unused_parts_and_exports(ray_local, shards, tmp_path):
+    """ZeRO-0 (the single-worker setting): pretraining trains only what its losses reach,
+    leaves fusion/decoder/classifier/projections exactly at their init, and its checkpoint
+    (no ZeRO partitions) consolidates into an export that reproduces the trained engine."""
+    from jobs.training.data import inspect_shards
+    from jobs.training.objectives import build_model_from_kwargs
+    from jobs.training.runner import model_kwargs_from_data, run_training
+
+    cfg = _cfg(
+        tmp_path,
+        shards,
+        "deepspeed.zero_stage=0",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=1",
+        "pretrain.steps=6",
+        "pretrain.warmup_steps=2",
+        "pretrain.checkpoint_every=3",
+        "name=z0",
+    )
+    res = run_training(cfg, ["pretrain"])
+    run_dir = Path(res["run_dir"])
+    records = read_jsonl(str(run_dir / "metrics.jsonl"))
+    (start,) = [r for r in records if r.get("event") == "start"]
+    assert start["zero_stage"] == 0 and start["world_size"] == 1
+    assert start["unused_by_stage"] == [
+        "fusion",
+        "decoder",
+        "classifier",
+        "projections",
+        "logit_scale",
+    ]
+    rows = _steps(records, "pretrain")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+    info = inspect_shards(shards)
+    torch.manual_seed(cfg.seed)  # rank 0 seeds with cfg.seed before building its model
+    init = build_model_from_kwargs(
+        {"size": cfg.model, **model_kwargs_from_data(cfg, shards, info, info.modalities)}
+    ).state_dict()
+    final = load_file(str(run_dir / "pretrain" / "final" / "model.safetensors"))
+    unused = ("fusion.", "decoder.", "classifier.", "projections.", "logit_scale")
+    for k, v in final.items():
+        if k.startswith(unused):
+            torch.testing.assert_close(v, init[k].reshape(v.shape), rtol=0, atol=0, msg=k)
+    assert any(
+        not torch.equal(v, init[k]) for k, v in final.items() if k.startswith("trunk.")
+    )  # the trunk did train
+    from jobs.export import main as export_main
+
+    out = tmp_path / "export_z0"
+    args = ["--config", TINY, f"data.shards_dir={shards}", f"runs_dir={tmp_path}", "name=z0"]
+    assert export_main([*args, "--out", str(out)]) == 0
+    _probe_matches_export(run_dir, "pretrain", out, shards)
+
+
 def test_missing_shards_fail_clearly(tmp_path):
     from jobs.training.runner import run_training
 

@@ -70,7 +70,10 @@ class DeepSpeedSection:
 
     Attributes:
         config: Path of the base DeepSpeed YAML (``{zero_stage}`` is substituted).
-        zero_stage: ZeRO stage 1, 2 or 3 (overrides the YAML's ``zero_optimization.stage``).
+        zero_stage: ZeRO stage 0, 1, 2 or 3 (overrides the YAML's
+            ``zero_optimization.stage``). 0 = plain data parallelism (every rank holds the
+            whole optimizer state): nothing to partition with one worker, and it skips
+            ZeRO's flat-buffer copies, so it is the fastest choice for single-worker runs.
         moe_impl: ``"native"`` (the model's own MoE) or ``"deepspeed"`` (DeepSpeed MoE layers
             with expert parallelism; ZeRO-1/2 only).
         ep_size: Expert-parallel group size for ``moe_impl=deepspeed``.
@@ -82,14 +85,14 @@ class DeepSpeedSection:
     ep_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.moe_impl not in ("native", "deepspeed"):
             raise ValueError(f"deepspeed.moe_impl must be native|deepspeed, got {self.moe_impl!r}")
         if self.moe_impl == "deepspeed" and self.zero_stage == 3:
             # DeepSpeed's MoE asserts under ZeRO-3; fail before any worker starts.
             raise ValueError(
-                "deepspeed.moe_impl=deepspeed needs zero_stage 1 or 2 (ZeRO-3 asserts)"
+                "deepspeed.moe_impl=deepspeed needs zero_stage 0, 1 or 2 (ZeRO-3 asserts)"
             )
 
 

@@ -113,6 +113,23 @@ def lift_scalar_params(model: torch.nn.Module) -> list[str]:
     return lifted
 
 
+def skip_single_rank_allreduce(engine: Any, zero_stage: int) -> bool:
+    """ZeRO-0 with one data-parallel rank: turns off DeepSpeed's gradient all-reduce.
+
+    Over one rank the all-reduce is a no-op, yet DeepSpeed still flattens every gradient
+    into a bucket, reduces it and copies it back each step (about 4% of a ``small`` step on
+    CPU). ZeRO-1/2/3 reduce inside their optimizers and are left alone.
+
+    Returns:
+        Whether the all-reduce was turned off.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if zero_stage != 0 or world != 1:
+        return False
+    engine.enable_backward_allreduce = False
+    return True
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gathers ``x`` (B, E) from every rank into (world*B, E), keeping gradients.
 

@@ -32,6 +32,7 @@ from jobs.training.engine import (
     apply_freeze,
     lift_scalar_params,
     seed_everything,
+    skip_single_rank_allreduce,
 )
 from jobs.training.metrics import JsonlWriter, expert_load_fractions, mean_gates
 from jobs.training.objectives import StageObjective, build_model_from_kwargs, to_device
@@ -65,8 +66,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(tc.seed + rank)
 
     model = build_model_from_kwargs(config["model_kwargs"], init_from=config.get("init_from"))
-    counts = apply_freeze(model, st)
-    lift_scalar_params(model)
     objective = StageObjective(
         stage,
         st,
@@ -75,6 +74,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         pairs=config["pairs"],
         seed=tc.seed,
     )
+    apply_freeze(model, st)
+    unused = objective.freeze_unused(model)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = {
+        "trainable": n_train,
+        "frozen": sum(p.numel() for p in model.parameters()) - n_train,
+        "unused_by_stage": unused,
+    }
+    lift_scalar_params(model)
     model_params = [p for p in model.parameters() if p.requires_grad]
     if tc.deepspeed.zero_stage == 3:
         _mark_z3_leaves(model)
@@ -92,6 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     if tc.deepspeed.zero_stage == 3:
         _gather_z3_persistent(engine.module)
+    skip_single_rank_allreduce(engine, tc.deepspeed.zero_stage)
 
     # -- resume: Ray's latest checkpoint if complete, else the newest complete one (#41700).
     state = TrainState(world_size=world, stage=stage)

@@ -187,6 +187,63 @@ class StageObjective:
     def w(self, name: str) -> float:
         return float(self.st.loss_weights.get(name, 1.0))
 
+    # ----------------------------------------------------------------- what the stage uses
+    def forward_parts(self) -> tuple[str, ...]:
+        """Optional model parts (``models.model.PARTS``) whose outputs this stage's losses
+        read; the forward runs only these (pretraining computes no fusion or logits)."""
+        if self.stage == "pretrain":
+            return ("recon",)
+        if self.stage == "align":
+            return ("recon", "decoder")
+        tasks = set(self.st.tasks)
+        parts: list[str] = []
+        if "classification" in tasks:
+            parts += ["fusion", "classifier"]
+        if "description" in tasks:
+            parts.append("decoder")
+        return tuple(parts)
+
+    def unused_modules(self) -> list[str]:
+        """Model attributes no loss term of this stage can reach.
+
+        Their parameters would get no gradient; DeepSpeed would still zero-fill those
+        gradients and run the optimizer (and weight decay) over them every step.
+        """
+        parts = set(self.forward_parts())
+        unused = [
+            attr
+            for part, attr in (
+                ("fusion", "fusion"),
+                ("recon", "recon_heads"),
+                ("decoder", "decoder"),
+                ("classifier", "classifier"),
+            )
+            if part not in parts
+        ]
+        tasks = set(self.st.tasks) if self.stage == "finetune" else set()
+        if self.stage == "pretrain" or (
+            self.stage == "finetune" and not tasks & {"classification", "retrieval"}
+        ):
+            unused.append("projections")
+        if self.stage == "pretrain" or (self.stage == "finetune" and "retrieval" not in tasks):
+            unused.append("logit_scale")
+        return unused
+
+    def freeze_unused(self, model: torch.nn.Module) -> list[str]:
+        """Sets ``requires_grad=False`` on :meth:`unused_modules`; returns the names that
+        held trainable parameters."""
+        frozen = []
+        for attr in self.unused_modules():
+            obj = getattr(model, attr, None)
+            if obj is None:
+                continue
+            params = [obj] if isinstance(obj, torch.nn.Parameter) else list(obj.parameters())
+            if any(p.requires_grad for p in params):
+                frozen.append(attr)
+            for p in params:
+                p.requires_grad_(False)
+        return frozen
+
     # ----------------------------------------------------------------- batches
     def collate(self, samples: list[dict[str, Any]], label_names: list[str]) -> dict[str, Any]:
         from models.data import collate
@@ -244,7 +301,13 @@ class StageObjective:
         active = self.sync_modalities(batch)
         terms: dict[str, torch.Tensor] = {}
         if self.stage == "pretrain":
-            out = engine(batch, modalities=active, mask_ratio=self.st.mask_ratio, recon_cross=False)
+            out = engine(
+                batch,
+                modalities=active,
+                mask_ratio=self.st.mask_ratio,
+                recon_cross=False,
+                parts=self.forward_parts(),
+            )
             for m, r in out.recon.items():
                 terms[f"recon_{m}"] = self.w("recon") * recon_loss(r)
         elif self.stage == "align":
@@ -258,6 +321,7 @@ class StageObjective:
                 mask_ratio=ratio,
                 recon_cross=True,
                 caption="text" in active,
+                parts=self.forward_parts(),
             )
             for a, b in self.pairs:
                 if a in out.embeds and b in out.embeds and masked not in (a, b):
@@ -277,7 +341,10 @@ class StageObjective:
         elif self.stage == "finetune":
             tasks = set(self.st.tasks)
             out = engine(
-                batch, modalities=active, caption="description" in tasks and "text" in active
+                batch,
+                modalities=active,
+                caption="description" in tasks and "text" in active,
+                parts=self.forward_parts(),
             )
             labels = batch["label"]
             if "classification" in tasks and out.logits is not None:
