@@ -20,6 +20,13 @@ one); ``group`` is the writer (who also owns the voice and pen style) so group s
 leak; a configurable fraction of files is deliberately corrupt and some rows are exact or near
 duplicates of others under new ids. Both are listed in ``corpus_info.json``.
 
+Realism for the model: a fraction (``hard_frac``) of each modality's instances is *ambiguous*
+on its own, as real data is (a caption that never names the digit, an occluded scan, speech
+under loud noise, a blurred clip, a partial scan, an interrupted pen trace). Each is decided
+per row and modality independently, so another modality of the row usually still shows the
+digit: what fusing modalities can recover and a single modality cannot. They are valid files
+(nothing to quarantine) and are listed in ``corpus_info.json`` under ``ambiguous``.
+
 Determinism: all rows are *planned* in the parent process from RNGs derived from
 ``(seed, row)``; workers render planned rows with their own per-row RNGs, so the output does
 not depend on the worker count. Files are byte-identical across builds with the same seed
@@ -75,7 +82,7 @@ SUBDIRS: dict[str, str] = {
     "pointcloud": "points",
     "signal": "signals",
 }
-CORPUS_VERSION = "omnidigits-1"
+CORPUS_VERSION = "omnidigits-2"
 
 DIGIT_NAMES: dict[str, tuple[str, ...]] = {
     "en": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
@@ -163,6 +170,8 @@ class RowPlan:
     dup_kind: str | None = None  # "exact" | "near"
     #: file modality -> corruption kind.
     corrupt: dict[str, str] = field(default_factory=dict)
+    #: modalities whose content is ambiguous on its own (see the module docstring).
+    ambiguous: list[str] = field(default_factory=list)
 
     def path(self, modality: str) -> str:
         return f"{SUBDIRS[modality]}/{self.index:06d}.{self.formats[modality]}"
@@ -175,6 +184,18 @@ def _rng(seed: int, *tags: int) -> np.random.Generator:
 
 
 _TAG_PLAN, _TAG_RENDER, _TAG_WRITER, _TAG_GLOBAL, _TAG_NEAR = 0, 1, 2, 3, 4
+# Own streams for ambiguity, so every other byte of a row is the same with any hard_frac.
+_TAG_AMBIG_PLAN, _TAG_AMBIG_RENDER = 5, 6
+
+#: Captions that never name the digit (ambiguous text).
+_VAGUE_TEXT: tuple[str, ...] = (
+    "a handwritten number",
+    "a digit",
+    "some number written in pen",
+    "a number on a card",
+    "the number I wrote down",
+    "a single digit",
+)
 
 
 def _make_writer(seed: int, wid: int) -> Writer:
@@ -223,7 +244,12 @@ def _pick(r: np.random.Generator, choices: dict[str, float]) -> str:
 
 
 def _plan_rows(
-    n: int, seed: int, modality_drop: float, corrupt_frac: float, dup_frac: float
+    n: int,
+    seed: int,
+    modality_drop: float,
+    corrupt_frac: float,
+    dup_frac: float,
+    hard_frac: float = 0.0,
 ) -> list[RowPlan]:
     digits_y = _sklearn_digits()[1]
     n_writers = max(3, n // 10)
@@ -280,6 +306,11 @@ def _plan_rows(
                 video_style=video_style,
             )
         )
+        ra = _rng(seed, _TAG_AMBIG_PLAN, i)
+        draws = {m: ra.random() for m in MODALITIES}  # every modality draws: order-stable
+        rows[-1].ambiguous = [m for m in MODALITIES if m in present and draws[m] < hard_frac]
+        if "text" in rows[-1].ambiguous:
+            rows[-1].text = _VAGUE_TEXT[int(ra.integers(len(_VAGUE_TEXT)))]
 
     # Duplicates: a later row repeats an earlier original row (same writer, so same group),
     # exactly (byte-identical files, same text) or nearly (perturbed image, restyled text).
@@ -295,6 +326,7 @@ def _plan_rows(
         row.formats = dict(src.formats)
         row.image_src, row.video_style = src.image_src, src.video_style
         row.text = src.text
+        row.ambiguous = list(src.ambiguous)
         if kind == "near" and src.text is not None:
             row.text = _near_text(_rng(seed, _TAG_NEAR, i), src.text)
         row.dup_of, row.dup_kind = j, kind
@@ -634,6 +666,59 @@ def _signal_bytes(traj: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+# --------------------------------------------------------------------------- ambiguity
+
+
+def _ambiguous_image(im: Any, r: np.random.Generator) -> Any:
+    """An occluded scan: a paper-coloured patch over 55-70% of each side, at a random spot."""
+    from PIL import Image
+
+    a = np.array(im)
+    h, w = a.shape[:2]
+    ph, pw = int(h * r.uniform(0.55, 0.7)), int(w * r.uniform(0.55, 0.7))
+    y, x = int(r.integers(0, h - ph + 1)), int(r.integers(0, w - pw + 1))
+    paper = np.median(np.concatenate([a[0], a[-1]]), axis=0)  # border colour
+    a[y : y + ph, x : x + pw] = paper
+    return Image.fromarray(a.astype(np.uint8))
+
+
+def _ambiguous_audio(x: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    """Speech under loud noise (SNR about -6 dB)."""
+    f = x.astype(np.float32)
+    rms = float(np.sqrt(np.mean(f**2))) or 1.0
+    f = f + r.normal(0, 2.0 * rms, f.shape).astype(np.float32)
+    return np.clip(np.round(f), -32768, 32767).astype(np.int16)
+
+
+def _ambiguous_video(frames: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    """An out-of-focus, noisy clip: each frame reduced to 6x6 and back, plus noise."""
+    from PIL import Image
+
+    out = np.empty_like(frames)
+    size = frames.shape[1:3][::-1]
+    for k, fr in enumerate(frames):
+        im = Image.fromarray(fr).resize((6, 6), Image.Resampling.BILINEAR)
+        blur = np.asarray(im.resize(size, Image.Resampling.BILINEAR), np.float32)
+        out[k] = np.clip(np.round(blur + r.normal(0, 25, blur.shape)), 0, 255).astype(np.uint8)
+    return out
+
+
+def _ambiguous_points(p: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    """A partial scan: only the points on one side of a random plane (about a third)."""
+    d = r.normal(size=3)
+    d /= np.linalg.norm(d)
+    proj = p @ d
+    return p[proj <= np.quantile(proj, r.uniform(0.25, 0.4))]
+
+
+def _ambiguous_trajectory(traj: np.ndarray, r: np.random.Generator) -> np.ndarray:
+    """An interrupted pen trace: its first 20-35%, with a shaky hand."""
+    keep = max(8, int(len(traj) * r.uniform(0.2, 0.35)))
+    t = traj[:keep].copy()
+    t[:, :2] += r.normal(0, 0.03, (keep, 2)).astype(np.float32)
+    return t
+
+
 # --------------------------------------------------------------------------- corruption
 
 
@@ -688,11 +773,18 @@ def _render_row(
         if m not in row.formats:
             continue
         rm = subs[m]
+        amb = (
+            _rng(seed, _TAG_AMBIG_RENDER, src_index, FILE_MODALITIES.index(m))
+            if m in row.ambiguous
+            else None
+        )
         path = root / row.path(m)
         fmt = row.formats[m]
         data: bytes | None = None
         if m == "image":
             im = _render_image(row, rm)
+            if amb is not None:
+                im = _ambiguous_image(im, amb)
             if near is not None:  # a re-scan: brightness shift and a one-pixel crop
                 from PIL import Image, ImageEnhance
 
@@ -701,17 +793,28 @@ def _render_row(
                 im = im.crop((1, 1, w, h)).resize((w, h), Image.Resampling.BILINEAR)
             data = _image_bytes(im, fmt, rm)
         elif m == "audio":
-            data = _audio_bytes(*_render_audio(row, rm), fmt)
+            x, rate = _render_audio(row, rm)
+            if amb is not None:
+                x = _ambiguous_audio(x, amb)
+            data = _audio_bytes(x, rate, fmt)
         elif m == "video":
-            videos.append((*_render_video(row, rm), path))
+            frames, fps = _render_video(row, rm)
+            if amb is not None:
+                frames = _ambiguous_video(frames, amb)
+            videos.append((frames, fps, path))
             continue
         elif m == "pointcloud":
             p = _render_points(row, rm)
+            if amb is not None:
+                p = _ambiguous_points(p, amb)
             if row.corrupt.get(m) == "non_finite":  # NaN coordinates in a well-formed file
                 p[rm.choice(len(p), size=max(1, len(p) // 50), replace=False)] = np.nan
             _write_points(p, path)
         else:
-            data = _signal_bytes(_trajectory(row.label, row.writer, rm), fmt)
+            traj = _trajectory(row.label, row.writer, rm)
+            if amb is not None:
+                traj = _ambiguous_trajectory(traj, amb)
+            data = _signal_bytes(traj, fmt)
         data = _maybe_corrupt(row, m, path, data, seed)
         if data is not None:
             path.write_bytes(data)
@@ -758,7 +861,13 @@ def _render_chunk(rows: list[RowPlan], root: str, seed: int) -> list[dict[str, i
 
 
 def _check_args(
-    n: int, seed: int, workers: int, modality_drop: float, corrupt_frac: float, dup_frac: float
+    n: int,
+    seed: int,
+    workers: int,
+    modality_drop: float,
+    corrupt_frac: float,
+    dup_frac: float,
+    hard_frac: float = 0.0,
 ) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise CorpusError(f"n must be a positive integer, got {n!r}")
@@ -770,6 +879,7 @@ def _check_args(
         ("modality_drop", modality_drop, 0.95),
         ("corrupt_frac", corrupt_frac, 0.5),
         ("dup_frac", dup_frac, 0.5),
+        ("hard_frac", hard_frac, 0.5),
     ):
         if not isinstance(v, int | float) or not (0.0 <= float(v) <= hi):
             raise CorpusError(f"{name} must be a number in [0, {hi}], got {v!r}")
@@ -809,6 +919,7 @@ def build_corpus(
     modality_drop: float = 0.15,
     corrupt_frac: float = 0.01,
     dup_frac: float = 0.01,
+    hard_frac: float = 0.05,
     overwrite: bool = False,
 ) -> Path:
     """Builds the OmniDigits corpus.
@@ -823,6 +934,8 @@ def build_corpus(
         corrupt_frac: fraction of files written deliberately corrupt (>= 1 file when > 0).
         dup_frac: fraction of rows that duplicate an earlier row under a new id (>= 1 when
             > 0 and n >= 2); half exact copies, half near duplicates.
+        hard_frac: probability that an instance of a modality is ambiguous on its own
+            (see the module docstring); 0 renders every instance clearly.
         overwrite: replace an existing corpus in ``out``.
 
     Returns:
@@ -832,11 +945,13 @@ def build_corpus(
     Raises:
         CorpusError: bad arguments, a missing external tool, or an occupied ``out``.
     """
-    _check_args(n, seed, workers, modality_drop, corrupt_frac, dup_frac)
+    _check_args(n, seed, workers, modality_drop, corrupt_frac, dup_frac, hard_frac)
     t0 = time.perf_counter()
     root = Path(out)
     _prepare_out(root, overwrite)
-    rows = _plan_rows(n, seed, float(modality_drop), float(corrupt_frac), float(dup_frac))
+    rows = _plan_rows(
+        n, seed, float(modality_drop), float(corrupt_frac), float(dup_frac), float(hard_frac)
+    )
 
     # Chunks of ~40 rows: small enough to balance the load, big enough to share ffmpeg
     # processes (see _FFMPEG_BATCH) and amortize pickling.
@@ -875,7 +990,8 @@ def build_corpus(
 
     info = _corpus_info(rows, sizes, n=n, seed=seed, workers=workers, processes=processes,
                         modality_drop=modality_drop, corrupt_frac=corrupt_frac,
-                        dup_frac=dup_frac, seconds=time.perf_counter() - t0)  # fmt: skip
+                        dup_frac=dup_frac, hard_frac=hard_frac,
+                        seconds=time.perf_counter() - t0)  # fmt: skip
     (root / "corpus_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return manifest
 
@@ -901,6 +1017,7 @@ def _corpus_info(rows: list[RowPlan], sizes: list[dict[str, int]], **params: Any
         for row in rows
         if row.dup_of is not None
     ]
+    ambiguous = [{"id": row.id, "modality": m} for row in rows for m in row.ambiguous]
     writers = {row.group: row.writer for row in rows}
     seconds = params.pop("seconds")
     return {
@@ -916,6 +1033,8 @@ def _corpus_info(rows: list[RowPlan], sizes: list[dict[str, int]], **params: Any
         "corrupt_ids": sorted({c["id"] for c in corrupt}),
         "duplicates": dups,
         "duplicate_ids": [d["id"] for d in dups],
+        "ambiguous": ambiguous,
+        "ambiguous_counts": {m: sum(a["modality"] == m for a in ambiguous) for m in MODALITIES},
         "writers": {g: asdict(w) for g, w in sorted(writers.items())},
         "layout": {
             "signal": "npy float32 (3, L) channels x,y,pen; csv header x,y,pen, one step a line",
@@ -958,6 +1077,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fraction of files written corrupt (default 0.01)")  # fmt: skip
     p.add_argument("--dup-frac", type=float, default=0.01,
                    help="fraction of duplicate rows (default 0.01)")  # fmt: skip
+    p.add_argument("--hard-frac", type=float, default=0.05,
+                   help="per-modality probability of an ambiguous instance (default 0.05)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing corpus")
     return p.parse_args(argv)
 
@@ -973,6 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
             modality_drop=args.modality_drop,
             corrupt_frac=args.corrupt_frac,
             dup_frac=args.dup_frac,
+            hard_frac=args.hard_frac,
             overwrite=args.overwrite,
         )
     except CorpusError as e:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipelines.demo_corpus import (
+    DIGIT_NAMES,
     FILE_MODALITIES,
     MODALITIES,
     CorpusError,
@@ -153,10 +154,11 @@ def test_decoded_content_has_expected_shapes(tiny_corpus: Path) -> None:
     root = Path(tiny_corpus)
     rows = _read_manifest(root)
     corrupt = {(c["id"], c["modality"]) for c in _info(root)["corrupt"]}
+    ambiguous = {(a["id"], a["modality"]) for a in _info(root)["ambiguous"]}
     rates, channels, exts = set(), set(), set()
     for r in rows:
         for m in FILE_MODALITIES:
-            if m not in r or (r["id"], m) in corrupt:
+            if m not in r or (r["id"], m) in corrupt | ambiguous:
                 continue
             exts.add(Path(r[m]).suffix)
             a = _load(root, m, r[m])["array"]
@@ -250,6 +252,50 @@ def test_same_seed_is_byte_identical_and_independent_of_workers(
     assert da == db
     assert (a / "manifest.jsonl").read_bytes() != (c / "manifest.jsonl").read_bytes()
     assert da != dc_
+
+
+def test_ambiguous_instances_change_only_themselves(tmp_path: Path) -> None:
+    """hard_frac renders some instances ambiguous (vague caption, occluded scan, noisy
+    speech, blurred clip, partial scan, interrupted trace); every other file and caption
+    is byte-identical to the corpus built without them."""
+    kw = {"n": 30, "seed": 3, "workers": 1, "corrupt_frac": 0.0, "dup_frac": 0.0}
+    clear, hard = tmp_path / "clear", tmp_path / "hard"
+    build_corpus(clear, hard_frac=0.0, **kw)
+    build_corpus(hard, hard_frac=0.4, **kw)
+    info = _info(hard)
+    amb = {(a["id"], a["modality"]) for a in info["ambiguous"]}
+    assert _info(clear)["ambiguous"] == []
+    assert {m for _, m in amb} == set(MODALITIES)  # every modality has some
+    rows_c = {r["id"]: r for r in _read_manifest(clear)}
+    rows_h = {r["id"]: r for r in _read_manifest(hard)}
+    assert rows_c.keys() == rows_h.keys()
+    digits = {w for names in DIGIT_NAMES.values() for w in names} | set("0123456789")
+    for i, rh in rows_h.items():
+        rc = rows_c[i]
+        assert {k for k in rc if k != "text"} == {k for k in rh if k != "text"}
+        if "text" in rh:
+            if (i, "text") in amb:  # a caption that never names the digit
+                assert not set(rh["text"].lower().replace(",", " ").split()) & digits
+            else:
+                assert rh["text"] == rc["text"]
+        for m in FILE_MODALITIES:
+            if m not in rh:
+                continue
+            same = (hard / rh[m]).read_bytes() == (clear / rc[m]).read_bytes()
+            assert same != ((i, m) in amb), (i, m)
+            if (i, m) not in amb:
+                continue
+            a, c = _load(hard, m, rh[m])["array"], _load(clear, m, rc[m])["array"]
+            if m == "pointcloud":  # a partial scan: about a third of the points
+                assert 0.2 * len(c) <= len(a) <= 0.45 * len(c)
+            elif m == "signal":  # an interrupted trace
+                assert a.shape[0] == 3 and 0.15 * c.shape[1] <= a.shape[1] <= 0.4 * c.shape[1]
+            elif m == "image":  # occluded: a large part of the scan is plain paper
+                assert a.shape == c.shape and (a != c).mean() > 0.2
+            else:  # audio / video: same length, heavily changed content
+                assert a.shape == c.shape
+                diff = np.abs(a.astype(np.float32) - c.astype(np.float32)).mean()
+                assert diff > 0.5 * np.abs(c.astype(np.float32) - c.mean()).mean(), (i, m)
 
 
 def test_plan_uses_distinct_source_images_and_keeps_a_modality() -> None:
