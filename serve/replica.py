@@ -90,6 +90,8 @@ class ModalityEncoder:
             parts=[],  # branch + trunk + temperature only: no fusion/decoder/heads
             quantization=self.args.quantization,
         )
+        # Heavy lazy imports (open3d ~1.5 s, decord) happen now, not in the first request.
+        self.featurizer.warm_up()
         self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"prep-{modality}")
         self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{modality}")
         self.counters: dict[str, int] = {

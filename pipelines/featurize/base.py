@@ -82,6 +82,10 @@ class Featurizer:
         """Shape of one featurized item; ``None`` marks a variable (bounded) axis."""
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """Loads what the first item would otherwise load lazily (heavy libraries), so a
+        long-lived process (a serving replica) does not make its first request pay for it."""
+
     def featurize(self, item: Any, suffix: str | None = None) -> np.ndarray:
         """Dispatches one raw item by type: bytes -> :meth:`from_bytes`, else array."""
         if isinstance(item, bytes | bytearray | memoryview):

@@ -91,6 +91,9 @@ class VideoFeaturizer(Featurizer):
     suffixes = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
     dtype = np.dtype(np.uint8)
 
+    def warm_up(self) -> None:
+        import decord  # noqa: F401 - loads the ffmpeg libraries
+
     def output_shape(self) -> tuple[int, int, int, int]:
         c = self.config.video
         return (c.num_frames, c.size, c.size, 3)
