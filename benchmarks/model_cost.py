@@ -202,17 +202,9 @@ def int8_vs_fp32(model, cfg: OmniConfig, batch_size: int, reps: int, modalities=
     }
 
 
-def int8_base_text(batch_size: int, reps: int) -> dict:
-    """INT8 vs fp32 on the ``base`` text branch (d=768): the serving case where the
-    Linear layers dominate. Only the text branch + trunk are built (no fusion/heads)."""
-    cfg = OmniConfig.from_name("base")
-    torch.manual_seed(0)
-    model = build_model(cfg, modalities=["text"], parts=[]).eval()
-    return int8_vs_fp32(model, cfg, batch_size, reps, modalities=["text"])
-
-
-def int8_base_all(batch_size: int, reps: int) -> dict:
-    """INT8 vs fp32 on the whole ``base`` model (d=768, six modalities, fusion and heads).
+def int8_base(batch_size: int, reps: int, modalities: list[str] | None = None) -> dict:
+    """INT8 vs fp32 on the ``base`` model (d=768): the whole model (six modalities, fusion,
+    heads), or only the given branches + trunk (e.g. ``["text"]``, the serving case).
 
     On an AVX2 CPU without VNNI, int8 GEMMs beat fp32 ones by ~2x only when the matrices
     are large: at ``small``'s d=128 a quantized Linear is ~1.3x faster than fp32 (profiled),
@@ -220,8 +212,9 @@ def int8_base_all(batch_size: int, reps: int) -> dict:
     """
     cfg = OmniConfig.from_name("base")
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    return int8_vs_fp32(model, cfg, batch_size, reps)
+    parts = None if modalities is None else []
+    model = build_model(cfg, modalities=modalities, parts=parts).eval()
+    return int8_vs_fp32(model, cfg, batch_size, reps, modalities=modalities)
 
 
 def cuda_mfu(
@@ -349,10 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["modality_separation"] = modality_separation(model, cfg, args.batch, args.reps)
         result["int8"] = int8_vs_fp32(model, cfg, args.batch, args.reps)
         if not args.skip_base_int8:
-            result["int8_base_text"] = int8_base_text(args.base_batch, max(2, args.reps // 3))
-            result["int8_base_all_modalities"] = int8_base_all(
-                args.base_batch, max(2, args.reps // 3)
-            )
+            base_reps = max(2, args.reps // 3)
+            result["int8_base_text"] = int8_base(args.base_batch, base_reps, ["text"])
+            result["int8_base_all_modalities"] = int8_base(args.base_batch, base_reps)
         out = args.out or REPO / "benchmarks" / "results" / "model_cost.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

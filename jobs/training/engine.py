@@ -85,6 +85,11 @@ def apply_freeze(model: torch.nn.Module, st: StageSection) -> dict[str, int]:
             if i < len(layers) - keep:
                 for p in layer.parameters():
                     p.requires_grad_(False)
+    return param_counts(model)
+
+
+def param_counts(model: torch.nn.Module) -> dict[str, int]:
+    """``{"trainable": n, "frozen": n}`` parameter counts."""
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     return {"trainable": n_train, "frozen": n_all - n_train}

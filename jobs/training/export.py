@@ -2,8 +2,8 @@
 
 ``consolidate_checkpoint`` turns any ZeRO stage's checkpoint into a full fp32 state dict with
 DeepSpeed's ``zero_to_fp32`` utilities (ZeRO-3: the partitioned fp32 master weights are
-stitched together; ZeRO-1/2: the flat fp32 groups; stage 0: rank 0's module state), loads it into a model rebuilt from
-``model_config.yaml`` (strict: no key may be missing or left over) and saves it with
+stitched together; ZeRO-1/2: the flat fp32 groups; stage 0: rank 0's module state), loads
+it into a model rebuilt from ``model_config.yaml`` (strict: no key may be missing or left over) and saves it with
 ``save_pretrained``. ``write_export`` adds ``tokenizer/``, ``data_config.yaml`` (copied from
 the shards dir), ``metrics.json`` and ``training.yaml`` (aligned pairs, label names).
 """
@@ -46,10 +46,10 @@ def consolidate_checkpoint(
     expert_files = sorted((ckpt_dir / DS_TAG).glob("layer_*_expert_*_model_states.pt"))
     zero_files = list((ckpt_dir / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt"))
     if expert_files:
-        state = _moe_state_dict(ckpt_dir / DS_TAG, expert_files)
+        state = _rank0_state_dict(ckpt_dir / DS_TAG, expert_files)
     elif not zero_files:
         # ZeRO stage 0: no partitions; rank 0's module state is the whole fp32 model.
-        state = _moe_state_dict(ckpt_dir / DS_TAG, [])
+        state = _rank0_state_dict(ckpt_dir / DS_TAG, [])
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
     cfg = OmniConfig.from_yaml(model_config)
@@ -82,7 +82,7 @@ def consolidate_checkpoint(
     return out
 
 
-def _moe_state_dict(tag_dir: Path, expert_files: list[Path]) -> dict[str, torch.Tensor]:
+def _rank0_state_dict(tag_dir: Path, expert_files: list[Path]) -> dict[str, torch.Tensor]:
     """DeepSpeed-MoE (ZeRO-0/1/2; ZeRO-3 MoE is refused by config) or ZeRO-0 checkpoint ->
     state dict.
 

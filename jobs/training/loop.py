@@ -31,6 +31,7 @@ from jobs.training.engine import (
     all_reduce_mean,
     apply_freeze,
     lift_scalar_params,
+    param_counts,
     seed_everything,
     skip_single_rank_allreduce,
 )
@@ -76,12 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     apply_freeze(model, st)
     unused = objective.freeze_unused(model)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    counts = {
-        "trainable": n_train,
-        "frozen": sum(p.numel() for p in model.parameters()) - n_train,
-        "unused_by_stage": unused,
-    }
+    counts = {**param_counts(model), "unused_by_stage": unused}
     lift_scalar_params(model)
     model_params = [p for p in model.parameters() if p.requires_grad]
     if tc.deepspeed.zero_stage == 3:

@@ -220,12 +220,12 @@ class StageObjective:
             )
             if part not in parts
         ]
+        # Embeddings feed align's InfoNCE and finetune's retrieval and per-modality logits;
+        # the temperature only the InfoNCE terms.
         tasks = set(self.st.tasks) if self.stage == "finetune" else set()
-        if self.stage == "pretrain" or (
-            self.stage == "finetune" and not tasks & {"classification", "retrieval"}
-        ):
+        if self.stage != "align" and not tasks & {"classification", "retrieval"}:
             unused.append("projections")
-        if self.stage == "pretrain" or (self.stage == "finetune" and "retrieval" not in tasks):
+        if self.stage != "align" and "retrieval" not in tasks:
             unused.append("logit_scale")
         return unused
 
