@@ -350,6 +350,7 @@ def test_pen_trajectories_identify_their_digit() -> None:
         ({"n": 5, "modality_drop": 1.0}, "modality_drop"),
         ({"n": 5, "corrupt_frac": -0.1}, "corrupt_frac"),
         ({"n": 5, "dup_frac": "x"}, "dup_frac"),
+        ({"n": 5, "hard_frac": 0.9}, "hard_frac"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(tmp_path: Path, kwargs: dict, match: str) -> None:

@@ -291,6 +291,23 @@ def test_modalities_argument_restricts_and_validates(cfg: OmniConfig) -> None:
         model(batch, modalities=["audio"])
 
 
+def test_parts_argument_runs_only_named_parts(cfg: OmniConfig) -> None:
+    """A training stage names the optional parts its losses read; the rest do not run."""
+    model = fresh_model(cfg)
+    batch = make_batch(cfg, n=3)
+    full = model(batch, mask_ratio=0.4, caption=True)
+    assert full.fused is not None and full.recon and full.caption_logits
+    assert full.logits is not None and full.modality_logits
+    only = model(batch, mask_ratio=0.4, caption=True, parts=["recon"])
+    assert only.fused is None and only.gates is None and only.logits is None
+    assert not only.modality_logits and not only.caption_logits
+    assert set(only.recon) == set(full.recon)
+    for m, e in only.embeds.items():  # the branches themselves are unchanged
+        assert e.shape == full.embeds[m].shape
+    with pytest.raises(ValueError, match="unknown parts"):
+        model(batch, parts=["fusion", "juicer"])
+
+
 def test_model_deterministic_under_seed(cfg: OmniConfig) -> None:
     batch = make_batch(cfg, n=3)
     a = fresh_model(cfg, seed=3)
