@@ -30,12 +30,10 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from jobs.training.metrics import peak_bf16_tflops  # noqa: E402
 from models import OmniConfig, build_model  # noqa: E402
 from models.data import collate, synthetic_samples  # noqa: E402
 from models.moe import MoETrunk  # noqa: E402
-
-#: Dense bf16 tensor-core peak (TFLOP/s) used as the MFU denominator.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def timeit(
@@ -262,7 +260,7 @@ def cuda_mfu(
     attn = 4 * seq * cfg.d_model * cfg.trunk_layers
     flops = 3 * (2 * active + attn) * batch * seq
     name = torch.cuda.get_device_name() if is_cuda else "cpu"
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 989.4)
+    peak = peak_bf16_tflops(name) or 989.4
     achieved = flops / t / 1e12
     return {
         "device": name,

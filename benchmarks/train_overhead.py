@@ -75,6 +75,8 @@ def plain_loop(
         "pretrain", tc.pretrain, modalities=info.modalities, label_names=info.label_names
     )
     obj.freeze_unused(model)  # as the training loop does
+    if getattr(args, "compile", False):
+        compile_blocks(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=tc.pretrain.lr, betas=(0.9, 0.98))
     engine = None
@@ -90,7 +92,10 @@ def plain_loop(
         if not dist.is_initialized():
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0")
             os.environ.update(WORLD_SIZE="1", LOCAL_RANK="0")
-            dist.init_process_group("gloo")
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            # As Ray Train sets it up: NCCL on GPUs, gloo on CPUs.
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         lift_scalar_params(model)
         engine, *_ = ds.initialize(
             model=model,
@@ -159,6 +164,19 @@ def plain_loop(
     return (args.steps - args.warmup) / dt
 
 
+def compile_blocks(model) -> None:
+    """``torch.compile`` each encoder block and each trunk block's packed multi-modality
+    pass (``forward_many``): fused elementwise work around the GEMMs, fewer launches."""
+    import torch
+
+    torch._dynamo.config.cache_size_limit = 64  # one graph per modality's sequence length
+    for enc in model.encoders.values():
+        for i, blk in enumerate(enc.blocks):
+            enc.blocks[i] = torch.compile(blk)
+    for layer in model.trunk.layers:
+        layer.forward_many = torch.compile(layer.forward_many)
+
+
 def _config(shards: str, runs: str, workers: int, args: argparse.Namespace, zero_stage: int = 2):
     from jobs.training.config import load_train_config
 
@@ -224,6 +242,12 @@ def main() -> int:
     p.add_argument(
         "--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM: 989)"
     )
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (plain-only)")
+    p.add_argument(
+        "--deepspeed",
+        action="store_true",
+        help="plain-only: also a DeepSpeed engine run (the job's config: bf16 on GPU, NCCL)",
+    )
     args = p.parse_args()
     if args.steps % args.warmup:
         raise SystemExit("--steps must be a multiple of --warmup (metrics are logged every warmup)")
@@ -234,6 +258,12 @@ def main() -> int:
     if args.plain_only:
         stats: dict = {}
         sps = plain_loop(shards, args, stats)
+        if args.deepspeed:
+            ds_stats: dict = {}
+            ds_sps = plain_loop(shards, args, ds_stats, deepspeed=True, zero_stage=2)
+            ds_stats["steps_per_s"] = ds_sps
+            ds_stats["mfu_approx"] = ds_stats["model_flops_per_s"] / (args.peak_tflops * 1e12)
+            stats["deepspeed_zero2"] = ds_stats
         shutil.rmtree(work, ignore_errors=True)
         import torch
 
@@ -243,6 +273,7 @@ def main() -> int:
             "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "bf16": args.bf16,
+            "compile": args.compile,
             "steps": args.steps,
             "warmup": args.warmup,
             "steps_per_s": sps,

@@ -257,20 +257,40 @@ class NativeMoE(nn.Module):
         row_expert = torch.searchsorted(
             offs, torch.arange(rows, device=x.device), right=True
         ).clamp(max=e - 1)
-        # Biases through a one-hot GEMM: its backward is a GEMM, not an atomic scatter.
-        onehot = (row_expert[:, None] == torch.arange(e, device=x.device)).to(x.dtype)
         w1 = torch.stack([m.fc1.weight for m in self.experts])  # (E, h, d)
         b1 = torch.stack([m.fc1.bias for m in self.experts])  # (E, h)
         w2 = torch.stack([m.fc2.weight for m in self.experts])  # (E, d, h)
         b2 = torch.stack([m.fc2.bias for m in self.experts])  # (E, d)
         offs32 = offs.to(torch.int32)
         h = torch._grouped_mm(buf, w1.transpose(-2, -1), offs=offs32)  # (rows, h)
-        h = F.gelu(h + onehot @ b1.to(x.dtype))
-        y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs32) + onehot @ b2.to(x.dtype)
+        # Row biases as a gather (fused with the GELU under torch.compile: no (rows, h)
+        # bias tensor is written) whose backward is a one-hot GEMM, not an atomic scatter.
+        h = F.gelu(h + _RowBias.apply(b1.to(x.dtype), row_expert))
+        y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs32)
+        y = y + _RowBias.apply(b2.to(x.dtype), row_expert)
         y = F.dropout(y, self.dropout, self.training)
         y = _GatherRows.apply(y, dest)  # (A, d) back in k-major assignment order
         wk = weights.t().to(y.dtype).unsqueeze(-1)  # (k, T, 1)
         return (y.view(k, t, d) * wk).sum(0)
+
+
+class _RowBias(torch.autograd.Function):
+    """``bias[row_expert]`` ``(rows, n)`` from ``bias (E, n)``; the backward sums each
+    expert's rows with a one-hot GEMM (``onehot.T @ grad``) instead of an ``index_add``
+    whose atomics would all land on E rows."""
+
+    @staticmethod
+    def forward(ctx, bias: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(row_expert)
+        ctx.num_experts = bias.shape[0]
+        return bias.index_select(0, row_expert)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (row_expert,) = ctx.saved_tensors
+        experts = torch.arange(ctx.num_experts, device=grad.device)
+        onehot = (experts[:, None] == row_expert[None, :]).to(grad.dtype)  # (E, rows)
+        return onehot @ grad, None
 
 
 class _ScatterRows(torch.autograd.Function):

@@ -212,3 +212,44 @@ def test_rank_state_round_trip_restores_rng(tmp_path):
     assert (st.step, st.epoch, st.batch, st.stage) == (7, 2, 3, "align")
     assert torch.equal(torch.rand(3), expect_t)
     assert np.array_equal(np.random.rand(3), expect_n)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "align", "finetune"])
+def test_stage_objective_trains_a_bf16_model(tmp_path, stage):
+    """DeepSpeed's bf16 mode (the GPU setting) holds the whole model in bf16 while the
+    featurized inputs arrive as uint8/fp32: every stage's forward and backward accept that."""
+    import pyarrow.parquet as pq
+
+    from jobs.training.data import inspect_shards
+    from jobs.training.objectives import StageObjective, build_model_from_kwargs
+    from jobs.training.runner import model_kwargs_from_data
+    from jobs.training.synthetic import write_synthetic_shards
+
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=24, seed=0)
+    info = inspect_shards(shards)
+    tc = load_train_config(
+        str(Path(__file__).resolve().parents[1] / "configs/train/tiny.yaml"),
+        [f"data.shards_dir={shards}"],
+    )
+    kw = model_kwargs_from_data(tc, shards, info, info.modalities)
+    torch.manual_seed(0)
+    model = build_model_from_kwargs({"size": tc.model, **kw}).to(torch.bfloat16)
+    obj = StageObjective(
+        stage, tc.stage(stage), modalities=info.modalities, label_names=info.label_names
+    )
+    obj.freeze_unused(model)
+    samples = table_to_samples(pq.read_table(str(Path(shards) / "train")), info.modalities)[:8]
+    terms, out = obj(model, obj.collate(samples, info.label_names), step=0)
+    assert torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    stems = {  # the input layers, which take the fp32 featurized tensors
+        m: [p for name in enc.stem_names for p in getattr(enc, name).parameters()]
+        for m, enc in model.encoders.items()
+        if m != "text"
+    }
+    assert len(stems) == 5
+    for m, params in stems.items():  # every modality's input layer got a finite gradient
+        assert params and all(p.grad is not None for p in params), m
+        assert all(torch.isfinite(p.grad).all() for p in params), m
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert set(obj.token_counts(out)) == set(out.features)

@@ -35,7 +35,12 @@ from jobs.training.engine import (
     seed_everything,
     skip_single_rank_allreduce,
 )
-from jobs.training.metrics import JsonlWriter, expert_load_fractions, mean_gates
+from jobs.training.metrics import (
+    JsonlWriter,
+    expert_load_fractions,
+    mean_gates,
+    peak_bf16_tflops,
+)
 from jobs.training.objectives import StageObjective, build_model_from_kwargs, to_device
 from jobs.training.schedule import build_scheduler
 
@@ -75,6 +80,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         pairs=config["pairs"],
         seed=tc.seed,
     )
+    # Model FLOPs per token (the MFU convention: 6 x active params, forward + backward).
+    flops_per_token = {m: 6.0 * model.active_parameters_per_token(m) for m in model.modalities}
+    peak_tflops = peak_bf16_tflops(torch.cuda.get_device_name(device)) if use_gpu else None
     apply_freeze(model, st)
     unused = objective.freeze_unused(model)
     counts = {**param_counts(model), "unused_by_stage": unused}
@@ -144,8 +152,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     label_names = config["label_names"]
     engine.train()
 
-    acc: dict[str, float] = {}
-    n_acc, samples, tokens, t_last = 0, 0, 0, time.perf_counter()
+    # Loss terms, tokens and FLOPs add up on the device and are read once per log step:
+    # a per-step .item() would stall the GPU behind the host every step.
+    acc: dict[str, torch.Tensor] = {}
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    n_acc, samples, tokens, flops = 0, 0, zero, zero
+    t_last = time.perf_counter()
     while state.step < st.steps:
         got_any = False
         for samples_list in batches.epoch(state.epoch, skip=state.batch):
@@ -159,10 +171,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.step()
             state.batch += 1
             for k, v in out_terms.items():
-                acc[k] = acc.get(k, 0.0) + float(v.detach())
+                v = v.detach().to(torch.float64)
+                acc[k] = acc[k] + v if k in acc else v
             n_acc += 1
             samples += len(samples_list)
-            tokens += objective.count_tokens(out)
+            for m, n in objective.token_counts(out).items():
+                tokens = tokens + n
+                flops = flops + n * flops_per_token.get(m, 0.0)
             if not boundary:
                 continue
             state.step += 1
@@ -180,13 +195,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last = state.step >= st.steps
             if state.step % tc.log_every == 0 or last or state.step % st.checkpoint_every == 0:
                 dt = max(time.perf_counter() - t_last, 1e-9)
-                metrics = {k: v / max(n_acc, 1) for k, v in acc.items()}
+                keys = sorted(acc)
+                sums = torch.stack([acc[k] for k in keys] + [tokens, flops]).tolist()
+                metrics = {k: s / max(n_acc, 1) for k, s in zip(keys, sums[:-2], strict=True)}
                 metrics["samples_per_s"] = samples / dt
-                metrics["tokens_per_s"] = tokens / dt
+                metrics["tokens_per_s"] = sums[-2] / dt
+                metrics["model_tflops_per_s"] = sums[-1] / dt / 1e12
                 metrics = all_reduce_mean(metrics, device)
                 # Throughput is per rank after the mean; the job's is world x that.
-                metrics["samples_per_s"] *= world
-                metrics["tokens_per_s"] *= world
+                for k in ("samples_per_s", "tokens_per_s", "model_tflops_per_s"):
+                    metrics[k] *= world
+                # MFU is per device: the mean rank's achieved FLOP/s over one device's peak.
+                mfu = metrics["model_tflops_per_s"] / world / peak_tflops if peak_tflops else None
                 record = {
                     "stage": stage,
                     "step": state.step,
@@ -195,10 +215,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     **{
                         ("loss" if k == "loss" else f"loss/{k}"): v
                         for k, v in metrics.items()
-                        if k not in ("samples_per_s", "tokens_per_s")
+                        if k not in ("samples_per_s", "tokens_per_s", "model_tflops_per_s")
                     },
                     "samples_per_s": metrics["samples_per_s"],
                     "tokens_per_s": metrics["tokens_per_s"],
+                    "model_tflops_per_s": metrics["model_tflops_per_s"],
+                    "mfu": mfu,
                     "grad_norm": _grad_norm(engine),
                     "expert_load": expert_load_fractions(getattr(out, "expert_load", {}) or {}),
                     "gates": mean_gates(
@@ -210,7 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 }
                 if writer:
                     writer.write(record)
-                acc, n_acc, samples, tokens = {}, 0, 0, 0
+                acc, n_acc, samples, tokens, flops = {}, 0, 0, zero, zero
                 t_last = time.perf_counter()
                 scalar = {k: v for k, v in record.items() if isinstance(v, int | float)}
                 if state.step % st.checkpoint_every == 0 or last:

@@ -10,6 +10,25 @@ from typing import Any
 
 import torch
 
+#: Dense bf16 tensor-core peaks (TFLOP/s, datasheet) by device-name substring, most specific
+#: first: the MFU denominator.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("H800", 989.4),
+    ("A100", 312.0),
+    ("A10G", 70.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU by its name (``torch.cuda.get_device_name``); None when
+    unknown (then no MFU is reported)."""
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
+
 
 class JsonlWriter:
     """Appends one JSON object per line; flushes every write so a crash loses nothing."""

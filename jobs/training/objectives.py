@@ -387,5 +387,6 @@ class StageObjective:
         return {"loss": total, **terms}, out
 
     @staticmethod
-    def count_tokens(out: Any) -> int:
-        return int(sum(int(f.mask.sum()) for f in getattr(out, "features", {}).values()))
+    def token_counts(out: Any) -> dict[str, torch.Tensor]:
+        """``{modality: valid tokens}`` of a forward, as device tensors (no host sync)."""
+        return {m: f.mask.sum() for m, f in getattr(out, "features", {}).items()}

@@ -319,6 +319,14 @@ def _stage_summary(records: list[dict[str, Any]], stage: str, steps: int) -> dic
         "final_loss": float(np.mean([r["loss"] for r in ordered[-k:]])),
         "samples_per_s": float(np.median([r["samples_per_s"] for r in ordered])),
         "tokens_per_s": float(np.median([r["tokens_per_s"] for r in ordered])),
+        "model_tflops_per_s": float(
+            np.median([r.get("model_tflops_per_s") or 0.0 for r in ordered])
+        ),
+        "mfu": (
+            float(np.median([r["mfu"] for r in ordered]))
+            if all(r.get("mfu") is not None for r in ordered)
+            else None
+        ),
         "restarts": sum(
             1
             for r in records

@@ -47,4 +47,6 @@ class AudioEncoder(ModalityEncoder):
         n = (t + pad) // self.patch
         patches = x.reshape(b, n, self.patch * f)  # (B, N, P*F)
         mask = frame_mask.reshape(b, n, self.patch).any(-1)  # (B, N)
-        return Tokenized(x=self.proj(patches), pos=self.pos[:, :n], mask=mask, targets=patches)
+        return Tokenized(
+            x=self.proj(self.as_params(patches)), pos=self.pos[:, :n], mask=mask, targets=patches
+        )

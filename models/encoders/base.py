@@ -113,6 +113,11 @@ class ModalityEncoder(nn.Module):
     def tokenize(self, batch: dict[str, torch.Tensor]) -> Tokenized:
         raise NotImplementedError
 
+    def as_params(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the parameters' dtype: featurization runs in fp32, the stem then takes it
+        in whatever precision the model is held (bf16 under DeepSpeed on a GPU)."""
+        return x.to(self.modality_embed.dtype)
+
     def reset_stem(self) -> None:
         """Fan-in (PyTorch default) init of the Linear/Conv layers named by ``stem_names``."""
         for name in self.stem_names:

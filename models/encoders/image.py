@@ -74,9 +74,9 @@ class ImageEncoder(ModalityEncoder):
         patches = patchify_image(x, self.patch)  # (B, N, p*p*3): the reconstruction targets
         if self.conv:
             # (B, 3, H, W) -> (B, d, H/p, W/p) -> (B, N, d), row-major like the patches.
-            tokens = self.stem(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+            tokens = self.stem(self.as_params(x).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
             tokens = self.stem_norm(tokens)
         else:
-            tokens = self.stem(patches)
+            tokens = self.stem(self.as_params(patches))
         mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=img.device)
         return Tokenized(x=tokens, pos=self.pos, mask=mask, targets=patches)

@@ -113,9 +113,9 @@ class PointCloudEncoder(ModalityEncoder):
         rel = groups[..., :3]
         radius = rel.norm(dim=-1).amax(-1).mean(1).clamp_min(1e-6)  # (B,) mean group radius
         groups = torch.cat([rel / radius[:, None, None, None], groups[..., 3:]], -1)
-        f = self.point_mlp1(groups)  # (B, G, K, d)
+        f = self.point_mlp1(self.as_params(groups))  # (B, G, K, d)
         g = f.max(2, keepdim=True).values.expand_as(f)
         f = self.point_mlp2(torch.cat([f, g], -1)).max(2).values  # (B, G, d)
         mask = torch.ones(f.shape[:2], dtype=torch.bool, device=pts.device)
         targets = groups[..., :3].reshape(*groups.shape[:2], -1)  # (B, G, K*3)
-        return Tokenized(x=f, pos=self.pos_mlp(centres), mask=mask, targets=targets)
+        return Tokenized(x=f, pos=self.pos_mlp(self.as_params(centres)), mask=mask, targets=targets)

@@ -45,4 +45,4 @@ class SignalEncoder(ModalityEncoder):
         patches = x.to(torch.float32).reshape(b, c * n, self.patch)  # (B, C*N, P)
         pos = (self.channel_embed[:, :c] + self.time_pos[:, :, :n]).reshape(1, c * n, -1)
         mask = torch.ones(b, c * n, dtype=torch.bool, device=x.device)
-        return Tokenized(x=self.proj(patches), pos=pos, mask=mask, targets=patches)
+        return Tokenized(x=self.proj(self.as_params(patches)), pos=pos, mask=mask, targets=patches)

@@ -45,4 +45,4 @@ class VideoEncoder(ModalityEncoder):
         x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, F/t, H/p, W/p, t, p, p, 3)
         tubes = x.reshape(b, -1, self.target_dim)  # (B, N, t*p*p*3)
         mask = torch.ones(tubes.shape[:2], dtype=torch.bool, device=v.device)
-        return Tokenized(x=self.proj(tubes), pos=self.pos, mask=mask, targets=tubes)
+        return Tokenized(x=self.proj(self.as_params(tubes)), pos=self.pos, mask=mask, targets=tubes)
