@@ -113,10 +113,10 @@ def contrastive_loss(
     own = torch.arange(bsz, device=a.device) + rank * bsz
     if gl is not None:
         tgt = (labels[:, None] == gl[None, :]) & (labels[:, None] != IGNORE)
-        tgt[torch.arange(bsz), own] = True
+        tgt[own - rank * bsz, own] = True
     else:
         tgt = torch.zeros(bsz, ga.shape[0], dtype=torch.bool, device=a.device)
-        tgt[torch.arange(bsz), own] = True
+        tgt[own - rank * bsz, own] = True
     loss = zero
     for q, keys, key_present in ((a, gb, gpb), (b, ga, gpa)):
         logits = scale * q @ keys.t()  # (B, W*B)
@@ -258,14 +258,16 @@ class StageObjective:
         mods = [m for m in self.modalities if f"{m}_present" in batch and m in batch]
         if len(mods) < 2:
             return
+        # Drawn on the CPU (the same numbers on any device), then moved to the batch's.
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + rank)
         present = torch.stack([batch[f"{m}_present"] for m in mods], 1)  # (B, M)
-        drop = (torch.rand(present.shape, generator=g) < p) & present
+        drop = (torch.rand(present.shape, generator=g).to(present.device) < p) & present
         keep = present & ~drop
         # A row left with nothing keeps one of its modalities (random among present).
         empty = ~keep.any(1) & present.any(1)
         if bool(empty.any()):
-            score = torch.rand(present.shape, generator=g).masked_fill(~present, -1.0)
+            score = torch.rand(present.shape, generator=g).to(present.device)
+            score = score.masked_fill(~present, -1.0)
             pick = F.one_hot(score.argmax(1), len(mods)).bool()
             keep = torch.where(empty[:, None], pick, keep)
         for i, m in enumerate(mods):

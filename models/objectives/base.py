@@ -34,7 +34,7 @@ def present_of(out: OmniOutput, batch: Mapping[str, Any], m: str) -> torch.Tenso
         return out.present[m]
     p = batch.get(f"{m}_present")
     if p is None:
-        return torch.ones(batch[m].shape[0], dtype=torch.bool)
+        return torch.ones(batch[m].shape[0], dtype=torch.bool, device=batch[m].device)
     return p.bool()
 
 

@@ -37,7 +37,9 @@ class CaptioningLoss(Objective):
             tmask = (ids != 0) if tmask is None else tmask.bool()
             text_rows = batch.get("text_present")
             text_rows = (
-                torch.ones(ids.shape[0], dtype=torch.bool) if text_rows is None else text_rows
+                torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+                if text_rows is None
+                else text_rows
             )
             target = ids[:, 1:]
             for m, logits in out.caption_logits.items():
