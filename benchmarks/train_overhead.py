@@ -118,23 +118,28 @@ def plain_loop(
         seed=0,
         rank=0,
     )
+
+    def train_step(samples: list, step: int):
+        batch = obj.collate(samples, info.label_names)
+        if device.type != "cpu":
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if engine is not None:
+            terms, out = obj(engine, batch, step=step)
+            engine.backward(terms["loss"])
+            engine.step()
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                terms, out = obj(model, batch, step=step)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(trainable, tc.pretrain.grad_clip)
+            opt.step()
+        return out
+
     step, epoch, t0 = 0, 0, None
     while step < args.steps:
         for samples in batches.epoch(epoch):
-            batch = obj.collate(samples, info.label_names)
-            if device.type != "cpu":
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if engine is not None:
-                terms, out = obj(engine, batch, step=step)
-                engine.backward(terms["loss"])
-                engine.step()
-            else:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    terms, out = obj(model, batch, step=step)
-                opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(trainable, tc.pretrain.grad_clip)
-                opt.step()
+            out = train_step(samples, step)
             step += 1
             if t0 is not None:
                 n_tok = {m: int(f.mask.sum()) for m, f in out.features.items()}
@@ -153,6 +158,8 @@ def plain_loop(
     dt = time.perf_counter() - t0
     # The world-size-1 process group stays up for the next engine: DeepSpeed caches its
     # groups module-wide, and a re-created default group would not match them.
+    if stats is not None and getattr(args, "profile", False) and device.type == "cuda":
+        stats["profile"] = _profile_steps(train_step, next(iter(batches.epoch(epoch))), step)
     if stats is not None:
         stats.update(
             samples_per_s=n_samples / dt,
@@ -162,6 +169,29 @@ def plain_loop(
             params=sum(p.numel() for p in model.parameters()),
         )
     return (args.steps - args.warmup) / dt
+
+
+def _profile_steps(train_step, samples: list, step: int, n: int = 3) -> dict:
+    """Profiles ``n`` more steps: prints the top kernels and host ops, returns wall time vs
+    the time the GPU spent in kernels (a step far above its kernel time is host-bound)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for i in range(n):
+            train_step(samples, step + i)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    ka = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0.0) for e in ka)
+    print(ka.table(sort_by="self_device_time_total", row_limit=12), flush=True)
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    res = {"steps": n, "wall_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3}
+    res["gpu_busy"] = res["gpu_kernel_ms"] / res["wall_ms"]
+    print(f"[profile] {json.dumps(res)}", flush=True)
+    return res
 
 
 def compile_blocks(model) -> None:
@@ -244,9 +274,13 @@ def main() -> int:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (plain-only)")
     p.add_argument(
+        "--profile", action="store_true", help="plain-only, CUDA: profile 3 steps after timing"
+    )
+    p.add_argument(
         "--deepspeed",
         action="store_true",
-        help="plain-only: also a DeepSpeed engine run (the job's config: bf16 on GPU, NCCL)",
+        help="plain-only: also DeepSpeed engine runs at each --zero-stages (the job's config: "
+        "bf16 on GPU, NCCL)",
     )
     args = p.parse_args()
     if args.steps % args.warmup:
@@ -258,12 +292,12 @@ def main() -> int:
     if args.plain_only:
         stats: dict = {}
         sps = plain_loop(shards, args, stats)
-        if args.deepspeed:
+        for z in [int(z) for z in args.zero_stages.split(",")] if args.deepspeed else []:
             ds_stats: dict = {}
-            ds_sps = plain_loop(shards, args, ds_stats, deepspeed=True, zero_stage=2)
+            ds_sps = plain_loop(shards, args, ds_stats, deepspeed=True, zero_stage=z)
             ds_stats["steps_per_s"] = ds_sps
             ds_stats["mfu_approx"] = ds_stats["model_flops_per_s"] / (args.peak_tflops * 1e12)
-            stats["deepspeed_zero2"] = ds_stats
+            stats[f"deepspeed_zero{z}"] = ds_stats
         shutil.rmtree(work, ignore_errors=True)
         import torch
 

@@ -7,7 +7,8 @@
 #          DeepSpeed bf16, ZeRO-2) through the three stages and the export
 #   trunk  bf16 MFU of the `base` trunk, torch.compile'd, batch 64 and 128 x 512 tokens
 #   train  `base` full model, pretraining objective: plain loop (bf16 autocast), eager and
-#          compiled, and the DeepSpeed engine (bf16, NCCL); samples/s, tokens/s, MFU
+#          compiled, and the DeepSpeed engine (bf16, NCCL, ZeRO-0 and -2); samples/s,
+#          tokens/s, MFU, and a profile of 3 eager steps (kernel time vs wall time)
 #   job    the real job: `python -m jobs.train`, `base`, one GPU worker, pretrain + align
 #
 # JSON lands in $RESULTS (default benchmarks/results/gpu); logs beside it.
@@ -43,8 +44,8 @@ for part in $parts; do
         ;;
     train)
         run train_eager "$PY" benchmarks/train_overhead.py --plain-only --device cuda --bf16 \
-            --model base --batch 256 --steps 40 --warmup 10 --deepspeed \
-            --out "$RESULTS/train_base_b256_eager.json"
+            --model base --batch 256 --steps 40 --warmup 10 --deepspeed --zero-stages 0,2 \
+            --profile --out "$RESULTS/train_base_b256_eager.json"
         run train_compiled "$PY" benchmarks/train_overhead.py --plain-only --device cuda --bf16 \
             --model base --batch 256 --steps 40 --warmup 10 --compile \
             --out "$RESULTS/train_base_b256_compiled.json"
