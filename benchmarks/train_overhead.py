@@ -62,6 +62,8 @@ def plain_loop(
     from jobs.training.runner import model_kwargs_from_data
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu":
         torch.set_num_threads(1)
     torch.manual_seed(0)
