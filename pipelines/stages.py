@@ -5,7 +5,8 @@
    a bad file never takes the worker down.
 2. :class:`FinalizeRows` (via :func:`finalize_batch`): applies the driver's plan (duplicates, dropped
    rows, split and shard), tokenizes text, lists each row's modalities.
-3. :func:`write_shard` (``map_groups``): one group = one output shard, written sorted
+3. :func:`route_block` + :func:`write_group`: each block's rows routed to their
+   ``(split, shard)``, then one task per group writes it with :func:`write_shard`, sorted
    by id under a deterministic name.
 """
 
@@ -17,6 +18,7 @@ import re
 import traceback
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -362,13 +364,13 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
 
 
 def write_shard(group: pa.Table, out: str, num_shards: dict[str, int]) -> pa.Table:
-    """``map_groups`` UDF: writes one (split, shard) group as one Parquet file.
+    """Writes one (split, shard) group as one Parquet file.
 
-    Rows are sorted by id, so the bytes do not depend on the order the shuffle delivered
+    Rows are sorted by id, so the bytes do not depend on the order the exchange delivered
     them in; the file name is ``<split>/<split>-<shard>-of-<n>.parquet``.
 
     Args:
-        group: All rows of one ``(_split, _shard)`` group (Ray Data guarantees one call).
+        group: All rows of one ``(_split, _shard)`` group.
         out: Output root (local dir or URI).
         num_shards: ``{split: n}`` (for file names).
 
@@ -401,3 +403,23 @@ def write_shard(group: pa.Table, out: str, num_shards: dict[str, int]) -> pa.Tab
     return pa.table(
         {"split": [split], "shard": [shard], "rows": [table.num_rows], "file": [f"{split}/{name}"]}
     )
+
+
+def route_block(block: pa.Table, groups: list[tuple[str, int]]) -> tuple[pa.Table, ...]:
+    """Splits one block by ``(_split, _shard)`` into one table per group (in ``groups``
+    order; empty where the block holds none of a group)."""
+    index = {g: i for i, g in enumerate(groups)}
+    keys = zip(block.column("_split").to_pylist(), block.column("_shard").to_pylist(), strict=True)
+    gid = np.fromiter((index[(s, int(k))] for s, k in keys), dtype=np.int64, count=block.num_rows)
+    order = np.argsort(gid, kind="stable")
+    bounds = np.cumsum(np.bincount(gid, minlength=len(groups)))[:-1]
+    parts = tuple(block.take(pa.array(idx)) for idx in np.split(order, bounds))
+    return parts if len(groups) > 1 else parts[0]
+
+
+def write_group(out: str, num_shards: dict[str, int], *pieces: pa.Table) -> pa.Table:
+    """Concatenates one group's pieces and writes them as its shard (no file if empty)."""
+    rows = [p for p in pieces if p.num_rows]
+    if not rows:
+        return pa.table({"split": [], "shard": [], "rows": [], "file": []})
+    return write_shard(pa.concat_tables(rows, promote_options="default"), out, num_shards)

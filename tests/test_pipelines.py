@@ -466,6 +466,25 @@ def test_tiny_corpus_end_to_end_deterministic(ray_local, tiny_corpus, tmp_path):
     ds = ray.data.read_parquet(str(out1 / "train"))
     assert ds.count() == stats["rows_written"]["train"]
 
+    # Many small blocks and shards: the block -> shard exchange puts every row in its
+    # split, each shard sorted, the same rows as with one shard per split.
+    out3 = tmp_path / "run3"
+    small = load_data_config(
+        ROOT / "configs/data/omnidigits.yaml",
+        ["execution.progress_bars=false", "execution.rows_per_block=8", "rows_per_shard=7"],
+    )
+    stats3 = run_prepare(manifest, out3, small, verbose=False)
+    _check_accounting(out3, n_rows)
+    assert len(stats3["splits"]["train"]["files"]) >= 3
+    for s, t in _read_split_tables(out3).items():
+        files = sorted((out3 / s).glob("*.parquet"))
+        # Rows go to shards by a hash of their id: ceil(rows / 7) shards, none empty.
+        assert len(files) == len(stats3["splits"][s]["files"]) <= -(-t.num_rows // 7)
+        for f in files:
+            ids = pq.read_table(f).column("id").to_pylist()
+            assert ids == sorted(ids) and ids
+        assert sorted(t.column("id").to_pylist()) == sorted(tables[s].column("id").to_pylist())
+
     # Stats: pairs per combination, consistent with the rows.
     pairs = stats["pairs"]
     text_image = sum(
