@@ -416,6 +416,15 @@ def build_ffn(cfg: OmniConfig) -> nn.Module:
     )
 
 
+def valid_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the valid (True) positions of a ``(B, N)`` mask, as rows of ``(B*N, d)``.
+
+    A data-dependent size, so it waits for the device: the trunk computes it once per
+    forward and hands it to every layer.
+    """
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
 class TrunkBlock(nn.Module):
     """Pre-LN self-attention + MoE FFN; padded tokens are never routed."""
 
@@ -427,47 +436,59 @@ class TrunkBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d)
         self.ffn = build_ffn(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats]:
-        """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` (None = all valid) -> ``(B, N, d)``, stats."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEStats]:
+        """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` (None = all valid) -> ``(B, N, d)``, stats.
+
+        ``idx``: the valid rows of ``(B*N, d)`` (:func:`valid_rows` of ``mask``), when the
+        caller has them: every layer shares them, and computing them syncs with the device.
+        """
         b, n, d = x.shape
         x = x + self.attn(self.norm1(x), key_mask=mask)
         if mask is None:  # no padding: route every token, no gather/scatter needed
             y, stats = self.ffn(self.norm2(x).reshape(b * n, d))
             return x + y.view(b, n, d), stats
-        idx = mask.reshape(-1).nonzero().squeeze(1)  # valid token rows of (B*N, d)
+        if idx is None:
+            idx = valid_rows(mask)
         h = self.norm2(x).reshape(b * n, d).index_select(0, idx)  # (T, d)
         y, stats = self.ffn(h)
         x = x.reshape(b * n, d).index_add(0, idx, y).view(b, n, d)
         return x, stats
 
     def forward_many(
-        self, xs: list[torch.Tensor], masks: list[torch.Tensor | None]
+        self,
+        xs: list[torch.Tensor],
+        masks: list[torch.Tensor | None],
+        idxs: list[torch.Tensor | None] | None = None,
     ) -> tuple[list[torch.Tensor], MoEStats]:
         """Several token sets (modalities) at once: attention stays within each set, the
         MoE FFN runs once over all valid tokens (larger, more efficient expert GEMMs).
 
         Args:
             xs: ``[(B_i, N_i, d)]``; masks: ``[(B_i, N_i)]`` or None (all valid).
+            idxs: Optional :func:`valid_rows` of each mask (None where the mask is None),
+                shared by every layer.
 
         Returns:
             The updated ``xs`` and stats with per-set ``counts (S, E)``, ``dropped (S,)``.
         """
-        flats, idxs, sizes = [], [], []
+        if idxs is None:
+            idxs = [None if m is None else valid_rows(m) for m in masks]
+        flats, sizes = [], []
         outs = []
-        for x, mask in zip(xs, masks, strict=True):
+        for x, mask, idx in zip(xs, masks, idxs, strict=True):
             b, n, d = x.shape
             x = x + self.attn(self.norm1(x), key_mask=mask)
             outs.append(x)
             h = self.norm2(x).reshape(b * n, d)
-            idx = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
             if idx is not None:
                 h = h.index_select(0, idx)
             flats.append(h)
-            idxs.append(idx)
             sizes.append(h.shape[0])
         h = torch.cat(flats)  # (sum T_i, d)
-        seg = torch.repeat_interleave(
-            torch.arange(len(xs), device=h.device), torch.tensor(sizes, device=h.device)
+        seg = torch.cat(
+            [torch.full((s,), i, dtype=torch.long, device=h.device) for i, s in enumerate(sizes)]
         )
         y, stats = self.ffn(h, seg, len(xs))
         for i, (y_i, idx) in enumerate(zip(y.split(sizes), idxs, strict=True)):
@@ -510,8 +531,9 @@ class MoETrunk(nn.Module):
         # Without padding, attention can take the unmasked (flash) path and the FFN
         # needs no gather/scatter; one check here instead of one per layer.
         layer_mask = None if bool(mask.all()) else mask
+        idx = None if layer_mask is None else valid_rows(layer_mask)  # one sync, all layers
         for layer in self.layers:
-            x, s = layer(x, layer_mask)
+            x, s = layer(x, layer_mask, idx)
             stats.append(s)
         return self.norm(x), TrunkStats(
             aux=torch.stack([s.aux for s in stats]).mean(),
@@ -539,9 +561,10 @@ class MoETrunk(nn.Module):
             return [self.forward(x, m) for x, m in items]
         xs = [x for x, _ in items]
         masks = [None if bool(m.all()) else m for _, m in items]
+        idxs = [None if m is None else valid_rows(m) for m in masks]  # shared by all layers
         stats = []
         for layer in self.layers:
-            xs, s = layer.forward_many(xs, masks)
+            xs, s = layer.forward_many(xs, masks, idxs)
             stats.append(s)
         aux = torch.stack([s.aux for s in stats]).mean()
         z = torch.stack([s.z for s in stats]).mean()
