@@ -144,7 +144,7 @@ def plain_loop(
             out = train_step(samples, step)
             step += 1
             if t0 is not None:
-                n_tok = {m: int(f.mask.sum()) for m, f in out.features.items()}
+                n_tok = {m: int(n) for m, n in obj.token_counts(out).items()}
                 tokens += sum(n_tok.values())
                 flops += sum(6.0 * active[m] * n for m, n in n_tok.items())
                 n_samples += len(samples)
@@ -177,6 +177,7 @@ def _profile_steps(train_step, samples: list, step: int, n: int = 3) -> dict:
     """Profiles ``n`` more steps: prints the top kernels and host ops, returns wall time vs
     the time the GPU spent in kernels (a step far above its kernel time is host-bound)."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -187,7 +188,13 @@ def _profile_steps(train_step, samples: list, step: int, n: int = 3) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
     ka = prof.key_averages()
-    gpu_us = sum(getattr(e, "self_device_time_total", 0.0) for e in ka)
+    # Kernel rows only, as the table's own "Self CUDA time total": operator rows repeat their
+    # kernels' time, and user annotations (Optimizer.step, ...) span other kernels.
+    gpu_us = sum(
+        e.self_device_time_total
+        for e in ka
+        if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+    )
     print(ka.table(sort_by="self_device_time_total", row_limit=12), flush=True)
     print(ka.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
     res = {"steps": n, "wall_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3}

@@ -61,6 +61,42 @@ def ray_local():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _probe_outputs(run_dir, stage: str, export_dir, shards: str):
+    """Loads an export with ``models`` alone and embeds the probe rows that training saved
+    (``run_dir/stage/probe_ids.json``); returns ``(output, expected)`` where ``expected``
+    holds what the trained engine computed (``probe.safetensors``)."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from jobs.training.data import table_to_samples
+    from models import OmniModel
+    from models.data import collate
+
+    run_dir, export_dir = Path(run_dir), Path(export_dir)
+    probe = json.loads((run_dir / stage / "probe_ids.json").read_text())
+    expect = load_file(str(run_dir / stage / "probe.safetensors"))
+    table = pq.read_table(str(Path(shards) / "train"))
+    by_id = {s["id"]: s for s in table_to_samples(table, probe["modalities"])}
+    labels = yaml.safe_load((export_dir / "training.yaml").read_text())["label_names"]
+    batch = collate([by_id[i] for i in probe["ids"]], probe["modalities"], labels)
+    model = OmniModel.from_pretrained(export_dir)
+    with torch.no_grad():
+        out = model(batch, modalities=probe["modalities"])
+    return out, expect
+
+
+@pytest.fixture(scope="session")
+def probe_outputs():
+    """:func:`_probe_outputs`: an export's embeddings of the training probe rows, and the
+    trained engine's."""
+    return _probe_outputs
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """A small OmniDigits corpus (all six modalities) built once per session."""

@@ -51,20 +51,11 @@ def test_grouped_moe_bf16_matches_fp32_loop_on_cuda() -> None:
 
 
 @pytest.mark.slow
-def test_ray_train_on_gpu_bf16_three_stages_and_export(ray_local, tmp_path) -> None:
+def test_ray_train_on_gpu_bf16_three_stages_and_export(ray_local, tmp_path, probe_outputs) -> None:
     """``use_gpu``: one Ray Train worker on the GPU, NCCL, DeepSpeed bf16 (ZeRO-2), all three
     stages; the loop logs model TFLOP/s and MFU, and the fp32 export embeds the probe rows
     as the bf16 engine did (to bf16 accuracy)."""
-    import json
-
-    import pyarrow.parquet as pq
-    import yaml
-    from safetensors.torch import load_file
-
-    from jobs.training.data import table_to_samples
     from jobs.training.runner import run_training
-    from models import OmniModel
-    from models.data import collate
 
     shards = write_synthetic_shards(str(tmp_path / "shards"), n=96, seed=0)
     cfg = load_train_config(
@@ -90,18 +81,8 @@ def test_ray_train_on_gpu_bf16_three_stages_and_export(ray_local, tmp_path) -> N
     assert all(r["model_tflops_per_s"] > 0 for r in rows)
     if "H100" in torch.cuda.get_device_name():
         assert all(0 < r["mfu"] < 1 for r in rows)
-    export = Path(res["export_dir"])
-    probe = json.loads((run_dir / "finetune" / "probe_ids.json").read_text())
-    expect = load_file(str(run_dir / "finetune" / "probe.safetensors"))
-    by_id = {
-        s["id"]: s
-        for s in table_to_samples(pq.read_table(str(Path(shards) / "train")), probe["modalities"])
-    }
-    labels = yaml.safe_load((export / "training.yaml").read_text())["label_names"]
-    batch = collate([by_id[i] for i in probe["ids"]], probe["modalities"], labels)
-    model = OmniModel.from_pretrained(export)  # fp32, CPU
-    with torch.no_grad():
-        out = model(batch, modalities=probe["modalities"])
+    # The export is fp32 on the CPU; the engine computed the probe in bf16 on the GPU.
+    out, expect = probe_outputs(run_dir, "finetune", res["export_dir"], shards)
     for m, e in out.embeds.items():
         cos = F.cosine_similarity(e, expect[f"embed/{m}"].float(), dim=-1)
         assert float(cos.min()) > 0.98, m

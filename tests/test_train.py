@@ -7,18 +7,15 @@ failure and resume; DeepSpeed MoE with expert parallelism; re-running a finished
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from jobs.training.config import load_train_config
-from jobs.training.data import table_to_samples
 from jobs.training.metrics import read_jsonl
 from jobs.training.schedule import lr_factor
 from jobs.training.synthetic import write_synthetic_shards
@@ -40,26 +37,9 @@ def _steps(records: list[dict], stage: str) -> list[dict]:
     return [r for r in records if r.get("stage") == stage and "loss" in r]
 
 
-def _probe_matches_export(run_dir: Path, stage: str, export_dir: Path, shards: str) -> None:
+def _assert_probe_matches(out, expect) -> None:
     """The export, loaded by ``models`` alone, embeds the probe rows exactly as the trained
-    engine did at the end of training."""
-    from models import OmniModel
-    from models.data import collate
-
-    probe = json.loads((run_dir / stage / "probe_ids.json").read_text())
-    expect = load_file(str(run_dir / stage / "probe.safetensors"))
-    table = pq.read_table(os.path.join(shards, "train"))
-    by_id = {s["id"]: s for s in table_to_samples(table, probe["modalities"])}
-    samples = [by_id[i] for i in probe["ids"]]
-    labels = json.loads(
-        json.dumps(
-            __import__("yaml").safe_load((export_dir / "training.yaml").read_text())["label_names"]
-        )
-    )
-    model = OmniModel.from_pretrained(export_dir)
-    batch = collate(samples, modalities=probe["modalities"], label_names=labels)
-    with torch.no_grad():
-        out = model(batch, modalities=probe["modalities"])
+    engine did at the end of training (``out, expect`` from the ``probe_outputs`` fixture)."""
     assert {k.split("/", 1)[1] for k in expect if k.startswith("embed/")} == set(out.embeds)
     for m, e in out.embeds.items():
         torch.testing.assert_close(e, expect[f"embed/{m}"], rtol=1e-4, atol=1e-5)
@@ -67,7 +47,9 @@ def _probe_matches_export(run_dir: Path, stage: str, export_dir: Path, shards: s
 
 
 @pytest.mark.slow
-def test_zero2_three_stages_export_and_resume_skip(ray_local, shards, tmp_path, capsys):
+def test_zero2_three_stages_export_and_resume_skip(
+    ray_local, shards, tmp_path, capsys, probe_outputs
+):
     from jobs.training.runner import run_training
 
     cfg = _cfg(
@@ -125,7 +107,7 @@ def test_zero2_three_stages_export_and_resume_skip(ray_local, shards, tmp_path, 
     info = __import__("yaml").safe_load((export / "training.yaml").read_text())
     assert info["aligned_pairs"] == [["text", "image"], ["image", "audio"]]
     assert info["label_names"] == [str(i) for i in range(10)]
-    _probe_matches_export(run_dir, "finetune", export, shards)
+    _assert_probe_matches(*probe_outputs(run_dir, "finetune", export, shards))
 
     # The same command again: every stage is finished, nothing retrains.
     n_lines = len(records)
@@ -136,7 +118,9 @@ def test_zero2_three_stages_export_and_resume_skip(ray_local, shards, tmp_path, 
 
 
 @pytest.mark.slow
-def test_zero3_worker_failure_resumes_from_latest_checkpoint(ray_local, shards, tmp_path):
+def test_zero3_worker_failure_resumes_from_latest_checkpoint(
+    ray_local, shards, tmp_path, probe_outputs
+):
     from jobs.export import main as export_main
     from jobs.training.runner import run_training
 
@@ -184,7 +168,7 @@ def test_zero3_worker_failure_resumes_from_latest_checkpoint(ray_local, shards, 
         )
         == 0
     )
-    _probe_matches_export(run_dir, "pretrain", out, shards)
+    _assert_probe_matches(*probe_outputs(run_dir, "pretrain", out, shards))
 
 
 @pytest.mark.slow
@@ -217,7 +201,9 @@ def test_deepspeed_moe_expert_parallel_over_two_workers(ray_local, shards, tmp_p
 
 
 @pytest.mark.slow
-def test_zero0_single_worker_freezes_unused_parts_and_exports(ray_local, shards, tmp_path):
+def test_zero0_single_worker_freezes_unused_parts_and_exports(
+    ray_local, shards, tmp_path, probe_outputs
+):
     """ZeRO-0 (the single-worker setting): pretraining trains only what its losses reach,
     leaves fusion/decoder/classifier/projections exactly at their init, and its checkpoint
     (no ZeRO partitions) consolidates into an export that reproduces the trained engine."""
@@ -270,7 +256,7 @@ def test_zero0_single_worker_freezes_unused_parts_and_exports(ray_local, shards,
     out = tmp_path / "export_z0"
     args = ["--config", TINY, f"data.shards_dir={shards}", f"runs_dir={tmp_path}", "name=z0"]
     assert export_main([*args, "--out", str(out)]) == 0
-    _probe_matches_export(run_dir, "pretrain", out, shards)
+    _assert_probe_matches(*probe_outputs(run_dir, "pretrain", out, shards))
 
 
 def test_missing_shards_fail_clearly(tmp_path):

@@ -110,13 +110,12 @@ def contrastive_loss(
     zero = (ga.sum() + gb.sum() + scale.sum()) * 0.0
     if not bool(both.any()):
         return zero
-    own = torch.arange(bsz, device=a.device) + rank * bsz
+    rows = torch.arange(bsz, device=a.device)
     if gl is not None:
         tgt = (labels[:, None] == gl[None, :]) & (labels[:, None] != IGNORE)
-        tgt[own - rank * bsz, own] = True
     else:
         tgt = torch.zeros(bsz, ga.shape[0], dtype=torch.bool, device=a.device)
-        tgt[own - rank * bsz, own] = True
+    tgt[rows, rows + rank * bsz] = True  # each row's own pair in the gathered keys
     loss = zero
     for q, keys, key_present in ((a, gb, gpb), (b, ga, gpa)):
         logits = scale * q @ keys.t()  # (B, W*B)
