@@ -2,14 +2,14 @@
 
 Ray Data does the heavy work in parallel; the driver only sees small per-row keys::
 
-    read manifest (Ray Data, JSONL/CSV/Parquet, any pyarrow filesystem)
-      -> repartition into small blocks (the unit of parallelism)
+    read manifest (Ray Data, JSONL/CSV/Parquet, any pyarrow filesystem), split by the
+      read task itself into blocks of ~rows_per_block rows (the unit of parallelism)
       -> DecodeRows tasks: resolve + read + decode + validate + featurize + dedupe keys
       -> materialize (object store, spills to disk: RAM stays bounded)
     driver: keys -> duplicate ids, duplicates, splits, shard counts; tokenizer training
-      -> FinalizeRows tasks: apply the plan, tokenize text
-      -> route each block's rows to their (split, shard); one write task per shard
-         (plain Ray tasks): one sorted Parquet file per shard
+      -> one plain Ray task per block: apply the plan, tokenize text (FinalizeRows) and
+         route the rows to their (split, shard); one write task per shard: one sorted
+         Parquet file per shard
     driver: quarantine.jsonl, stats.json, data_config.yaml, summary
 
 Use :func:`run_prepare` from Python (Ray must be initialized) or ``python -m jobs.prepare``.
@@ -41,7 +41,7 @@ from pipelines.stages import (
     KNOWN_COLUMNS,
     ManifestError,
     decode_batch,
-    finalize_batch,
+    finalize_and_route,
     record,
     route_block,
     write_group,
@@ -75,17 +75,53 @@ def manifest_format(manifest: str) -> str:
 
 
 def _check_exists(manifest: str) -> None:
-    if "://" in manifest:
-        fs, path = pafs.FileSystem.from_uri(manifest)
-    else:
-        fs, path = pafs.LocalFileSystem(), os.path.abspath(manifest)
+    fs, path = _filesystem(manifest)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise ManifestError(f"manifest not found: {manifest}")
 
 
-def read_manifest(manifest: str, config: DataConfig):
-    """The manifest as a Ray dataset (files are read by Ray Data tasks, not the driver)."""
+def _filesystem(manifest: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in manifest:
+        return pafs.FileSystem.from_uri(manifest)
+    return pafs.LocalFileSystem(), os.path.abspath(manifest)
+
+
+#: Bytes of a text manifest the driver reads to estimate its bytes per row.
+_PEEK_BYTES = 64 * 1024
+
+
+def estimate_rows(manifest: str) -> int | None:
+    """Rows of a manifest, estimated without reading it (``None``: unknown).
+
+    Text formats: the file size over the mean line length of its first 64 KiB (exact
+    for small files); Parquet: the row counts in the footers. Used only to size the
+    read's blocks, so an estimate off by a factor changes block sizes, nothing else.
+    """
+    try:
+        fs, path = _filesystem(manifest)
+        if manifest_format(manifest) == "parquet":
+            import pyarrow.dataset as pads
+
+            return int(pads.dataset(path, format="parquet", filesystem=fs).count_rows())
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File or not info.size:
+            return None
+        with fs.open_input_stream(path) as f:
+            head = f.read(min(info.size, _PEEK_BYTES))
+        lines = head.count(b"\n") + (not head.endswith(b"\n"))
+        return max(1, round(info.size * lines / max(1, len(head))))
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def read_manifest(manifest: str, config: DataConfig, num_blocks: int | None = None):
+    """The manifest as a Ray dataset (files are read by Ray Data tasks, not the driver).
+
+    ``num_blocks`` (``override_num_blocks``): the read task itself splits what it reads
+    into that many blocks, so no separate repartition step (with its own tasks and
+    scheduling rounds) stands between the read and the first decode task.
+    """
     import pyarrow.csv as pacsv
     import ray.data
 
@@ -93,7 +129,10 @@ def read_manifest(manifest: str, config: DataConfig):
     if fmt == "jsonl":
         # One line per row, parsed in DecodeRows: a malformed line is quarantined as
         # ``parse_error`` instead of failing the whole file.
-        return ray.data.read_text(manifest, drop_empty_lines=True), True
+        return (
+            ray.data.read_text(manifest, drop_empty_lines=True, override_num_blocks=num_blocks),
+            True,
+        )
     if fmt == "csv":
         delim = "\t" if manifest.lower().endswith(".tsv") else ","
         # Every known column as string: ids like "000123" must keep their zeros.
@@ -105,10 +144,11 @@ def read_manifest(manifest: str, config: DataConfig):
                 manifest,
                 parse_options=pacsv.ParseOptions(delimiter=delim),
                 convert_options=convert,
+                override_num_blocks=num_blocks,
             ),
             False,
         )
-    return ray.data.read_parquet(manifest), False
+    return ray.data.read_parquet(manifest, override_num_blocks=num_blocks), False
 
 
 def split_groups(group_rows: dict[str, int], config: DataConfig) -> dict[str, str]:
@@ -232,7 +272,9 @@ def run_prepare(
     cfg_dict = to_dict(cfg)
 
     # ---- stage 1: read + decode + featurize (parallel, streaming) ------------------
-    ds, jsonl = read_manifest(manifest, cfg)
+    rows = estimate_rows(manifest)
+    num_blocks = None if rows is None else max(1, math.ceil(rows / cfg.execution.rows_per_block))
+    ds, jsonl = read_manifest(manifest, cfg, num_blocks)
     if not jsonl:
         # Columnar manifests: check the columns up front (JSONL rows are checked per line).
         try:
@@ -241,7 +283,8 @@ def run_prepare(
             inner = _unwrap_error(e)
             raise ManifestError(f"cannot read manifest {manifest}: {inner}") from e
         check_columns(names, cfg, manifest)
-    ds = ds.repartition(target_num_rows_per_block=cfg.execution.rows_per_block)
+    if num_blocks is None:
+        ds = ds.repartition(target_num_rows_per_block=cfg.execution.rows_per_block)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={
@@ -302,15 +345,12 @@ def run_prepare(
         plan_ref = ray.put(
             {k: plan[k] for k in ("drop_rows", "drop_mods", "group_split", "num_shards")}
         )
-        # Bigger blocks for stage 2: per-task overhead, not compute, dominates here.
-        final = decoded.repartition(target_num_rows_per_block=1024).map_batches(
-            finalize_batch,
-            fn_kwargs={"config": cfg_dict, "plan": plan_ref, "tokenizer_json": tokenizer.to_str()},
-            batch_size=None,
-            batch_format="pyarrow",
-            num_cpus=1,
+        written = shuffle_write(
+            decoded.to_arrow_refs(),
+            out,
+            plan["num_shards"],
+            finalize_args=(cfg_dict, plan_ref, ray.put(tokenizer.to_str())),
         )
-        written = shuffle_write(final, out, plan["num_shards"])
     for split in SPLITS:
         (Path(out) / split).mkdir(exist_ok=True)
     wall = time.perf_counter() - t0
@@ -338,16 +378,35 @@ def run_prepare(
     return stats
 
 
-def shuffle_write(final: Any, out: str, num_shards: dict[str, int]) -> list[dict[str, Any]]:
-    """Writes each ``(split, shard)`` group of ``final``'s rows as one shard file.
+def shuffle_write(
+    blocks: list[Any],
+    out: str,
+    num_shards: dict[str, int],
+    finalize_args: tuple[Any, Any, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Writes each ``(split, shard)`` group of the blocks' rows as one shard file.
 
-    A two-step exchange of plain Ray tasks: one task per block routes its rows to the
-    groups (one object per group), then one task per group concatenates its pieces and
-    writes them (:func:`write_shard`: sorted by id, so the bytes do not depend on the
-    block order). Only object refs pass through the driver; pieces live in the object
-    store (which spills to disk), and a write task holds one shard. Ray Data's hash-shuffle
-    ``groupby`` did the same with aggregator actors whose start-up cost ~7 s on a 2-CPU
-    node, more than the whole exchange of a few thousand rows.
+    A two-step exchange of plain Ray tasks: one task per block applies the plan
+    (:func:`~pipelines.stages.finalize_and_route` with ``finalize_args`` =
+    ``(config, plan, tokenizer_json)``; without them the blocks are final already) and
+    routes its rows to the groups (one object per group), then one task per group
+    concatenates its pieces and writes them (:func:`write_shard`: sorted by id, so the
+    bytes do not depend on the block order). Only object refs pass through the driver;
+    pieces live in the object store (which spills to disk), and a write task holds one
+    shard.
+
+    Plain tasks rather than Ray Data here: Ray Data's hash-shuffle ``groupby`` started
+    aggregator actors (~7 s on a 2-CPU node), and every Ray Data execution starts with
+    one task at a time until its first resource reservation arrives (~1 s), which at
+    this stage's size was longer than the work (2,000 rows: 16 tasks of ~50 ms ran one
+    after the other). The stage's input is already materialized, so it needs no
+    streaming.
+
+    Args:
+        blocks: Object refs of Arrow tables (stage-1 output, or final rows).
+        out: Output root.
+        num_shards: ``{split: n}``.
+        finalize_args: ``(config dict, plan, tokenizer JSON)``, values or object refs.
 
     Returns:
         One ``{split, shard, rows, file}`` record per written shard.
@@ -357,9 +416,13 @@ def shuffle_write(final: Any, out: str, num_shards: dict[str, int]) -> list[dict
     groups = [(s, i) for s in SPLITS for i in range(num_shards.get(s, 0))]
     if not groups:
         return []
-    route = ray.remote(num_cpus=1)(route_block).options(num_returns=len(groups))
     write = ray.remote(num_cpus=1)(write_group)
-    pieces = [route.remote(ref, groups) for ref in final.to_arrow_refs()]
+    if finalize_args is None:
+        route = ray.remote(num_cpus=1)(route_block).options(num_returns=len(groups))
+        pieces = [route.remote(ref, groups) for ref in blocks]
+    else:
+        route = ray.remote(num_cpus=1)(finalize_and_route).options(num_returns=len(groups))
+        pieces = [route.remote(ref, groups, *finalize_args) for ref in blocks]
     if len(groups) == 1:
         pieces = [[p] for p in pieces]
     done = [write.remote(out, num_shards, *[p[g] for p in pieces]) for g in range(len(groups))]

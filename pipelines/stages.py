@@ -5,9 +5,9 @@
    a bad file never takes the worker down.
 2. :class:`FinalizeRows` (via :func:`finalize_batch`): applies the driver's plan (duplicates, dropped
    rows, split and shard), tokenizes text, lists each row's modalities.
-3. :func:`route_block` + :func:`write_group`: each block's rows routed to their
-   ``(split, shard)``, then one task per group writes it with :func:`write_shard`, sorted
-   by id under a deterministic name.
+3. :func:`finalize_and_route` (2 + :func:`route_block`) + :func:`write_group`: each block's
+   rows finalized and routed to their ``(split, shard)`` in one task, then one task per
+   group writes it with :func:`write_shard`, sorted by id under a deterministic name.
 """
 
 from __future__ import annotations
@@ -350,6 +350,18 @@ def finalize_batch(
 
         plan = ray.get(plan)
     return FinalizeRows(config, plan, tokenizer_json)(batch)
+
+
+def finalize_and_route(
+    block: pa.Table,
+    groups: list[tuple[str, int]],
+    config: dict[str, Any],
+    plan: dict[str, Any],
+    tokenizer_json: str,
+) -> tuple[pa.Table, ...] | pa.Table:
+    """One stage-1 block through stage 2 in one task: :class:`FinalizeRows`, then
+    :func:`route_block` (one table per ``(split, shard)`` group)."""
+    return route_block(finalize_batch(block, config, plan, tokenizer_json), groups)
 
 
 def shard_of(row_id: str, num_shards: int) -> int:

@@ -132,6 +132,38 @@ def test_cli_rejects_bad_config(tmp_path):
     assert "unknown key" in r.stderr
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_estimate_rows(tmp_path, fmt):
+    from pipelines.prepare import estimate_rows
+
+    rows = [{"id": f"r{i:05d}", "text": "x" * (i % 50), "label": str(i % 10)} for i in range(3000)]
+    path = _write_manifest(tmp_path, rows, fmt)
+    est = estimate_rows(str(path))
+    if fmt == "parquet":
+        assert est == 3000  # from the footers
+    else:
+        # A 64 KiB head of a ~0.2 MB file: close, never off by a factor.
+        assert 0.8 * 3000 <= est <= 1.25 * 3000, est
+    small = _write_manifest(tmp_path, rows[:5], fmt, name="small")
+    assert estimate_rows(str(small)) in (5, 6)  # exact up to a CSV header line
+    assert estimate_rows(f"file://{small}") == estimate_rows(str(small))
+    assert estimate_rows(str(tmp_path / "missing.jsonl")) is None
+
+
+def test_read_yields_blocks_of_rows_per_block(ray_local, tmp_path):
+    # The read task itself splits the manifest into ~rows_per_block-row blocks, so no
+    # repartition step runs between the read and the decode tasks.
+    from pipelines.prepare import estimate_rows, read_manifest
+
+    rows = [{"id": f"r{i:04d}", "text": "t"} for i in range(100)]
+    path = _write_manifest(tmp_path, rows, "jsonl")
+    n = -(-estimate_rows(str(path)) // 16)
+    ds, jsonl = read_manifest(str(path), _quiet_config(), n)
+    sizes = [b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    assert jsonl and sum(sizes) == 100 and len(sizes) == n == 7
+    assert max(sizes) - min(sizes) <= 1
+
+
 # -------------------------------------------------------------- the hostile corpus
 
 
