@@ -235,6 +235,10 @@ class ExecutionConfig:
         rows_per_block: Manifest rows per block after reading (the unit of parallelism).
         decode_memory_mb: Memory reserved per decode task (bounds concurrency on small nodes).
         progress_bars: Ray Data progress bars.
+        warm_workers: Before the decode stage starts, one task per CPU but one loads in a
+            worker what a first decode task loads (Ray Data, the featurizers' libraries:
+            ~1.5 s per process), while the driver plans and Ray Data starts up, which
+            runs one task at a time until its first resource reservation arrives.
     """
 
     batch_size: int = 32
@@ -244,6 +248,7 @@ class ExecutionConfig:
     rows_per_block: int = 256
     decode_memory_mb: int = 512
     progress_bars: bool = True
+    warm_workers: bool = True
 
 
 @dataclass

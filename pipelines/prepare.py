@@ -44,6 +44,7 @@ from pipelines.stages import (
     finalize_and_route,
     record,
     route_block,
+    warm_decoder,
     write_group,
 )
 from pipelines.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_file, train_tokenizer
@@ -252,7 +253,6 @@ def run_prepare(
         ManifestError: Missing/unreadable manifest, unknown columns (``error`` mode).
     """
     import ray
-    import ray.data
 
     t0 = time.perf_counter()
     cfg = config or DataConfig()
@@ -264,12 +264,27 @@ def run_prepare(
     os.makedirs(out, exist_ok=True)
     _clean_outputs(out)
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.execution.progress_bars
-    ctx.print_on_execution_start = False
     ncpu = max(1, int(ray.cluster_resources().get("CPU", 1)))
     conc = cfg.execution.concurrency or ncpu
     cfg_dict = to_dict(cfg)
+    decoder_args = {
+        "config": cfg_dict,
+        "root": manifest_root(manifest),
+        "jsonl": manifest_format(manifest) == "jsonl",
+        "source": manifest,
+    }
+    if cfg.execution.warm_workers:
+        # Fire and forget; one CPU stays free for the read and the first decode task.
+        # Measured at 2,000 rows on 2 CPUs: 13.5 s vs 14.7 s (3 alternating pairs).
+        warm = ray.remote(num_cpus=1)(warm_decoder)
+        for _ in range(min(conc, ncpu) - 1):
+            warm.remote(**decoder_args)
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.execution.progress_bars
+    ctx.print_on_execution_start = False
 
     # ---- stage 1: read + decode + featurize (parallel, streaming) ------------------
     rows = estimate_rows(manifest)
@@ -287,12 +302,7 @@ def run_prepare(
         ds = ds.repartition(target_num_rows_per_block=cfg.execution.rows_per_block)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={
-            "config": cfg_dict,
-            "root": manifest_root(manifest),
-            "jsonl": jsonl,
-            "source": manifest,
-        },
+        fn_kwargs=decoder_args,
         batch_size=cfg.execution.batch_size,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=conc),

@@ -261,12 +261,25 @@ def decode_batch(
     the stage, which would stall the next stage on a small node. The cache key is the
     full set-up, so a different run never reuses a stale decoder.
     """
+    return _decoder(config, root, jsonl, source)(batch)
+
+
+def _decoder(config: dict[str, Any], root: str, jsonl: bool, source: str) -> DecodeRows:
     key = json.dumps([config, root, jsonl, source], sort_keys=True, default=str)
     dec = _DECODERS.get(key)
     if dec is None:
         _DECODERS.clear()
         dec = _DECODERS[key] = DecodeRows(config, root, jsonl, source)
-    return dec(batch)
+    return dec
+
+
+def warm_decoder(config: dict[str, Any], root: str, jsonl: bool, source: str) -> None:
+    """Task that loads in a worker process what its first decode task would: Ray Data,
+    this module, the cached :class:`DecodeRows` and its featurizers' lazy libraries."""
+    import ray.data  # noqa: F401 - Ray Data's task code needs it in the worker
+
+    for f in _decoder(config, root, jsonl, source).featurizers.values():
+        f.warm_up()
 
 
 class FinalizeRows:

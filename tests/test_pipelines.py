@@ -164,6 +164,30 @@ def test_read_yields_blocks_of_rows_per_block(ray_local, tmp_path):
     assert max(sizes) - min(sizes) <= 1
 
 
+def test_warm_decoder_fills_the_decode_cache(tmp_path):
+    # The warm-up task leaves behind the decoder the first decode task of the same run
+    # uses (same cache key), with every featurizer's lazy libraries loaded.
+    import sys
+
+    from common.config import to_dict
+    from pipelines import stages
+
+    args = {
+        "config": to_dict(_quiet_config()),
+        "root": str(tmp_path),
+        "jsonl": True,
+        "source": str(tmp_path / "m.jsonl"),
+    }
+    stages.warm_decoder(**args)
+    dec = stages._decoder(**args)
+    assert "open3d" in sys.modules and "decord" in sys.modules
+    batch = pa.table({"text": [json.dumps({"id": "a", "text": "hello"})]})
+    out = stages.decode_batch(batch, **args)
+    assert stages._decoder(**args) is dec and out.column("id").to_pylist() == ["a"]
+    other = dict(args, source=str(tmp_path / "other.jsonl"))
+    assert stages._decoder(**other) is not dec  # another run never reuses it
+
+
 # -------------------------------------------------------------- the hostile corpus
 
 
