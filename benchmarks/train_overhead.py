@@ -78,7 +78,9 @@ def plain_loop(
     )
     obj.freeze_unused(model)  # as the training loop does
     if getattr(args, "compile", False):
-        compile_blocks(model)
+        model.compile_blocks()
+        if stats is not None:
+            stats["compiled"] = "encoder blocks + trunk forward_many"
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=tc.pretrain.lr, betas=(0.9, 0.98))
     engine = None
@@ -121,10 +123,15 @@ def plain_loop(
         rank=0,
     )
 
+    host_ms = {"collate": 0.0, "steps": 0}
+
     def train_step(samples: list, step: int):
+        t = time.perf_counter()
         batch = obj.collate(samples, info.label_names)
         if device.type != "cpu":
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        host_ms["collate"] += (time.perf_counter() - t) * 1e3
+        host_ms["steps"] += 1
         if engine is not None:
             terms, out = obj(engine, batch, step=step)
             engine.backward(terms["loss"])
@@ -138,15 +145,22 @@ def plain_loop(
             opt.step()
         return out
 
+    # Token and FLOP counts stay on the device until the end (an int() per step would be a
+    # host sync: the host could not queue step k+1 while the GPU runs step k).
+    tok_acc = torch.zeros((), dtype=torch.float64, device=device)
+    flop_acc = torch.zeros((), dtype=torch.float64, device=device)
     step, epoch, t0 = 0, 0, None
     while step < args.steps:
         for samples in batches.epoch(epoch):
+            if getattr(args, "sync_debug", False) and step == 1 and device.type == "cuda":
+                if stats is not None:
+                    stats["host_syncs"] = _sync_sites(train_step, samples, step)
             out = train_step(samples, step)
             step += 1
             if t0 is not None:
-                n_tok = {m: int(n) for m, n in obj.token_counts(out).items()}
-                tokens += sum(n_tok.values())
-                flops += sum(6.0 * active[m] * n for m, n in n_tok.items())
+                for m, n in obj.token_counts(out).items():
+                    tok_acc += n
+                    flop_acc += 6.0 * active[m] * n
                 n_samples += len(samples)
             if step == args.warmup:
                 if device.type == "cuda":
@@ -158,11 +172,15 @@ def plain_loop(
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    tokens, flops = int(tok_acc.item()), float(flop_acc.item())
     # The world-size-1 process group stays up for the next engine: DeepSpeed caches its
     # groups module-wide, and a re-created default group would not match them.
     if stats is not None and getattr(args, "profile", False) and device.type == "cuda":
         stats["profile"] = _profile_steps(train_step, next(iter(batches.epoch(epoch))), step)
     if stats is not None:
+        stats["collate_host_ms_per_step"] = host_ms["collate"] / max(1, host_ms["steps"])
+        if device.type == "cuda":
+            stats["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         stats.update(
             samples_per_s=n_samples / dt,
             tokens_per_s=tokens / dt,
@@ -171,6 +189,33 @@ def plain_loop(
             params=sum(p.numel() for p in model.parameters()),
         )
     return (args.steps - args.warmup) / dt
+
+
+def _sync_sites(train_step, samples: list, step: int) -> dict:
+    """Runs one step with CUDA sync debugging on; returns ``{"file:line": count}`` of the
+    host-device synchronizations it makes (each one stalls the host behind the GPU)."""
+    import warnings
+
+    import torch
+
+    sites: dict[str, int] = {}
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(samples, step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        key = f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}"
+        sites[key] = sites.get(key, 0) + 1
+    print(f"[sync-debug] {sum(sites.values())} syncs in one step:", flush=True)
+    for k, v in sorted(sites.items(), key=lambda kv: -kv[1]):
+        print(f"  {v:4d}  {k}", flush=True)
+    return sites
 
 
 def _profile_steps(train_step, samples: list, step: int, n: int = 3) -> dict:
@@ -201,19 +246,6 @@ def _profile_steps(train_step, samples: list, step: int, n: int = 3) -> dict:
     res["gpu_busy"] = res["gpu_kernel_ms"] / res["wall_ms"]
     print(f"[profile] {json.dumps(res)}", flush=True)
     return res
-
-
-def compile_blocks(model) -> None:
-    """``torch.compile`` each encoder block and each trunk block's packed multi-modality
-    pass (``forward_many``): fused elementwise work around the GEMMs, fewer launches."""
-    import torch
-
-    torch._dynamo.config.cache_size_limit = 64  # one graph per modality's sequence length
-    for enc in model.encoders.values():
-        for i, blk in enumerate(enc.blocks):
-            enc.blocks[i] = torch.compile(blk)
-    for layer in model.trunk.layers:
-        layer.forward_many = torch.compile(layer.forward_many)
 
 
 def _config(shards: str, runs: str, workers: int, args: argparse.Namespace, zero_stage: int = 2):
@@ -284,6 +316,11 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (plain-only)")
     p.add_argument(
         "--profile", action="store_true", help="plain-only, CUDA: profile 3 steps after timing"
+    )
+    p.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="plain-only, CUDA: list the host-device syncs of one step (file:line, count)",
     )
     p.add_argument(
         "--deepspeed",

@@ -65,7 +65,10 @@ class TopKRouter(nn.Module):
             ``weights (T, k)`` (sum to 1 per token), ``experts (T, k)`` int64,
             ``probs (T, E)`` and ``logits (T, E)``, both fp32.
         """
-        logits = F.linear(x.float(), self.weight.float())  # (T, E), fp32 for stable softmax
+        # fp32 for stable softmax and routing that does not depend on the GEMM precision
+        # (autocast would run this linear in bf16: near-ties would pick other experts).
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # (T, E)
         probs = logits.softmax(-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
@@ -210,7 +213,9 @@ class NativeMoE(nn.Module):
             return False
         if self.grouped_gemm == "always":
             return True
-        return x.is_cuda and x.dtype == torch.bfloat16  # "auto": the fused GPU path
+        # "auto": the fused GPU path, for a bf16 model or under bf16 autocast (where x, the
+        # output of a LayerNorm, is fp32 but every expert GEMM would run in bf16).
+        return x.is_cuda and _compute_dtype(x) == torch.bfloat16
 
     def _grouped_experts(
         self,
@@ -241,6 +246,9 @@ class NativeMoE(nn.Module):
         k, e = self.top_k, self.num_experts
         a = t * k
         align = self.align or (16 if x.is_cuda else 1)
+        # The GEMM dtype: the model's, or autocast's (which does not cover _grouped_mm).
+        dt = _compute_dtype(x)
+        x = x.to(dt)
         flat_e = experts.t().reshape(-1)  # (A,) k-major assignment -> expert
         order = torch.sort(flat_e, stable=True).indices  # assignments grouped by expert
         rank = torch.empty_like(order)
@@ -257,9 +265,9 @@ class NativeMoE(nn.Module):
         row_expert = torch.searchsorted(
             offs, torch.arange(rows, device=x.device), right=True
         ).clamp(max=e - 1)
-        w1 = torch.stack([m.fc1.weight for m in self.experts])  # (E, h, d)
+        w1 = torch.stack([m.fc1.weight for m in self.experts]).to(dt)  # (E, h, d)
         b1 = torch.stack([m.fc1.bias for m in self.experts])  # (E, h)
-        w2 = torch.stack([m.fc2.weight for m in self.experts])  # (E, d, h)
+        w2 = torch.stack([m.fc2.weight for m in self.experts]).to(dt)  # (E, d, h)
         b2 = torch.stack([m.fc2.bias for m in self.experts])  # (E, d)
         offs32 = offs.to(torch.int32)
         h = torch._grouped_mm(buf, w1.transpose(-2, -1), offs=offs32)  # (rows, h)
@@ -272,6 +280,14 @@ class NativeMoE(nn.Module):
         y = _GatherRows.apply(y, dest)  # (A, d) back in k-major assignment order
         wk = weights.t().to(y.dtype).unsqueeze(-1)  # (k, T, 1)
         return (y.view(k, t, d) * wk).sum(0)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's when it is on for x's device."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and x.dtype.is_floating_point:
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 class _RowBias(torch.autograd.Function):

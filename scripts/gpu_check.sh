@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and figures, on a machine with one CUDA GPU and this repo's Python deps.
 #
-#   bash scripts/gpu_check.sh [tests] [trunk] [train] [job]     (default: all four)
+#   bash scripts/gpu_check.sh [tests] [trunk] [train] [job] [job_compiled]   (default: the first four)
 #
 #   tests  pytest -m gpu: grouped-GEMM MoE in bf16; a Ray Train job with use_gpu (NCCL,
 #          DeepSpeed bf16, ZeRO-2) through the three stages and the export
@@ -10,6 +10,7 @@
 #          compiled, and the DeepSpeed engine (bf16, NCCL, ZeRO-0 and -2); samples/s,
 #          tokens/s, MFU, and a profile of 3 eager steps (kernel time vs wall time)
 #   job    the real job: `python -m jobs.train`, `base`, one GPU worker, pretrain + align
+#   job_compiled  the same with `compile=true` (OmniModel.compile_blocks on the worker)
 #
 # JSON lands in $RESULTS (default benchmarks/results/gpu); logs beside it.
 set -uo pipefail
@@ -45,25 +46,28 @@ for part in $parts; do
     train)
         run train_eager "$PY" benchmarks/train_overhead.py --plain-only --device cuda --bf16 \
             --model base --batch 256 --steps 40 --warmup 10 --deepspeed --zero-stages 0,2 \
-            --profile --out "$RESULTS/train_base_b256_eager.json"
+            --profile --sync-debug --out "$RESULTS/train_base_b256_eager.json"
         run train_compiled "$PY" benchmarks/train_overhead.py --plain-only --device cuda --bf16 \
-            --model base --batch 256 --steps 40 --warmup 10 --compile \
-            --out "$RESULTS/train_base_b256_compiled.json"
+            --model base --batch 256 --steps 40 --warmup 10 --compile --deepspeed \
+            --zero-stages 2 --out "$RESULTS/train_base_b256_compiled.json"
         ;;
-    job)
+    job | job_compiled)
         shards=/tmp/omniray_gpu_shards
+        extra=()
+        [ "$part" = job_compiled ] && extra=(compile=true)
         run job_shards "$PY" -c "from jobs.training.synthetic import write_synthetic_shards as w; \
 print(w('$shards', n=2048, seed=0))"
-        run job "$PY" -m jobs.train --config configs/train/base_gpu.yaml --stages pretrain,align \
+        run "$part" "$PY" -m jobs.train --config configs/train/base_gpu.yaml --stages pretrain,align \
             "data.shards_dir=$shards/" runs_dir=/tmp/omniray_gpu_runs scaling.num_workers=1 \
             scaling.cpus_per_worker=8 data.batch_size=256 pretrain.steps=60 align.steps=40 \
             pretrain.checkpoint_every=1000 align.checkpoint_every=1000 log_every=10 \
-            export_at_end=false
-        cp /tmp/omniray_gpu_runs/base_gpu/summary.json "$RESULTS/job_base_summary.json" || true
-        cp /tmp/omniray_gpu_runs/base_gpu/metrics.jsonl "$RESULTS/job_base_metrics.jsonl" || true
+            export_at_end=false "${extra[@]}"
+        cp /tmp/omniray_gpu_runs/base_gpu/summary.json "$RESULTS/${part}_base_summary.json" || true
+        cp /tmp/omniray_gpu_runs/base_gpu/metrics.jsonl "$RESULTS/${part}_base_metrics.jsonl" || true
+        rm -rf /tmp/omniray_gpu_runs
         ;;
     *)
-        echo "unknown part: $part (tests trunk train job)" >&2
+        echo "unknown part: $part (tests trunk train job job_compiled)" >&2
         exit 2
         ;;
     esac

@@ -279,3 +279,29 @@ def test_grouped_gemm_path_matches_loop(align: int) -> None:
     torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
     for (name, pa), pb in zip(loop.named_parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(pb.grad, pa.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_grouped_gemm_path_runs_in_autocast_dtype() -> None:
+    """Under bf16 autocast an fp32 model's grouped path runs its expert GEMMs in bf16
+    (autocast does not cover ``torch._grouped_mm``; the fp32 residual stream would otherwise
+    reach it) and matches the fp32 loop to bf16 accuracy, gradients included."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not available")
+    loop = make_moe(grouped_gemm="never")
+    fused = make_moe(grouped_gemm="always")
+    fused.load_state_dict(loop.state_dict())
+    x = torch.randn(41, 8, generator=torch.Generator().manual_seed(7))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, _ = loop(xa)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb, _ = fused(xb)
+    assert yb.dtype == torch.bfloat16
+    assert float((yb.detach().float() - ya.detach()).norm() / ya.detach().norm()) < 2e-2
+    ya.square().sum().backward()
+    yb.float().square().sum().backward()
+    assert xb.grad.dtype == torch.float32
+    assert float((xb.grad - xa.grad).norm() / xa.grad.norm()) < 5e-2
+    for pa, pb in zip(loop.parameters(), fused.parameters(), strict=True):
+        if pa.grad is not None and pa.grad.norm() > 0:
+            assert pb.grad.dtype == torch.float32
+            assert float((pb.grad - pa.grad).norm() / pa.grad.norm()) < 5e-2

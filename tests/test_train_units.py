@@ -42,6 +42,8 @@ def test_every_train_yaml_loads_and_builds_a_deepspeed_config(path):
         assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
         assert ds["optimizer"]["params"]["lr"] == pytest.approx(st.lr)
         assert ("bf16" in ds) == cfg.scaling.use_gpu
+        if cfg.scaling.use_gpu:  # no per-tensor overflow syncs: bf16 needs no loss scaling
+            assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
         if not cfg.scaling.use_gpu:
             assert ds["optimizer"]["params"]["torch_adam"] is True
 
@@ -253,3 +255,38 @@ def test_stage_objective_trains_a_bf16_model(tmp_path, stage):
         assert all(torch.isfinite(p.grad).all() for p in params), m
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert set(obj.token_counts(out)) == set(out.features)
+
+
+def test_non_finite_loss_fails_the_run_with_a_clear_error():
+    from jobs.training.loop import check_finite_loss
+
+    check_finite_loss({"loss": 1.5, "moe_aux": 1.0}, "align", 20, 10)  # fine: no error
+    for bad in (math.nan, math.inf):
+        with pytest.raises(
+            FloatingPointError,
+            match=r"align: the loss became non-finite .* "
+            r"10 micro-steps before step 20; lower the learning rate",
+        ):
+            check_finite_loss({"loss": bad}, "align", 20, 10)
+
+
+def test_compile_blocks_keeps_parameter_names_and_outputs(tmp_path):
+    """``train.compile``: the compiled model has the eager model's state_dict keys (so
+    checkpoints and exports are unchanged) and computes the same outputs. Dynamo's ``eager``
+    backend traces the same graphs as inductor without generating kernels (fast on CPU)."""
+    from models import OmniConfig, build_model
+    from models.data import collate, synthetic_samples
+
+    torch.manual_seed(0)
+    cfg = OmniConfig.from_name("tiny", num_classes=10)
+    eager = build_model(cfg).eval()
+    compiled = build_model(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks(backend="eager")
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    batch = collate(synthetic_samples(cfg, 6, seed=1))
+    with torch.no_grad():
+        a, b = eager(batch), compiled(batch)
+    for m in a.embeds:
+        torch.testing.assert_close(b.embeds[m], a.embeds[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.fused, a.fused, atol=1e-5, rtol=1e-5)

@@ -48,7 +48,13 @@ def deepspeed_config(tc: TrainConfig, st: StageSection, *, use_gpu: bool) -> dic
     opt["params"] = params
     cfg["optimizer"] = opt
     if use_gpu:
-        cfg["bf16"] = {"enabled": True}
+        bf16 = dict(cfg.get("bf16") or {})
+        bf16["enabled"] = True
+        # bf16 has fp32's exponent range: no loss scaling, so no overflow to skip steps for.
+        # DeepSpeed's check would test every gradient tensor with a host sync each (800+
+        # per step for `base`); the loop itself fails on a non-finite loss at log steps.
+        bf16.setdefault("check_grad_overflow", False)
+        cfg["bf16"] = bf16
     else:
         cfg.pop("bf16", None)
         cfg.pop("fp16", None)

@@ -7,6 +7,7 @@ stage's weights and the run paths.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -72,6 +73,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(tc.seed + rank)
 
     model = build_model_from_kwargs(config["model_kwargs"], init_from=config.get("init_from"))
+    if tc.compile:
+        model.compile_blocks()
     objective = StageObjective(
         stage,
         st,
@@ -198,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 keys = sorted(acc)
                 sums = torch.stack([acc[k] for k in keys] + [tokens, flops]).tolist()
                 metrics = {k: s / max(n_acc, 1) for k, s in zip(keys, sums[:-2], strict=True)}
+                check_finite_loss(metrics, stage, state.step, n_acc)
                 metrics["samples_per_s"] = samples / dt
                 metrics["tokens_per_s"] = sums[-2] / dt
                 metrics["model_tflops_per_s"] = sums[-1] / dt / 1e12
@@ -303,6 +307,23 @@ def _save_and_report(engine: Any, state: TrainState, rank: int, metrics: dict[st
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_finite_loss(metrics: dict[str, float], stage: str, step: int, n_steps: int) -> None:
+    """Fails the run on a non-finite mean loss (checked at log steps, where the sums are
+    read anyway): with bf16 there is no loss scaler to skip such steps, and continuing
+    would only write NaN weights into the next checkpoint.
+
+    Raises:
+        FloatingPointError: Naming the stage, the step window and what to change.
+    """
+    loss = metrics.get("loss", 0.0)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"{stage}: the loss became non-finite ({loss}) in the {n_steps} micro-steps "
+            f"before step {step}; lower the learning rate or lengthen the warm-up and re-run "
+            "(the run resumes from the last checkpoint, written before this happened)"
+        )
 
 
 def _grad_norm(engine: Any) -> float | None:
