@@ -64,6 +64,61 @@ def _percentiles(lat: list[float]) -> dict[str, float | None]:
     }
 
 
+def _role(cmdline: list[str], me: int, pid: int) -> str:
+    """Which part of the serving stack a process is (Ray sets its workers' titles)."""
+    if pid == me:
+        return "load_generator"
+    title = " ".join(cmdline)
+    if "ProxyActor" in title:
+        return "http_proxy"
+    if "ServeReplica" in title:
+        # ray::ServeReplica:<app>:<deployment>
+        return "replica:" + title.split("ServeReplica:", 1)[1].split()[0].split(":")[-1]
+    if "ServeController" in title:
+        return "serve_controller"
+    if any(k in title for k in ("gcs_server", "raylet", "ray/_private", "ray/dashboard")):
+        return "ray_system"
+    return "other"
+
+
+def _cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """``{pid: (role, cpu seconds so far)}`` of every process on the machine."""
+    import psutil
+
+    me = os.getpid()
+    out = {}
+    for proc in psutil.process_iter(["pid", "cmdline", "cpu_times"]):
+        try:
+            t = proc.info["cpu_times"]
+            if t is None:
+                continue
+            out[proc.info["pid"]] = (
+                _role(proc.info["cmdline"] or [], me, proc.info["pid"]),
+                t.user + t.system,
+            )
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def _cpu_per_request(before: dict, after: dict, ok: int, wall: float) -> dict[str, Any]:
+    """CPU milliseconds per answered request, by role (processes alive for the whole cell),
+    and how busy the machine's cores were: where a request's cost goes."""
+    by_role: dict[str, float] = {}
+    for pid, (role, t1) in after.items():
+        if pid in before:
+            by_role[role] = by_role.get(role, 0.0) + max(0.0, t1 - before[pid][1])
+    total = sum(by_role.values())
+    n = max(ok, 1)
+    return {
+        "cpu_ms_per_request": {
+            k: round(v * 1e3 / n, 2) for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])
+        },
+        "cpu_ms_per_request_total": round(total * 1e3 / n, 2),
+        "cores_busy": round(total / wall, 2) if wall else None,
+    }
+
+
 async def _load(
     url: str,
     bodies: list[dict],
@@ -104,9 +159,11 @@ async def _load(
                 if events is not None:
                     events.append((time.perf_counter(), code, dt))
 
+        cpu0 = _cpu_snapshot()
         t0 = time.perf_counter()
         await asyncio.gather(*[worker(w) for w in range(concurrency)])
         wall = time.perf_counter() - t0
+        cpu1 = _cpu_snapshot()
     ok = statuses.get(200, 0)
     return {
         "concurrency": concurrency,
@@ -116,6 +173,7 @@ async def _load(
         "wall_s": round(wall, 2),
         "throughput_rps": round(ok / wall, 2) if wall else None,
         **_percentiles(lat),
+        **_cpu_per_request(cpu0, cpu1, ok, wall),
     }
 
 
@@ -341,6 +399,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-sizes", default="small", help="sizes of the 'model' phase")
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--quick", action="store_true", help="short cells (smoke run)")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the local Ray (its workers inherit it), e.g. Ray Serve's "
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; repeatable",
+    )
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     a = ap.parse_args(argv)
     if a.quick:
@@ -420,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
             "modalities": mods,
             "torch_threads_per_replica": 1,
             "batching": base_args["batching"],
+            "env": a.env,
         },
         "targets": {
             "batching_speedup_image_c32": 2.0,
@@ -432,6 +499,11 @@ def main(argv: list[str] | None = None) -> None:
         # A partial re-run (some phases) keeps the other phases' figures of the last run.
         previous = json.loads(Path(a.out).read_text())
         results = {**previous, **{k: v for k, v in results.items() if k != "summary"}}
+    for kv in a.env:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--env wants KEY=VALUE, got {kv!r}")
+        os.environ[key] = value
     temp = tempfile.mkdtemp(prefix="ray_sb_", dir="/tmp")
     ray.init(
         address="local",
