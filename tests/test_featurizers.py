@@ -107,11 +107,20 @@ def test_registry_covers_schema():
         get_featurizer("smell")
 
 
+def _run_fresh(code: str) -> None:
+    """Runs ``code`` in a fresh interpreter at the repo root (nothing imported yet)."""
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_warm_up_loads_the_lazy_heavy_libraries():
     """Serving replicas call warm_up() at start so their first request does not import
     open3d (~0.4 s) or decord; checked in a fresh interpreter."""
-    import sys
-
     code = (
         "import sys\n"
         "from pipelines.featurize import get_featurizer\n"
@@ -121,18 +130,12 @@ def test_warm_up_loads_the_lazy_heavy_libraries():
         "    f.warm_up()\n"
         "    assert lib in sys.modules, lib\n"
     )
-    root = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
+    _run_fresh(code)
 
 
 def test_open3d_imported_without_its_web_visualizer():
     """The point-cloud featurizer imports open3d without dash/plotly (half its import
     time in every worker); open3d works, and open3d.visualization still imports later."""
-    import sys
-
     code = (
         "import sys\n"
         "import numpy as np\n"
@@ -146,11 +149,7 @@ def test_open3d_imported_without_its_web_visualizer():
         "import open3d.visualization as vis\n"
         "assert o3d.visualization is vis and hasattr(vis, 'draw_plotly')\n"
     )
-    root = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
+    _run_fresh(code)
 
 
 @pytest.mark.parametrize("modality", sorted(FEATURIZERS))
