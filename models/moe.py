@@ -246,8 +246,10 @@ class NativeMoE(nn.Module):
         k, e = self.top_k, self.num_experts
         a = t * k
         align = self.align or (16 if x.is_cuda else 1)
-        # The GEMM dtype: the model's, or autocast's (which does not cover _grouped_mm).
-        dt = _compute_dtype(x)
+        # The GEMM dtype: the model's, or autocast's (which does not cover _grouped_mm). The
+        # result comes back in x's dtype, as the loop path's does: under autocast the
+        # residual stream it joins (and index_adds into) is fp32.
+        in_dtype, dt = x.dtype, _compute_dtype(x)
         x = x.to(dt)
         flat_e = experts.t().reshape(-1)  # (A,) k-major assignment -> expert
         order = torch.sort(flat_e, stable=True).indices  # assignments grouped by expert
@@ -279,7 +281,7 @@ class NativeMoE(nn.Module):
         y = F.dropout(y, self.dropout, self.training)
         y = _GatherRows.apply(y, dest)  # (A, d) back in k-major assignment order
         wk = weights.t().to(y.dtype).unsqueeze(-1)  # (k, T, 1)
-        return (y.view(k, t, d) * wk).sum(0)
+        return (y.view(k, t, d) * wk).sum(0).to(in_dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -469,7 +471,8 @@ class TrunkBlock(nn.Module):
             idx = valid_rows(mask)
         h = self.norm2(x).reshape(b * n, d).index_select(0, idx)  # (T, d)
         y, stats = self.ffn(h)
-        x = x.reshape(b * n, d).index_add(0, idx, y).view(b, n, d)
+        # The residual stream keeps its dtype (under autocast the FFN may return another).
+        x = x.reshape(b * n, d).index_add(0, idx, y.to(x.dtype)).view(b, n, d)
         return x, stats
 
     def forward_many(
@@ -512,7 +515,8 @@ class TrunkBlock(nn.Module):
             if idx is None:
                 outs[i] = outs[i] + y_i.view(b, n, d)
             else:
-                outs[i] = outs[i].reshape(b * n, d).index_add(0, idx, y_i).view(b, n, d)
+                flat = outs[i].reshape(b * n, d)
+                outs[i] = flat.index_add(0, idx, y_i.to(flat.dtype)).view(b, n, d)
         return outs, stats
 
 
