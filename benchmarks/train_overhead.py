@@ -77,6 +77,7 @@ def plain_loop(
         "pretrain", tc.pretrain, modalities=info.modalities, label_names=info.label_names
     )
     obj.freeze_unused(model)  # as the training loop does
+    model.trunk.activation_checkpointing = getattr(args, "checkpoint", False)
     if getattr(args, "compile", False):
         model.compile_blocks()
         if stats is not None:
@@ -318,6 +319,11 @@ def main() -> int:
         "--profile", action="store_true", help="plain-only, CUDA: profile 3 steps after timing"
     )
     p.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="plain-only: activation checkpointing of the trunk layers (larger batches fit)",
+    )
+    p.add_argument(
         "--sync-debug",
         action="store_true",
         help="plain-only, CUDA: list the host-device syncs of one step (file:line, count)",
@@ -354,6 +360,7 @@ def main() -> int:
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "bf16": args.bf16,
             "compile": args.compile,
+            "activation_checkpointing": args.checkpoint,
             "steps": args.steps,
             "warmup": args.warmup,
             "steps_per_s": sps,

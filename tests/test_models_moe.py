@@ -344,3 +344,47 @@ def test_trunk_with_padding_under_autocast_on_the_grouped_path(residual) -> None
             ref, _ = trunk(x.float(), m)
             err = float((y[m].detach().float() - ref[m]).norm() / ref[m].norm())
             assert err < 3e-2
+
+
+def test_trunk_activation_checkpointing_same_result_less_memory() -> None:
+    """``activation_checkpointing``: the same outputs, routing statistics and gradients as
+    the plain trunk (packed and single passes), with a fraction of the saved activations."""
+    from models.config import OmniConfig
+    from models.moe import MoETrunk
+
+    torch.manual_seed(0)
+    cfg = OmniConfig.from_name("tiny")
+    plain, ckpt = MoETrunk(cfg), MoETrunk(cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.activation_checkpointing = True
+    g = torch.Generator().manual_seed(4)
+    shapes = ((3, 9), (2, 6))
+    xs = [torch.randn(b, n, cfg.d_model, generator=g) for b, n in shapes]
+    masks = [torch.ones(b, n, dtype=torch.bool) for b, n in shapes]
+    masks[0][1, 6:] = False
+
+    def run(trunk):
+        saved = []
+
+        def pack(t):
+            saved.append(t.untyped_storage().nbytes())
+            return t
+
+        ins = [x.clone().requires_grad_() for x in xs]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs = trunk.forward_many(list(zip(ins, masks, strict=True)))
+            single, single_stats = trunk(ins[1], masks[1])
+        loss = sum(y.square().sum() + s.aux + s.z for y, s in outs)
+        (loss + single.sum() + single_stats.aux).backward()
+        return outs, ins, sum(saved)
+
+    outs_a, ins_a, bytes_a = run(plain)
+    outs_b, ins_b, bytes_b = run(ckpt)
+    for (ya, sa), (yb, sb) in zip(outs_a, outs_b, strict=True):
+        torch.testing.assert_close(yb, ya)
+        assert torch.equal(sa.counts, sb.counts)
+    for xa, xb in zip(ins_a, ins_b, strict=True):
+        torch.testing.assert_close(xb.grad, xa.grad)
+    for (name, pa), pb in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad, msg=name)
+    assert bytes_b < 0.5 * bytes_a, (bytes_b, bytes_a)

@@ -290,3 +290,47 @@ def test_compile_blocks_keeps_parameter_names_and_outputs(tmp_path):
     for m in a.embeds:
         torch.testing.assert_close(b.embeds[m], a.embeds[m], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.fused, a.fused, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "align", "finetune"])
+def test_activation_checkpointing_gives_the_same_step(tmp_path, stage):
+    """``activation_checkpointing=true`` (the job sets ``model.trunk.activation_checkpointing``):
+    every stage's loss and gradients equal those of the plain model."""
+    import pyarrow.parquet as pq
+
+    from jobs.training.data import inspect_shards
+    from jobs.training.objectives import StageObjective, build_model_from_kwargs
+    from jobs.training.runner import model_kwargs_from_data
+    from jobs.training.synthetic import write_synthetic_shards
+
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=24, seed=0)
+    info = inspect_shards(shards)
+    tc = load_train_config(
+        str(ROOT / "configs/train/tiny.yaml"),
+        [f"data.shards_dir={shards}", "activation_checkpointing=true"],
+    )
+    assert tc.activation_checkpointing is True
+    kw = model_kwargs_from_data(tc, shards, info, info.modalities)
+    samples = table_to_samples(pq.read_table(str(Path(shards) / "train")), info.modalities)[:8]
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model_from_kwargs({"size": tc.model, **kw})
+        model.trunk.activation_checkpointing = ckpt
+        obj = StageObjective(
+            stage, tc.stage(stage), modalities=info.modalities, label_names=info.label_names
+        )
+        obj.freeze_unused(model)
+        torch.manual_seed(1)  # the objective's masking draws
+        terms, _ = obj(model, obj.collate(samples, info.label_names), step=0)
+        terms["loss"].backward()
+        grads.append((terms["loss"].detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, ga), (loss_b, gb) = grads
+    torch.testing.assert_close(loss_b, loss_a)
+    trunk_grads = [n for n, g in ga.items() if n.startswith("trunk.") and g is not None]
+    assert trunk_grads
+    for n, g in ga.items():
+        if g is None:
+            assert gb[n] is None, n
+        else:
+            torch.testing.assert_close(gb[n], g, msg=n)
