@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks and figures, on a machine with one CUDA GPU and this repo's Python deps.
 #
-#   bash scripts/gpu_check.sh [tests] [trunk] [train] [job] [job_compiled]   (default: the first four)
+#   bash scripts/gpu_check.sh [tests] [trunk] [train] [train_big] [job] [job_compiled]
+#   (default: tests trunk train job)
 #
 #   tests  pytest -m gpu: grouped-GEMM MoE in bf16; a Ray Train job with use_gpu (NCCL,
 #          DeepSpeed bf16, ZeRO-2) through the three stages and the export
@@ -11,6 +12,7 @@
 #          tokens/s, MFU, and a profile of 3 eager steps (kernel time vs wall time)
 #   job    the real job: `python -m jobs.train`, `base`, one GPU worker, pretrain + align
 #   job_compiled  the same with `compile=true` (OmniModel.compile_blocks on the worker)
+#   train_big  plain loop and DeepSpeed ZeRO-2, compiled, activation checkpointing, batch 1024
 #
 # JSON lands in $RESULTS (default benchmarks/results/gpu); logs beside it.
 set -uo pipefail
@@ -51,6 +53,11 @@ for part in $parts; do
             --model base --batch 256 --steps 40 --warmup 10 --compile --deepspeed \
             --zero-stages 2 --out "$RESULTS/train_base_b256_compiled.json"
         ;;
+    train_big)
+        run train_big "$PY" benchmarks/train_overhead.py --plain-only --device cuda --bf16 \
+            --model base --batch 1024 --steps 30 --warmup 10 --compile --checkpoint \
+            --deepspeed --zero-stages 2 --out "$RESULTS/train_base_b1024_ckpt_compiled.json"
+        ;;
     job | job_compiled)
         shards=/tmp/omniray_gpu_shards
         extra=()
@@ -67,7 +74,7 @@ print(w('$shards', n=2048, seed=0))"
         rm -rf /tmp/omniray_gpu_runs
         ;;
     *)
-        echo "unknown part: $part (tests trunk train job job_compiled)" >&2
+        echo "unknown part: $part (tests trunk train train_big job job_compiled)" >&2
         exit 2
         ;;
     esac
