@@ -74,6 +74,10 @@ def test_bad_config_values_are_rejected_clearly():
         load_train_config(tiny, ["finetune.freeze=some"])
     with pytest.raises(ConfigError, match="pair"):
         load_train_config(tiny, ["align.pairs=[[text,text]]"])
+    with pytest.raises(ConfigError, match=r"compile: expected bool, got 'maybe'"):
+        load_train_config(tiny, ["compile=maybe"])
+    with pytest.raises(ConfigError, match=r"activation_checkpointing: expected bool"):
+        load_train_config(tiny, ["activation_checkpointing=3"])
     cfg = load_train_config(tiny)
     with pytest.raises(ConfigError, match="--stages"):
         parse_stages("pretrain,decode", cfg)
