@@ -78,10 +78,11 @@ def plain_loop(
     )
     obj.freeze_unused(model)  # as the training loop does
     model.trunk.activation_checkpointing = getattr(args, "checkpoint", False)
+    model.trunk.varlen_attention = not getattr(args, "padded_attention", False)
     if getattr(args, "compile", False):
         model.compile_blocks()
         if stats is not None:
-            stats["compiled"] = "encoder blocks + trunk forward_many"
+            stats["compiled"] = "encoder blocks + trunk layers"
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=tc.pretrain.lr, betas=(0.9, 0.98))
     engine = None
@@ -324,6 +325,12 @@ def main() -> int:
         help="plain-only: activation checkpointing of the trunk layers (larger batches fit)",
     )
     p.add_argument(
+        "--padded-attention",
+        action="store_true",
+        help="plain-only: the trunk's portable padded attention instead of the variable-length "
+        "flash kernel (for comparisons)",
+    )
+    p.add_argument(
         "--sync-debug",
         action="store_true",
         help="plain-only, CUDA: list the host-device syncs of one step (file:line, count)",
@@ -361,6 +368,7 @@ def main() -> int:
             "bf16": args.bf16,
             "compile": args.compile,
             "activation_checkpointing": args.checkpoint,
+            "trunk_attention": "padded" if args.padded_attention else "varlen",
             "steps": args.steps,
             "warmup": args.warmup,
             "steps_per_s": sps,

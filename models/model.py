@@ -448,7 +448,7 @@ class OmniModel(nn.Module):
 
     def compile_blocks(self, **compile_kwargs: Any) -> OmniModel:
         """``torch.compile`` the repeated blocks in place (regional compilation): each encoder
-        block and each trunk layer's packed multi-modality pass (``forward_many``).
+        block and each trunk layer (which runs on the packed tokens of every modality).
 
         Fuses the elementwise work around the GEMMs (norms, GELU, residuals, biases), which
         on a GPU cuts kernel launches several-fold; compiling block by block keeps compile
@@ -475,7 +475,7 @@ class OmniModel(nn.Module):
             for blk in getattr(enc, "blocks", []):
                 blk.compile(**compile_kwargs)
         for layer in self.trunk.layers:
-            layer.forward_many = torch.compile(layer.forward_many, **compile_kwargs)
+            layer.compile(**compile_kwargs)
         return self
 
     def setup_expert_parallel(self) -> None:

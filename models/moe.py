@@ -435,17 +435,146 @@ def build_ffn(cfg: OmniConfig) -> nn.Module:
     )
 
 
-def valid_rows(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of the valid (True) positions of a ``(B, N)`` mask, as rows of ``(B*N, d)``.
+@dataclass
+class TokenPacking:
+    """Where the valid tokens of several padded token sets sit in one packed stream.
 
-    A data-dependent size, so it waits for the device: the trunk computes it once per
-    forward and hands it to every layer.
+    The trunk packs the valid tokens of every item (modality) it is given into one
+    ``(T, d)`` stream, item after item and row after row, and runs every layer on that:
+    each linear layer and the MoE see all ``T`` tokens at once and padding costs nothing.
+    Attention stays within each sequence (one item's row): on a GPU in bf16/fp16 one
+    variable-length flash-attention call covers every sequence of every item; elsewhere the
+    tokens are scattered back into each item's padded layout for a masked SDPA.
+
+    Attributes:
+        shapes: ``[(B_i, N_i)]`` of the padded items.
+        masks: ``[(B_i, N_i)]`` bool, True = valid token.
+        sizes: Valid tokens per item (host ints).
+        idx: ``(T,)`` rows of the concatenated flat padded layout (``sum B_i*N_i`` rows)
+            that hold valid tokens, or None when every token is valid.
+        segments: ``(T,)`` int64 item of each packed token.
+        cu_seqlens: ``(sum B_i + 1,)`` int32 sequence boundaries in the packed stream
+            (a row without valid tokens is an empty sequence).
+        max_len: Upper bound of a sequence's length (``max N_i``).
+        varlen: Attention may use the variable-length kernel (asked for, and the device
+            runs it; it is then used when the attention's dtype allows).
     """
-    return mask.reshape(-1).nonzero().squeeze(1)
+
+    shapes: list[tuple[int, int]]
+    masks: list[torch.Tensor]
+    sizes: list[int]
+    idx: torch.Tensor | None
+    segments: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+    varlen: bool = True
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def padded_rows(self) -> int:
+        return sum(b * n for b, n in self.shapes)
+
+    @classmethod
+    def build(
+        cls, masks: list[torch.Tensor], *, device: torch.device, varlen: bool = True
+    ) -> TokenPacking:
+        """Packing of items with these ``(B_i, N_i)`` masks (one host sync for the sizes)."""
+        masks = [m.to(device=device, dtype=torch.bool) for m in masks]
+        shapes = [(int(m.shape[0]), int(m.shape[1])) for m in masks]
+        lengths = torch.cat([m.sum(1) for m in masks])  # (sum B_i,) valid tokens per row
+        sizes = [int(v) for v in torch.stack([m.sum() for m in masks]).tolist()]  # one sync
+        idx = None
+        if sum(sizes) != sum(b * n for b, n in shapes):
+            idx = torch.cat([m.reshape(-1) for m in masks]).nonzero().squeeze(1)
+        segments = torch.cat(
+            [torch.full((b * n,), i, device=device) for i, (b, n) in enumerate(shapes)]
+        )  # item of every padded position
+        if idx is not None:
+            segments = segments.index_select(0, idx)
+        cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=device)
+        cu[1:] = lengths.cumsum(0)
+        max_len = max((n for _, n in shapes), default=1)
+        varlen = varlen and varlen_device(device)
+        return cls(shapes, masks, sizes, idx, segments, cu, max_len, varlen)
+
+    def pack(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """``[(B_i, N_i, d)]`` -> ``(T, d)`` valid tokens (the backward is a scatter)."""
+        d = xs[0].shape[-1]
+        flat = torch.cat([x.reshape(-1, d) for x in xs])
+        return flat if self.idx is None else _GatherRows.apply(flat, self.idx)
+
+    def unpack(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """``(T, ...)`` -> ``[(B_i, N_i, ...)]`` with zeros at padded positions."""
+        tail = h.shape[1:]
+        flat = h if self.idx is None else _ScatterRows.apply(h, self.idx, self.padded_rows)
+        parts = flat.split([b * n for b, n in self.shapes])
+        return [p.view(b, n, *tail) for p, (b, n) in zip(parts, self.shapes, strict=True)]
+
+
+try:  # variable-length flash attention (PyTorch >= 2.9, CUDA)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - older PyTorch
+    _varlen_attn = None
+
+
+def packed_attention(attn: Attention, x: torch.Tensor, pack: TokenPacking) -> torch.Tensor:
+    """Self-attention of ``attn``'s weights over packed tokens ``(T, d)``, within each
+    sequence of ``pack``; equals ``attn(x_i, key_mask=mask_i)`` at every valid position."""
+    t, d = x.shape
+    h = attn.n_heads
+    dropout = attn.dropout if attn.training else 0.0
+    q = attn.q(x).view(t, h, d // h)
+    k, v = attn.kv(x).view(t, 2, h, d // h).unbind(1)
+    if pack.varlen and dropout == 0.0 and _varlen_supported(q):
+        out = _varlen_attn(q, k, v, pack.cu_seqlens, pack.cu_seqlens, pack.max_len, pack.max_len)
+    else:
+        out = _padded_attention(q, k, v, pack, dropout)
+    return attn.proj(out.reshape(t, d))
+
+
+def _varlen_supported(q: torch.Tensor) -> bool:
+    """Whether the variable-length flash kernel takes ``q (T, h, dh)`` (the device was
+    checked when the packing was built): bf16/fp16 and a head size it is built for."""
+    dh = q.shape[-1]
+    return q.dtype in (torch.bfloat16, torch.float16) and dh % 8 == 0 and dh <= 256
+
+
+def varlen_device(device: torch.device) -> bool:
+    """Whether PyTorch's ``varlen_attn`` runs on ``device``: CUDA, compute capability 8.0+
+    (the flash kernels' minimum)."""
+    if _varlen_attn is None or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _padded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pack: TokenPacking, dropout: float
+) -> torch.Tensor:
+    """The portable path: packed ``(T, h, dh)`` -> each item's padded layout -> masked
+    SDPA -> packed."""
+    t, h, dh = q.shape
+    outs = []
+    per_item = zip(*(pack.unpack(z.reshape(t, h * dh)) for z in (q, k, v)), pack.masks, strict=True)
+    for qi, ki, vi, mask in per_item:
+        b, n, _ = qi.shape
+        qi, ki, vi = (z.view(b, n, h, dh).transpose(1, 2) for z in (qi, ki, vi))
+        # A row without valid keys would give NaN; it has no valid queries either, so let
+        # it see key 0 (its outputs are dropped when the result is packed again).
+        safe = mask.clone()
+        safe[:, 0] |= ~mask.any(-1)
+        o = F.scaled_dot_product_attention(
+            qi, ki, vi, attn_mask=safe[:, None, None, :], dropout_p=dropout
+        )
+        outs.append(o.transpose(1, 2).reshape(b * n, h * dh))
+    flat = torch.cat(outs)
+    return (flat if pack.idx is None else _GatherRows.apply(flat, pack.idx)).view(t, h, dh)
 
 
 class TrunkBlock(nn.Module):
-    """Pre-LN self-attention + MoE FFN; padded tokens are never routed."""
+    """Pre-LN self-attention + MoE FFN over packed tokens (padding is never computed)."""
 
     def __init__(self, cfg: OmniConfig) -> None:
         super().__init__()
@@ -455,70 +584,32 @@ class TrunkBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d)
         self.ffn = build_ffn(cfg)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, MoEStats]:
-        """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` (None = all valid) -> ``(B, N, d)``, stats.
+    def forward(self, h: torch.Tensor, pack: TokenPacking) -> tuple[torch.Tensor, MoEStats]:
+        """``h`` ``(T, d)`` packed tokens -> ``(T, d)`` and stats with per-item
+        ``counts (S, E)`` and ``dropped (S,)``.
 
-        ``idx``: the valid rows of ``(B*N, d)`` (:func:`valid_rows` of ``mask``), when the
-        caller has them: every layer shares them, and computing them syncs with the device.
+        Attention stays within each sequence; the MoE FFN runs once over all tokens of
+        all items (larger, more efficient expert GEMMs).
         """
-        b, n, d = x.shape
-        x = x + self.attn(self.norm1(x), key_mask=mask)
-        if mask is None:  # no padding: route every token, no gather/scatter needed
-            y, stats = self.ffn(self.norm2(x).reshape(b * n, d))
-            return x + y.view(b, n, d), stats
-        if idx is None:
-            idx = valid_rows(mask)
-        h = self.norm2(x).reshape(b * n, d).index_select(0, idx)  # (T, d)
-        y, stats = self.ffn(h)
+        h = h + packed_attention(self.attn, self.norm1(h), pack)
+        x = self.norm2(h)
+        if isinstance(self.ffn, DeepSpeedMoEFFN):  # no per-token routing stats: per item
+            ys, per = [], []
+            for part in x.split(pack.sizes):
+                y_i, s_i = self.ffn(part)
+                ys.append(y_i)
+                per.append(s_i)
+            y = torch.cat(ys)
+            stats = MoEStats(
+                aux=torch.stack([s.aux for s in per]).mean(),
+                z=torch.stack([s.z for s in per]).mean(),
+                counts=torch.stack([s.counts for s in per]),
+                dropped=torch.stack([s.dropped for s in per]),
+            )
+        else:
+            y, stats = self.ffn(x, pack.segments, pack.num_segments)
         # The residual stream keeps its dtype (under autocast the FFN may return another).
-        x = x.reshape(b * n, d).index_add(0, idx, y.to(x.dtype)).view(b, n, d)
-        return x, stats
-
-    def forward_many(
-        self,
-        xs: list[torch.Tensor],
-        masks: list[torch.Tensor | None],
-        idxs: list[torch.Tensor | None] | None = None,
-    ) -> tuple[list[torch.Tensor], MoEStats]:
-        """Several token sets (modalities) at once: attention stays within each set, the
-        MoE FFN runs once over all valid tokens (larger, more efficient expert GEMMs).
-
-        Args:
-            xs: ``[(B_i, N_i, d)]``; masks: ``[(B_i, N_i)]`` or None (all valid).
-            idxs: Optional :func:`valid_rows` of each mask (None where the mask is None),
-                shared by every layer.
-
-        Returns:
-            The updated ``xs`` and stats with per-set ``counts (S, E)``, ``dropped (S,)``.
-        """
-        if idxs is None:
-            idxs = [None if m is None else valid_rows(m) for m in masks]
-        flats, sizes = [], []
-        outs = []
-        for x, mask, idx in zip(xs, masks, idxs, strict=True):
-            b, n, d = x.shape
-            x = x + self.attn(self.norm1(x), key_mask=mask)
-            outs.append(x)
-            h = self.norm2(x).reshape(b * n, d)
-            if idx is not None:
-                h = h.index_select(0, idx)
-            flats.append(h)
-            sizes.append(h.shape[0])
-        h = torch.cat(flats)  # (sum T_i, d)
-        seg = torch.cat(
-            [torch.full((s,), i, dtype=torch.long, device=h.device) for i, s in enumerate(sizes)]
-        )
-        y, stats = self.ffn(h, seg, len(xs))
-        for i, (y_i, idx) in enumerate(zip(y.split(sizes), idxs, strict=True)):
-            b, n, d = outs[i].shape
-            if idx is None:
-                outs[i] = outs[i] + y_i.view(b, n, d)
-            else:
-                flat = outs[i].reshape(b * n, d)
-                outs[i] = flat.index_add(0, idx, y_i.to(flat.dtype)).view(b, n, d)
-        return outs, stats
+        return h + y.to(h.dtype), stats
 
 
 @dataclass
@@ -549,6 +640,9 @@ class MoETrunk(nn.Module):
         # recomputed in the backward pass (about a third more trunk compute for a fraction
         # of the activation memory, so larger micro-batches fit on a GPU).
         self.activation_checkpointing = False
+        # Packed attention through the variable-length flash kernel where it applies (CUDA,
+        # bf16/fp16); False forces the portable padded path (for comparisons).
+        self.varlen_attention = True
 
     def _run(self, fn, *args):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -556,51 +650,43 @@ class MoETrunk(nn.Module):
         return fn(*args)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, TrunkStats]:
-        """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` -> ``(B, N, d)`` and :class:`TrunkStats`."""
-        stats = []
-        # Without padding, attention can take the unmasked (flash) path and the FFN
-        # needs no gather/scatter; one check here instead of one per layer.
-        layer_mask = None if bool(mask.all()) else mask
-        idx = None if layer_mask is None else valid_rows(layer_mask)  # one sync, all layers
-        for layer in self.layers:
-            x, s = self._run(layer, x, layer_mask, idx)
-            stats.append(s)
-        return self.norm(x), TrunkStats(
-            aux=torch.stack([s.aux for s in stats]).mean(),
-            z=torch.stack([s.z for s in stats]).mean(),
-            counts=torch.stack([s.counts for s in stats]),
-            dropped=torch.stack([s.dropped for s in stats]),
-        )
+        """``x`` ``(B, N, d)``, ``mask`` ``(B, N)`` -> ``(B, N, d)`` (zeros at padded
+        positions) and :class:`TrunkStats`."""
+        ((y, stats),) = self.forward_many([(x, mask)])
+        return y, stats
 
     def forward_many(
         self, items: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> list[tuple[torch.Tensor, TrunkStats]]:
-        """Runs several modalities' token sets together (see ``TrunkBlock.forward_many``);
-        per-token results equal separate :meth:`forward` calls (dropless routing).
+        """Runs several modalities' token sets in one packed pass (see
+        :class:`TokenPacking`); each item's valid tokens get the results of a separate
+        :meth:`forward` (dropless routing).
 
         Args:
             items: ``[(x (B_i, N_i, d), mask (B_i, N_i))]``.
 
         Returns:
-            ``[(y_i, TrunkStats_i)]``; ``aux``/``z`` are the joint (whole-batch) values,
-            ``counts (L, E)`` and ``dropped (L,)`` are per item.
+            ``[(y_i (B_i, N_i, d), TrunkStats_i)]`` with zeros at padded positions;
+            ``aux``/``z`` are the joint (whole-pass) values, ``counts (L, E)`` and
+            ``dropped (L,)`` are per item.
         """
-        if len(items) == 1 or any(
-            isinstance(layer.ffn, DeepSpeedMoEFFN) for layer in self.layers
-        ):  # DeepSpeed-MoE reports no per-token routing: one call per item
-            return [self.forward(x, m) for x, m in items]
+        if not items:
+            return []
         xs = [x for x, _ in items]
-        masks = [None if bool(m.all()) else m for _, m in items]
-        idxs = [None if m is None else valid_rows(m) for m in masks]  # shared by all layers
+        pack = TokenPacking.build(
+            [m for _, m in items], device=xs[0].device, varlen=self.varlen_attention
+        )
+        h = pack.pack(xs)
         stats = []
         for layer in self.layers:
-            xs, s = self._run(layer.forward_many, xs, masks, idxs)
+            h, s = self._run(layer, h, pack)
             stats.append(s)
+        ys = pack.unpack(self.norm(h))
         aux = torch.stack([s.aux for s in stats]).mean()
         z = torch.stack([s.z for s in stats]).mean()
         counts = torch.stack([s.counts for s in stats], 1)  # (S, L, E)
         dropped = torch.stack([s.dropped for s in stats], 1)  # (S, L)
         return [
-            (self.norm(x), TrunkStats(aux=aux, z=z, counts=counts[i], dropped=dropped[i]))
-            for i, x in enumerate(xs)
+            (y, TrunkStats(aux=aux, z=z, counts=counts[i], dropped=dropped[i]))
+            for i, y in enumerate(ys)
         ]

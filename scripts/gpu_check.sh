@@ -4,12 +4,14 @@
 #   bash scripts/gpu_check.sh [tests] [trunk] [train] [train_big] [job] [job_compiled]
 #   (default: tests trunk train job)
 #
-#   tests  pytest -m gpu: grouped-GEMM MoE in bf16; a Ray Train job with use_gpu (NCCL,
+#   tests  pytest -m gpu: grouped-GEMM MoE in bf16; the trunk's varlen flash attention against
+#          its padded path (outputs and gradients); a Ray Train job with use_gpu (NCCL,
 #          DeepSpeed bf16, ZeRO-2) through the three stages and the export
 #   trunk  bf16 MFU of the `base` trunk, torch.compile'd, batch 64 and 128 x 512 tokens
 #   train  `base` full model, pretraining objective: plain loop (bf16 autocast), eager and
 #          compiled, and the DeepSpeed engine (bf16, NCCL, ZeRO-0 and -2); samples/s,
-#          tokens/s, MFU, and a profile of 3 eager steps (kernel time vs wall time)
+#          tokens/s, MFU, and a profile of 3 eager steps (kernel time vs wall time); and
+#          the eager plain loop with the trunk's padded attention (the varlen A/B)
 #   job    the real job: `python -m jobs.train`, `base`, one GPU worker, pretrain + align
 #   job_compiled  the same with `compile=true` (OmniModel.compile_blocks on the worker)
 #   train_big  plain loop and DeepSpeed ZeRO-2, compiled, activation checkpointing, batch 1024
@@ -46,6 +48,9 @@ for part in $parts; do
         done
         ;;
     train)
+        run train_eager_padded "$PY" benchmarks/train_overhead.py --plain-only --device cuda \
+            --bf16 --model base --batch 256 --steps 40 --warmup 10 --padded-attention \
+            --out "$RESULTS/train_base_b256_eager_padded.json"
         run train_eager "$PY" benchmarks/train_overhead.py --plain-only --device cuda --bf16 \
             --model base --batch 256 --steps 40 --warmup 10 --deepspeed --zero-stages 0,2 \
             --profile --sync-debug --out "$RESULTS/train_base_b256_eager.json"

@@ -388,3 +388,104 @@ def test_trunk_activation_checkpointing_same_result_less_memory() -> None:
     for (name, pa), pb in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(pb.grad, pa.grad, msg=name)
     assert bytes_b < 0.5 * bytes_a, (bytes_b, bytes_a)
+
+
+def test_packed_attention_equals_padded_attention_at_valid_positions() -> None:
+    """The trunk's packed attention (one stream of every item's valid tokens) gives, at every
+    valid position, what ``Attention`` gives on each item's padded layout with its key mask;
+    rows without any valid token (a missing modality) are empty sequences."""
+    from models.layers import Attention
+    from models.moe import TokenPacking, packed_attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    g = torch.Generator().manual_seed(5)
+    shapes = ((3, 7), (4, 5), (2, 3))
+    xs = [torch.randn(b, n, 32, generator=g) for b, n in shapes]
+    masks = [torch.ones(b, n, dtype=torch.bool) for b, n in shapes]
+    masks[0][1, 4:] = False
+    masks[0][2] = False  # a row lacking the modality
+    masks[1][0, 1:] = False
+    pack = TokenPacking.build(masks, device=torch.device("cpu"))
+    assert pack.sizes == [int(m.sum()) for m in masks] and pack.idx is not None
+    assert pack.cu_seqlens.tolist()[-1] == sum(pack.sizes)
+    assert pack.segments.tolist() == sum(([i] * n for i, n in enumerate(pack.sizes)), [])
+    got = packed_attention(attn, pack.pack(xs), pack)
+    want = torch.cat([attn(x, key_mask=m)[m] for x, m in zip(xs, masks, strict=True)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Unpacking puts every token back in place, zeros where padded.
+    for y, x, m in zip(pack.unpack(pack.pack(xs)), xs, masks, strict=True):
+        torch.testing.assert_close(y[m], x[m])
+        assert not y[~m].any()
+
+
+def test_trunk_output_is_zero_at_padding_and_full_items_skip_the_gather() -> None:
+    cfg = OmniConfig.from_name("tiny")
+    torch.manual_seed(0)
+    trunk = MoETrunk(cfg).eval()
+    x = torch.randn(2, 6, cfg.d_model)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    y, _ = trunk(x, mask)
+    assert not y[~mask].any() and y[mask].abs().sum() > 0
+    from models.moe import TokenPacking
+
+    full = TokenPacking.build([torch.ones(2, 6, dtype=torch.bool)], device=x.device)
+    assert full.idx is None and full.cu_seqlens.tolist() == [0, 6, 12]
+
+
+def test_varlen_packing_layout_matches_padded_attention(monkeypatch) -> None:
+    """What the GPU's variable-length kernel is handed: with a plain per-sequence reference
+    in its place (the kernel itself needs CUDA), ``cu_seqlens`` over the packed stream cuts
+    exactly each item's rows, and the trunk gives the padded path's results and gradients."""
+    import torch.nn.functional as F
+
+    import models.moe as moe
+
+    calls = []
+
+    def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k
+        bounds = cu_q.tolist()
+        assert max(b - a for a, b in zip(bounds, bounds[1:], strict=False)) <= max_q
+        calls.append(len(bounds) - 1)
+        out = torch.zeros_like(q)
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            if b > a:
+                qs, ks, vs = (z[a:b].transpose(0, 1)[None] for z in (q, k, v))
+                out[a:b] = F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(moe, "_varlen_attn", reference_varlen)
+    monkeypatch.setattr(moe, "varlen_device", lambda device: True)
+    monkeypatch.setattr(moe, "_varlen_supported", lambda q: True)
+    cfg = OmniConfig.from_name("tiny")
+    torch.manual_seed(0)
+    trunk = MoETrunk(cfg)
+    g = torch.Generator().manual_seed(6)
+    items = []
+    for b, n in ((3, 8), (2, 4), (4, 6)):
+        mask = torch.rand(b, n, generator=g) > 0.3
+        mask[:, 0] = True
+        items.append((torch.randn(b, n, cfg.d_model, generator=g), mask))
+    items[2][1][1] = False  # a row lacking the modality: an empty sequence
+
+    def run(varlen: bool):
+        trunk.zero_grad(set_to_none=True)
+        trunk.varlen_attention = varlen
+        ins = [(x.clone().requires_grad_(), m) for x, m in items]
+        outs = trunk.forward_many(ins)
+        sum(y.square().sum() for y, _ in outs).backward()
+        return outs, ins, {k: p.grad.clone() for k, p in trunk.named_parameters()}
+
+    outs_a, ins_a, grads_a = run(False)
+    assert not calls
+    outs_b, ins_b, grads_b = run(True)
+    assert calls == [3 + 2 + 4] * cfg.trunk_layers
+    for (ya, sa), (yb, sb) in zip(outs_a, outs_b, strict=True):
+        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-4)
+        assert torch.equal(sa.counts, sb.counts)
+    for (xa, _), (xb, _) in zip(ins_a, ins_b, strict=True):
+        torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-4)
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], atol=1e-5, rtol=1e-4, msg=k)

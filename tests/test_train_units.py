@@ -78,6 +78,9 @@ def test_bad_config_values_are_rejected_clearly():
         load_train_config(tiny, ["compile=maybe"])
     with pytest.raises(ConfigError, match=r"activation_checkpointing: expected bool"):
         load_train_config(tiny, ["activation_checkpointing=3"])
+    with pytest.raises(ConfigError, match=r"varlen_attention: expected bool"):
+        load_train_config(tiny, ["varlen_attention=fast"])
+    assert load_train_config(tiny, ["varlen_attention=false"]).varlen_attention is False
     cfg = load_train_config(tiny)
     with pytest.raises(ConfigError, match="--stages"):
         parse_stages("pretrain,decode", cfg)

@@ -196,6 +196,10 @@ class TrainConfig:
         activation_checkpointing: Recompute each trunk layer in the backward pass instead of
             keeping its activations (``MoETrunk.activation_checkpointing``): about a third
             more trunk compute for room to raise ``data.batch_size`` on a GPU.
+        varlen_attention: The trunk's attention over its packed tokens uses PyTorch's
+            variable-length flash kernel where it runs (CUDA, compute capability 8.0+, bf16):
+            one call for every sequence of every modality, no padding. False keeps the
+            portable padded path (masked SDPA per modality) everywhere.
     """
 
     name: str = "run"
@@ -210,6 +214,7 @@ class TrainConfig:
     export_at_end: bool = True
     compile: bool = False
     activation_checkpointing: bool = False
+    varlen_attention: bool = True
     scaling: ScalingSection = field(default_factory=ScalingSection)
     data: DataSection = field(default_factory=DataSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)

@@ -74,6 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = build_model_from_kwargs(config["model_kwargs"], init_from=config.get("init_from"))
     model.trunk.activation_checkpointing = tc.activation_checkpointing
+    model.trunk.varlen_attention = tc.varlen_attention
     if tc.compile:
         model.compile_blocks()
     objective = StageObjective(
