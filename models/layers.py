@@ -26,6 +26,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
+def sdpa_key_mask(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A key padding mask as SDPA takes it.
+
+    Args:
+        key_mask: ``(B, Nk)`` bool, True = may be attended.
+
+    Returns:
+        ``(B, 1, 1, Nk)`` attention mask and ``(B,)`` whether a row has any valid key. A row
+        without one would give NaN, so it may see key 0 instead: callers zero or drop its
+        outputs.
+    """
+    any_key = key_mask.any(-1)
+    safe = key_mask.clone()
+    safe[:, 0] |= ~any_key
+    return safe[:, None, None, :], any_key
+
+
 class Attention(nn.Module):
     """Multi-head (self or cross) attention with a key padding mask."""
 
@@ -65,12 +82,8 @@ class Attention(nn.Module):
         k, v = self.kv(ctx).view(b, nk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, Nk, dh)
         attn_mask = None
         any_key = None
-        if key_mask is not None:
-            any_key = key_mask.any(-1)  # (B,)
-            # A row with no valid key would give NaN; let it see key 0 and zero it below.
-            safe = key_mask.clone()
-            safe[:, 0] |= ~any_key
-            attn_mask = safe[:, None, None, :]  # (B, 1, 1, Nk)
+        if key_mask is not None:  # rows without any valid key are zeroed below
+            attn_mask, any_key = sdpa_key_mask(key_mask)
         if causal:
             tri = torch.ones(nq, nk, dtype=torch.bool, device=x.device).tril()
             attn_mask = tri if attn_mask is None else attn_mask & tri

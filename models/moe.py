@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from models.config import OmniConfig
-from models.layers import MLP, Attention
+from models.layers import MLP, Attention, sdpa_key_mask
 
 
 @dataclass
@@ -249,7 +249,7 @@ class NativeMoE(nn.Module):
         align = self.align or (16 if x.is_cuda else 1)
         # The GEMM dtype: the model's, or autocast's (which does not cover _grouped_mm). The
         # result comes back in x's dtype, as the loop path's does: under autocast the
-        # residual stream it joins (and index_adds into) is fp32.
+        # residual stream it joins is fp32.
         in_dtype, dt = x.dtype, _compute_dtype(x)
         x = x.to(dt)
         flat_e = experts.t().reshape(-1)  # (A,) k-major assignment -> expert
@@ -448,7 +448,8 @@ class TokenPacking:
 
     Attributes:
         shapes: ``[(B_i, N_i)]`` of the padded items.
-        masks: ``[(B_i, N_i)]`` bool, True = valid token.
+        attn_masks: ``[(B_i, 1, 1, N_i)]`` SDPA key masks of the items (the padded path's;
+            built once per pass, every layer uses them).
         sizes: Valid tokens per item (host ints).
         idx: ``(T,)`` rows of the concatenated flat padded layout (``sum B_i*N_i`` rows)
             that hold valid tokens, or None when every token is valid.
@@ -461,7 +462,7 @@ class TokenPacking:
     """
 
     shapes: list[tuple[int, int]]
-    masks: list[torch.Tensor]
+    attn_masks: list[torch.Tensor]
     sizes: list[int]
     idx: torch.Tensor | None
     segments: torch.Tensor
@@ -487,7 +488,7 @@ class TokenPacking:
         lengths = torch.cat([m.sum(1) for m in masks])  # (sum B_i,) valid tokens per row
         sizes = [int(v) for v in torch.stack([m.sum() for m in masks]).tolist()]  # one sync
         idx = None
-        if sum(sizes) != sum(b * n for b, n in shapes):
+        if sum(sizes) != sum(m.numel() for m in masks):
             idx = torch.cat([m.reshape(-1) for m in masks]).nonzero().squeeze(1)
         segments = torch.cat(
             [torch.full((b * n,), i, device=device) for i, (b, n) in enumerate(shapes)]
@@ -498,7 +499,8 @@ class TokenPacking:
         cu[1:] = lengths.cumsum(0)
         max_len = max((n for _, n in shapes), default=1)
         varlen = varlen and varlen_device(device)
-        return cls(shapes, masks, sizes, idx, segments, cu, max_len, varlen)
+        attn_masks = [sdpa_key_mask(m)[0] for m in masks]
+        return cls(shapes, attn_masks, sizes, idx, segments, cu, max_len, varlen)
 
     def pack(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """``[(B_i, N_i, d)]`` -> ``(T, d)`` valid tokens (the backward is a scatter)."""
@@ -557,17 +559,15 @@ def _padded_attention(
     SDPA -> packed."""
     t, h, dh = q.shape
     outs = []
-    per_item = zip(*(pack.unpack(z.reshape(t, h * dh)) for z in (q, k, v)), pack.masks, strict=True)
-    for qi, ki, vi, mask in per_item:
+    per_item = zip(
+        *(pack.unpack(z.reshape(t, h * dh)) for z in (q, k, v)), pack.attn_masks, strict=True
+    )
+    for qi, ki, vi, attn_mask in per_item:
         b, n, _ = qi.shape
         qi, ki, vi = (z.view(b, n, h, dh).transpose(1, 2) for z in (qi, ki, vi))
-        # A row without valid keys would give NaN; it has no valid queries either, so let
-        # it see key 0 (its outputs are dropped when the result is packed again).
-        safe = mask.clone()
-        safe[:, 0] |= ~mask.any(-1)
-        o = F.scaled_dot_product_attention(
-            qi, ki, vi, attn_mask=safe[:, None, None, :], dropout_p=dropout
-        )
+        # A row without valid keys has no valid queries either: its outputs are dropped
+        # when the result is packed again.
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=attn_mask, dropout_p=dropout)
         outs.append(o.transpose(1, 2).reshape(b * n, h * dh))
     flat = torch.cat(outs)
     return (flat if pack.idx is None else _GatherRows.apply(flat, pack.idx)).view(t, h, dh)
