@@ -672,6 +672,12 @@ class MoETrunk(nn.Module):
         """
         if not items:
             return []
+        for i, (x, m) in enumerate(items):
+            if x.dim() != 3 or tuple(m.shape) != tuple(x.shape[:2]):
+                raise ValueError(
+                    f"trunk item {i}: tokens {tuple(x.shape)} and mask {tuple(m.shape)} do not "
+                    "match; expected x (B, N, d) and mask (B, N)"
+                )
         xs = [x for x, _ in items]
         pack = TokenPacking.build(
             [m for _, m in items], device=xs[0].device, varlen=self.varlen_attention

@@ -489,3 +489,13 @@ def test_varlen_packing_layout_matches_padded_attention(monkeypatch) -> None:
         torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-4)
     for k in grads_a:
         torch.testing.assert_close(grads_b[k], grads_a[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_trunk_rejects_a_mask_that_does_not_match_its_tokens() -> None:
+    cfg = OmniConfig.from_name("tiny")
+    trunk = MoETrunk(cfg)
+    x = torch.randn(2, 5, cfg.d_model)
+    with pytest.raises(ValueError, match=r"trunk item 1: tokens \(2, 5, .*mask \(2, 4\)"):
+        trunk.forward_many(
+            [(x, torch.ones(2, 5, dtype=torch.bool)), (x, torch.ones(2, 4, dtype=torch.bool))]
+        )
