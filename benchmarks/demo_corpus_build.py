@@ -26,7 +26,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines import demo_corpus as dc  # noqa: E402
+import jobs.demo.corpus as dc  # noqa: E402
+from jobs.demo.corpus import plan as cplan  # noqa: E402
+from jobs.demo.corpus import render_audio as ra  # noqa: E402
+from jobs.demo.corpus import render_image as ri  # noqa: E402
+from jobs.demo.corpus import render_pointcloud as rp  # noqa: E402
+from jobs.demo.corpus import render_signal as rs  # noqa: E402
+from jobs.demo.corpus import render_video as rv  # noqa: E402
 
 
 def _cpu_seconds() -> float:
@@ -65,7 +71,7 @@ def _profile(n_rows: int, seed: int) -> dict[str, float]:
 
     Video clips are encoded together, as the builder does (one ffmpeg process per batch).
     """
-    rows = dc._plan_rows(n_rows, seed, 0.0, 0.0, 0.0)
+    rows = cplan._plan_rows(n_rows, seed, 0.0, 0.0, 0.0)
     times = {m: 0.0 for m in dc.FILE_MODALITIES}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_p = Path(tmp)
@@ -73,26 +79,26 @@ def _profile(n_rows: int, seed: int) -> dict[str, float]:
         for row in rows:
             r = np.random.default_rng(row.index)
             t = time.perf_counter()
-            dc._image_bytes(dc._render_image(row, r), "png", r)
+            ri._image_bytes(ri._render_image(row, r), "png", r)
             times["image"] += time.perf_counter() - t
             t = time.perf_counter()
-            dc._audio_bytes(*dc._render_audio(row, r), "wav")
+            ra._audio_bytes(*ra._render_audio(row, r), "wav")
             times["audio"] += time.perf_counter() - t
             t = time.perf_counter()
-            clips.append((*dc._render_video(row, r), tmp_p / f"{row.index}.mp4"))
+            clips.append((*rv._render_video(row, r), tmp_p / f"{row.index}.mp4"))
             times["video"] += time.perf_counter() - t
             t = time.perf_counter()
-            dc._write_points(dc._render_points(row, r), tmp_p / "p.ply")
+            rp._write_points(rp._render_points(row, r), tmp_p / "p.ply")
             times["pointcloud"] += time.perf_counter() - t
             t = time.perf_counter()
-            dc._signal_bytes(dc._trajectory(row.label, row.writer, r), "npy")
+            rs._signal_bytes(rs._trajectory(row.label, row.writer, r), "npy")
             times["signal"] += time.perf_counter() - t
         t = time.perf_counter()
-        dc._encode_mp4_batch(clips)
+        rv._encode_mp4_batch(clips)
         times["video"] += time.perf_counter() - t
         t = time.perf_counter()
         for frames, fps, path in clips[:8]:
-            dc._encode_mp4(frames, fps, path)
+            rv._encode_mp4(frames, fps, path)
         unbatched_ms = 1000 * (time.perf_counter() - t) / 8
     out = {m: round(1000 * v / n_rows, 2) for m, v in times.items()}
     out["video_encode_unbatched"] = round(unbatched_ms, 2)

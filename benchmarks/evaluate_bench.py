@@ -2,7 +2,7 @@
 
 Builds a synthetic split (random featurized tensors of INTERFACES §1 shapes, 10 labels,
 all six modalities) and an untrained export of the chosen size, runs
-:func:`jobs.evaluate.run_evaluation` on it, and times the retrieval metric alone on larger
+:func:`jobs.evaluation.run.run_evaluation` on it, and times the retrieval metric alone on larger
 galleries. With ``--compare-cpu`` on a GPU machine it also runs on CPU and reports the
 largest difference between the two runs' metrics. Prints a summary and writes
 ``benchmarks/results/evaluate.json`` (or ``--out``).
@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.config import save_yaml  # noqa: E402
-from jobs import evaluate  # noqa: E402
 from jobs.evaluation import metrics as M  # noqa: E402
 from jobs.evaluation.config import EvalConfig  # noqa: E402
+from jobs.evaluation.run import run_evaluation  # noqa: E402
 from pipelines.schema import MODALITIES, pack_tensors, shard_schema  # noqa: E402
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -117,7 +117,7 @@ def _flatten(d, prefix=""):
 def run_once(export: Path, shards: Path, out: Path, device: str, batch_size: int) -> dict:
     cfg = EvalConfig(device=device, batch_size=batch_size, merge_into_export=False)
     t0 = time.perf_counter()
-    res = evaluate.run_evaluation(export, shards, cfg, out)
+    res = run_evaluation(export, shards, cfg, out)
     wall = time.perf_counter() - t0
     n_items = sum(res["rows_per_modality"].values())
     return {
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         report["run"] = main_run
         report["headline"] = {
             "mean_R@1_all_pairs": float(
-                np.mean([evaluate._r1(v) for v in res["retrieval"].values() if "skipped" not in v])
+                np.mean([M.headline_r1(v) for v in res["retrieval"].values() if "skipped" not in v])
             ),
             "fusion_gain": res["fusion"].get("fusion_gain"),
             "emergent_mean_R@1": res["emergent_alignment"].get("mean_R@1"),

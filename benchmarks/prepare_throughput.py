@@ -83,7 +83,7 @@ def ensure_corpus(corpus: Path, n: int) -> Path:
     if not manifest.exists():
         print(f"building the demo corpus in {corpus} ({n} rows) ...", flush=True)
         subprocess.run(
-            [sys.executable, "-m", "pipelines.demo_corpus", "--out", str(corpus), "--n", str(n),
+            [sys.executable, "-m", "jobs.demo.corpus", "--out", str(corpus), "--n", str(n),
              "--seed", "0", "--workers", "2"],
             cwd=ROOT, check=True,
         )  # fmt: skip
@@ -119,7 +119,6 @@ def loop_baseline(manifest: Path, cfg, corpus: Path) -> dict:
     from pipelines.featurize import SampleError, get_featurizer
     from pipelines.paths import PathResolver, manifest_root
     from pipelines.schema import MODALITIES
-    from pipelines.stages import _TXT_PATH
 
     resolver = PathResolver(manifest_root(str(manifest)), [str(corpus.resolve())])
     feats = {m: get_featurizer(m, cfg.features) for m in MODALITIES}
@@ -134,11 +133,11 @@ def loop_baseline(manifest: Path, cfg, corpus: Path) -> dict:
                 continue
             t = time.perf_counter()
             try:
-                if m == "text" and not _TXT_PATH.match(v):
-                    feats[m].clean(v)
+                if feats[m].accepts_inline(v):
+                    feats[m].decode(v)
                 else:
                     data = resolver.read(v, cfg.features.max_file_bytes)
-                    feats[m].from_bytes(data, suffix="." + v.rsplit(".", 1)[-1])
+                    feats[m].decode(data, suffix="." + v.rsplit(".", 1)[-1])
             except SampleError:
                 pass
             cost[m] += time.perf_counter() - t
@@ -304,7 +303,7 @@ def main() -> int:
         result["concurrent_loops"] = ceiling
         print(f"  {ceiling}", flush=True)
         if not args.no_memory:
-            no_dedupe = ["dedupe.exact=[]", "dedupe.near_image=false", "dedupe.near_text=false"]
+            no_dedupe = ["dedupe.exact=[]", "dedupe.near=[]"]
             mem = {}
             for n in (args.rows, args.big_rows):
                 m = take_rows(manifest, args.rows, work / f"rep_{n}.jsonl", repeat_to=n)

@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (corpus / "manifest.jsonl").is_file():
         corpus = work / "corpus"
         if not (corpus / "manifest.jsonl").is_file():
-            from pipelines.demo_corpus import build_corpus
+            from jobs.demo.corpus import build_corpus
 
             print(f"building a 60-row corpus in {corpus}", flush=True)
             build_corpus(corpus, n=60, seed=0, workers=2, overwrite=True)

@@ -58,8 +58,9 @@ def plain_loop(
     import torch.distributed as dist
 
     from jobs.training.data import RankBatches, inspect_shards
-    from jobs.training.objectives import StageObjective, build_model_from_kwargs
-    from jobs.training.runner import model_kwargs_from_data
+    from jobs.training.engine import build_stage_model, compile_model
+    from jobs.training.runner import model_config_from_data
+    from jobs.training.stage import StageObjective
 
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -69,8 +70,8 @@ def plain_loop(
     torch.manual_seed(0)
     tc = _config(shards, "unused", 1, args, zero_stage)
     info = inspect_shards(shards)
-    kw = model_kwargs_from_data(tc, shards, info, info.modalities)
-    model = build_model_from_kwargs({"size": tc.model, **kw}).to(device)
+    model_cfg = model_config_from_data(tc, shards, info, info.modalities).to_dict()
+    model = build_stage_model(model_cfg).to(device)
     active = {m: model.active_parameters_per_token(m) for m in info.modalities}
     flops, tokens, n_samples = 0.0, 0, 0
     obj = StageObjective(
@@ -80,7 +81,7 @@ def plain_loop(
     model.trunk.activation_checkpointing = getattr(args, "checkpoint", False)
     model.trunk.varlen_attention = not getattr(args, "padded_attention", False)
     if getattr(args, "compile", False):
-        model.compile_blocks()
+        compile_model(model)
         if stats is not None:
             stats["compiled"] = "encoder blocks + trunk layers"
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -4,6 +4,11 @@ Every config in OmniRay is a (nested) dataclass. ``load_config(cls, path, overri
 reads a YAML file, applies ``key.sub=value`` overrides (values parsed as YAML, so
 ``train.lr=3e-4`` gives a float and ``stages=[align,finetune]`` a list) and builds the
 dataclass, rejecting unknown keys with a clear error instead of silently ignoring them.
+
+A config type that is not a dataclass (a mapping assembled at run time, such as the
+per-modality ``features`` section) nests inside dataclass configs by defining
+``from_config_dict(data, where) -> instance`` (a classmethod that validates) and
+``to_config_dict() -> dict``: :func:`from_dict` and :func:`to_dict` call them.
 """
 
 from __future__ import annotations
@@ -61,6 +66,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if value is None:
         return None
+    if isinstance(tp, type) and hasattr(tp, "from_config_dict"):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return tp.from_config_dict(value, where)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
             return value
@@ -117,6 +128,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "config") -
 
 def to_dict(obj: Any) -> Any:
     """Dataclass (nested) -> plain dict suitable for YAML/JSON."""
+    if hasattr(obj, "to_config_dict") and not isinstance(obj, type):
+        return to_dict(obj.to_config_dict())
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, list | tuple):

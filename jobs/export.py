@@ -7,7 +7,9 @@ Without ``--checkpoint`` the stage's consolidated weights are used (made by ``jo
 at the end of each stage) or, when the stage was interrupted, its newest complete DeepSpeed
 checkpoint is consolidated (any ZeRO stage; ZeRO-3 via ``zero_to_fp32``). The export dir
 holds ``model.safetensors``, ``model_config.yaml``, ``tokenizer/``, ``data_config.yaml``,
-``metrics.json`` and ``training.yaml``, and loads with ``OmniModel.from_pretrained`` alone.
+``zero_shot.yaml``, ``metrics.json`` and ``training.yaml``; it is written by
+:func:`jobs.exports.write_export` and read by :func:`jobs.exports.load_export` (model,
+featurizers, zero-shot templates; fails loudly on a missing file or mismatched sizes).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""OmniRay models: six modality encoders, a shared sparse-MoE trunk, gated fusion, heads.
+"""OmniRay models: one encoder per declared modality, a shared sparse-MoE trunk, gated fusion, heads.
 
 Pure PyTorch (never imports ``ray`` or ``pipelines``)::
 
@@ -8,7 +8,7 @@ Pure PyTorch (never imports ``ray`` or ``pipelines``)::
     out = model(collate(samples))
 """
 
-from models.config import ALL_MODALITIES, MODEL_SIZES, OmniConfig
+from models.config import MODEL_SIZES, OmniConfig
 from models.encoders import ENCODERS, build_encoder, register_encoder
 from models.model import (
     PARTS,
@@ -20,7 +20,6 @@ from models.model import (
 )
 
 __all__ = [
-    "ALL_MODALITIES",
     "ENCODERS",
     "MODEL_SIZES",
     "PARTS",

@@ -1,23 +1,31 @@
 """``OmniConfig``: the typed description of one model; named sizes are data.
 
-A size is an entry of :data:`MODEL_SIZES` (mirrored by ``configs/model/<name>.yaml``);
-``OmniConfig.from_name("tiny", vocab_size=1024, num_classes=10)`` returns it with
-overrides applied. Every export carries its ``model_config.yaml`` so that
-``OmniModel.from_pretrained(dir)`` rebuilds exactly the same model.
+A size is an entry of :data:`MODEL_SIZES` (the one source: there are no YAML mirrors) plus
+each encoder's ``presets[name]`` delta; ``OmniConfig.from_name("tiny", vocab_size=1024,
+num_classes=10)`` returns it with overrides applied. Per-modality sizes live in
+``OmniConfig.encoders[m]``, the section declared by the encoder's ``Config`` dataclass
+(``models/encoders/<m>.py``). Every export carries its ``model_config.yaml`` so that
+``OmniModel.from_pretrained(dir)`` rebuilds exactly the same model; exports written before
+the sections existed (flat ``image_size: 32`` keys) still load: each encoder's
+``legacy_keys`` maps them into its section.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, from_dict, read_yaml, save_yaml, to_dict
+from common.config import ConfigError, deep_merge, from_dict, read_yaml, save_yaml, to_dict
+from common.modalities import MODALITIES, modality_names
 
-#: Every modality the model knows, in the fixed order used for fusion gates.
-ALL_MODALITIES: tuple[str, ...] = ("text", "image", "audio", "video", "pointcloud", "signal")
+
+def _encoders() -> dict[str, Any]:
+    # Lazy: models.encoders imports this module (encoders take an OmniConfig).
+    from models.encoders import ENCODERS
+
+    return ENCODERS
 
 
 @dataclass
@@ -53,19 +61,14 @@ class OmniConfig:
         dropout: Dropout everywhere (0 for the CPU demo).
         vocab_size, pad_id, bos_id, eos_id, mask_id: Text vocabulary (INTERFACES §1).
         max_text_len: Longest text sequence (positions).
-        image_size, image_patch: Square image side and ViT patch side.
-        image_stem: ``conv`` (log2(patch) stride-2 convolutions, the default: learns shapes
-            in far fewer steps) or ``linear`` (the plain ViT patch embedding).
-        audio_bins, audio_max_frames, audio_patch: Log-mel bins F, longest T, frames per patch.
-        video_frames, video_size, video_patch, video_tubelet: Frames, side, spatial and
-            temporal tubelet size.
-        pointcloud_points, pointcloud_channels: Points N and channels C (3 or 6).
-        pointcloud_groups, pointcloud_group_size: FPS centres and neighbours per group.
-        signal_channels, signal_length, signal_patch: C, L and PatchTST patch length.
+        encoders: Modality -> its encoder's section (the fields of ``ENCODERS[m].Config``:
+            input sizes, patch sizes, stems). Filled with the section's defaults for every
+            modality in ``modalities`` and validated by the section's ``__post_init__``;
+            read it back typed with :meth:`encoder_section`.
     """
 
     name: str = "custom"
-    modalities: list[str] = field(default_factory=lambda: list(ALL_MODALITIES))
+    modalities: list[str] = field(default_factory=lambda: list(modality_names()))
     d_model: int = 64
     n_heads: int = 4
     mlp_ratio: float = 2.0
@@ -95,34 +98,13 @@ class OmniConfig:
     eos_id: int = 2
     mask_id: int = 4
     max_text_len: int = 32
-    # image
-    image_size: int = 32
-    image_patch: int = 8
-    image_stem: str = "conv"
-    # audio
-    audio_bins: int = 40
-    audio_max_frames: int = 128
-    audio_patch: int = 8
-    # video
-    video_frames: int = 8
-    video_size: int = 32
-    video_patch: int = 16
-    video_tubelet: int = 2
-    # pointcloud
-    pointcloud_points: int = 256
-    pointcloud_channels: int = 3
-    pointcloud_groups: int = 16
-    pointcloud_group_size: int = 16
-    # signal
-    signal_channels: int = 3
-    signal_length: int = 128
-    signal_patch: int = 16
+    encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.modalities = list(self.modalities)
-        unknown = [m for m in self.modalities if m not in ALL_MODALITIES]
+        unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown:
-            raise ConfigError(f"unknown modalities {unknown}; known: {list(ALL_MODALITIES)}")
+            raise ConfigError(f"unknown modalities {unknown}; known: {list(MODALITIES)}")
         if self.d_model % self.n_heads or self.d_model % self.fusion_heads:
             raise ConfigError(
                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
@@ -136,54 +118,68 @@ class OmniConfig:
             raise ConfigError(f"num_experts={self.num_experts} not divisible by ep_size")
         if self.capacity_factor <= 0:
             raise ConfigError("capacity_factor must be > 0")
-        checks = {
-            "image_size % image_patch": self.image_size % self.image_patch,
-            "video_size % video_patch": self.video_size % self.video_patch,
-            "video_frames % video_tubelet": self.video_frames % self.video_tubelet,
-            "signal_length % signal_patch": self.signal_length % self.signal_patch,
-        }
-        bad = [k for k, v in checks.items() if v]
+        bad = [m for m in self.encoders if m not in MODALITIES]
         if bad:
-            raise ConfigError(f"sizes must divide evenly: {bad}")
-        if self.image_stem not in ("conv", "linear"):
-            raise ConfigError(f"image_stem must be conv|linear, got {self.image_stem!r}")
-        if self.image_stem == "conv" and (
-            self.image_patch < 2 or self.image_patch & (self.image_patch - 1)
-        ):
-            raise ConfigError(
-                f"image_stem=conv needs a power-of-two image_patch, got {self.image_patch}"
-            )
-        if self.pointcloud_channels < 3:
-            raise ConfigError("pointcloud_channels must be >= 3 (xyz first)")
+            raise ConfigError(f"encoders: unknown modalities {bad}; known: {list(MODALITIES)}")
+        registry = _encoders()
+        sections = {}
+        for m in MODALITIES:  # table order; every modality of the model gets its section
+            if m in self.encoders or m in self.modalities:
+                data = self.encoders.get(m)
+                # Resolved (every field) and validated by the section itself.
+                sections[m] = (
+                    to_dict(self.encoder_section(m, data)) if m in registry else (data or {})
+                )
+        self.encoders = sections
 
     @property
     def ffn_hidden(self) -> int:
         """Hidden width of one expert MLP."""
         return self.expert_hidden or int(self.mlp_ratio * self.d_model)
 
-    @property
-    def audio_max_patches(self) -> int:
-        return math.ceil(self.audio_max_frames / self.audio_patch)
+    def encoder_section(self, modality: str, data: dict[str, Any] | None = None) -> Any:
+        """The validated ``ENCODERS[modality].Config`` of this model (defaults when the
+        section is absent).
+
+        Raises:
+            ConfigError: No encoder is registered for ``modality``, or the section has an
+                unknown key or a bad value (the message names the key).
+        """
+        registry = _encoders()
+        if modality not in registry:
+            raise ConfigError(
+                f"no encoder registered for {modality!r}; registered: {sorted(registry)}"
+            )
+        data = self.encoders.get(modality, {}) if data is None else data
+        return from_dict(
+            registry[modality].Config, data or {}, where=f"OmniConfig.encoders.{modality}"
+        )
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> OmniConfig:
-        """Named size plus keyword overrides (unknown keys raise ``ConfigError``)."""
+        """Named size (:data:`MODEL_SIZES` + every encoder's ``presets[name]``) plus keyword
+        overrides: top-level fields, ``encoders={m: {...}}`` (deep-merged onto the presets)
+        or legacy flat keys such as ``image_patch=4`` (unknown keys raise ``ConfigError``)."""
         if name not in MODEL_SIZES:
             raise ConfigError(f"unknown model size {name!r}; known: {sorted(MODEL_SIZES)}")
-        data = dict(MODEL_SIZES[name])
-        data.update(overrides)
+        presets = {m: dict(e.presets.get(name, {})) for m, e in _encoders().items()}
+        data = deep_merge({**MODEL_SIZES[name], "encoders": presets}, upgrade_legacy(overrides))
         data.setdefault("name", name)
+        mods = data.get("modalities") or modality_names()
+        # Presets only for the modalities this model has (others stay out of its YAML).
+        extra = set(upgrade_legacy(overrides).get("encoders") or {})
+        data["encoders"] = {m: s for m, s in data["encoders"].items() if m in mods or m in extra}
         return from_dict(cls, data, where=f"OmniConfig[{name}]")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OmniConfig:
-        return from_dict(cls, data, where="OmniConfig")
+        """Builds the config from a mapping (legacy flat per-modality keys are mapped)."""
+        return from_dict(cls, upgrade_legacy(data), where="OmniConfig")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> OmniConfig:
-        """Reads ``model_config.yaml`` (or ``configs/model/<size>.yaml``)."""
-        data = read_yaml(path)
-        data.update(overrides)
+        """Reads ``model_config.yaml`` (of this or an older version of OmniRay)."""
+        data = deep_merge(upgrade_legacy(read_yaml(path)), upgrade_legacy(overrides))
         return from_dict(cls, data, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,7 +192,32 @@ class OmniConfig:
         return dataclasses.replace(self, **changes)
 
 
-#: Named sizes (the YAML files in ``configs/model/`` mirror these; a test checks they agree).
+def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """Maps the flat per-modality keys of old ``model_config.yaml`` exports
+    (``image_size``, ``audio_patch``, ...) into ``encoders[m]`` sections through each
+    encoder's ``legacy_keys``; every other key is left as is (unknown ones then fail).
+    Derived keys an old export may carry that no section keeps are dropped."""
+    fields = {f.name for f in dataclasses.fields(OmniConfig)}
+    out: dict[str, Any] = {}
+    moved: dict[str, dict[str, Any]] = {}
+    legacy = {
+        old: (m, new) for m, enc in _encoders().items() for old, new in enc.legacy_keys.items()
+    }
+    for k, v in data.items():
+        if k in fields or k not in legacy:
+            out[k] = v
+            continue
+        m, new = legacy[k]
+        if new is not None:
+            moved.setdefault(m, {})[new] = v
+    if moved:
+        # Explicit sections win over legacy keys of the same field.
+        out["encoders"] = deep_merge(moved, dict(out.get("encoders") or {}))
+    return out
+
+
+#: Named sizes: the one source (litgpt style). Per-modality deltas of a size (e.g. ``base``'s
+#: smaller patches) live in each encoder's ``presets``; ``python -m models.sizes`` prints them.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     # Tests: < 2M parameters, forward+backward of a batch of 8 well under a second on CPU.
     "tiny": dict(
@@ -239,11 +260,5 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
         embed_dim=512,
         decoder_layers=2,
         fusion_heads=12,
-        image_patch=4,
-        video_patch=8,
-        audio_patch=4,
-        signal_patch=8,
-        pointcloud_groups=32,
-        pointcloud_group_size=16,
     ),
 }

@@ -13,34 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.config import ALL_MODALITIES
+from common.modalities import MODALITIES, Modality
 
-#: Expected number of dimensions of one featurized item.
-ITEM_NDIM: dict[str, int] = {
-    "text": 1,
-    "image": 3,
-    "audio": 2,
-    "video": 4,
-    "pointcloud": 2,
-    "signal": 2,
-}
-#: Axis padded to the longest item (variable-length modalities get a ``_mask``).
-PAD_AXIS: dict[str, int] = {"text": 0, "audio": 0, "pointcloud": 0}
-MASKED: tuple[str, ...] = ("text", "audio")
 IGNORE_LABEL = -100
 
 
-def _check_item(m: str, i: int, x: Any) -> np.ndarray:
+def _check_item(rec: Modality, i: int, x: Any) -> np.ndarray:
+    m = rec.name
     arr = np.asarray(x)
     if arr.dtype == object:
         raise ValueError(f"sample {i}: {m} is not a numeric array (dtype=object)")
-    if arr.ndim != ITEM_NDIM[m]:
-        raise ValueError(
-            f"sample {i}: {m} must have {ITEM_NDIM[m]} dims, got shape {tuple(arr.shape)}"
-        )
-    if m == "text":
+    if arr.ndim != rec.rank:
+        raise ValueError(f"sample {i}: {m} must have {rec.rank} dims, got shape {tuple(arr.shape)}")
+    if np.issubdtype(rec.np_dtype, np.integer) and rec.np_dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"sample {i}: text must be integer token ids, got {arr.dtype}")
+            raise ValueError(f"sample {i}: {m} must be integer ids, got {arr.dtype}")
     elif arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.number):
             raise ValueError(f"sample {i}: {m} must be numeric, got {arr.dtype}")
@@ -49,6 +36,17 @@ def _check_item(m: str, i: int, x: Any) -> np.ndarray:
     if arr.size == 0:
         raise ValueError(f"sample {i}: {m} is empty")
     return arr
+
+
+def batch_dtype(rec: Modality, items: Sequence[np.ndarray]) -> np.dtype:
+    """The batch dtype of a modality, from its record: integer ids -> int64, uint8 stays
+    uint8 (the encoder scales pixels; keeps the batch 4x smaller) when every item is uint8,
+    anything else float32."""
+    if np.issubdtype(rec.np_dtype, np.integer) and rec.np_dtype != np.uint8:
+        return np.dtype(np.int64)
+    if rec.np_dtype == np.uint8 and all(x.dtype == np.uint8 for x in items):
+        return np.dtype(np.uint8)
+    return np.dtype(np.float32)
 
 
 def _label_index(label: Any, label_names: Sequence[str] | None) -> int:
@@ -66,20 +64,25 @@ def collate(
     samples: Sequence[Mapping[str, Any]],
     modalities: Sequence[str] | None = None,
     label_names: Sequence[str] | None = None,
+    pad_values: Mapping[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Stacks featurized samples into a model batch.
+    """Stacks featurized samples into a model batch, by each modality's record
+    (``common.modalities``: rank, varying axis, mask, dtype).
 
     Args:
         samples: One mapping per row: modality -> ``np.ndarray`` or None, optional
             ``"label"`` (str, or int when ``label_names`` is None).
-        modalities: Modalities to collate (default: every known modality that appears).
+        modalities: Modalities to collate (default: every declared modality that appears).
         label_names: Class names; a label's index in this list becomes ``batch["label"]``
             (-100 when unknown or absent).
+        pad_values: Value that fills padded positions of a modality (default 0, which is
+            also the text pad id of INTERFACES §1).
 
     Returns:
-        ``batch[m]`` ``(B, ...)`` (int64 text, uint8 image/video, float32 otherwise, padded
-        to the longest item), ``batch[f"{m}_mask"]`` ``(B, T)`` for text/audio (and
-        pointcloud when lengths differ), ``batch[f"{m}_present"]`` ``(B,)`` bool and
+        ``batch[m]`` ``(B, ...)`` (int64 for integer records, uint8 for uint8 records,
+        float32 otherwise, padded to the longest item along the record's ``var_axis``),
+        ``batch[f"{m}_mask"]`` ``(B, T)`` for ``masked`` records (and for any varying axis
+        when lengths differ), ``batch[f"{m}_present"]`` ``(B,)`` bool and
         ``batch["label"]`` ``(B,)`` int64. A modality no sample has only gets an all-False
         ``_present`` entry.
 
@@ -90,22 +93,24 @@ def collate(
     if len(samples) == 0:
         raise ValueError("collate needs at least one sample")
     if modalities is None:
-        modalities = [m for m in ALL_MODALITIES if any(s.get(m) is not None for s in samples)]
-    unknown = [m for m in modalities if m not in ALL_MODALITIES]
+        modalities = [m for m in MODALITIES if any(s.get(m) is not None for s in samples)]
+    unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
-        raise ValueError(f"unknown modalities {unknown}; known: {list(ALL_MODALITIES)}")
+        raise ValueError(f"unknown modalities {unknown}; known: {list(MODALITIES)}")
     b = len(samples)
+    pads = pad_values or {}
     batch: dict[str, torch.Tensor] = {}
     for m in modalities:
+        rec = MODALITIES[m]
         items = [
-            None if s.get(m) is None else _check_item(m, i, s[m]) for i, s in enumerate(samples)
+            None if s.get(m) is None else _check_item(rec, i, s[m]) for i, s in enumerate(samples)
         ]
         present = torch.tensor([x is not None for x in items], dtype=torch.bool)
         batch[f"{m}_present"] = present
         real = [x for x in items if x is not None]
         if not real:
             continue
-        ax = PAD_AXIS.get(m)
+        ax = rec.var_axis
         ref = real[0].shape
         fixed = [d for j, d in enumerate(ref) if j != ax]
         for i, x in enumerate(items):
@@ -119,13 +124,7 @@ def collate(
         shape = list(ref)
         if ax is not None:
             shape[ax] = longest
-        if m == "text":
-            dtype = np.int64
-        elif m in ("image", "video") and all(x.dtype == np.uint8 for x in real):
-            dtype = np.uint8  # the encoder scales pixels; keeps the batch 4x smaller
-        else:
-            dtype = np.float32
-        out = np.zeros((b, *shape), dtype=dtype)  # text pad id is 0
+        out = np.full((b, *shape), pads.get(m, 0), dtype=batch_dtype(rec, real))
         for i, x in enumerate(items):
             if x is None:
                 continue
@@ -135,8 +134,7 @@ def collate(
                 out[i, : x.shape[ax]] = x
         batch[m] = torch.from_numpy(out)
         if ax is not None and (
-            m in MASKED
-            or len({n for n, x in zip(lengths, items, strict=True) if x is not None}) > 1
+            rec.masked or len({n for n, x in zip(lengths, items, strict=True) if x is not None}) > 1
         ):
             steps = torch.arange(longest)[None, :]
             batch[f"{m}_mask"] = steps < torch.tensor(lengths)[:, None]
@@ -155,9 +153,10 @@ def synthetic_samples(
     drop_one: bool = False,
     num_labels: int = 10,
 ) -> list[dict[str, Any]]:
-    """Random featurized samples with the shapes/dtypes of INTERFACES §1 for ``cfg``.
+    """Random featurized samples that fit ``cfg``'s encoders (each encoder's
+    ``random_item``: its largest input, random lengths for masked modalities).
 
-    For smoke tests and benchmarks (no real data). Text and audio get variable lengths.
+    For smoke tests and benchmarks (no real data, no label signal).
 
     Args:
         cfg: An :class:`~models.config.OmniConfig`.
@@ -167,32 +166,16 @@ def synthetic_samples(
         drop_one: Row ``i`` lacks modality ``i % M`` (exercises missing-modality paths).
         num_labels: Labels are ``str(i % num_labels)``.
     """
+    from models.encoders import ENCODERS
+
     rng = np.random.default_rng(seed)
     mods = list(cfg.modalities if modalities is None else modalities)
+    sections = {m: cfg.encoder_section(m) for m in mods}
     out = []
     for i in range(n):
         s: dict[str, Any] = {"label": str(i % num_labels)}
         for m in mods:
-            if m == "text":
-                length = int(rng.integers(4, cfg.max_text_len + 1))
-                ids = rng.integers(5, cfg.vocab_size, size=length)
-                ids[0], ids[-1] = cfg.bos_id, cfg.eos_id
-                s[m] = ids.astype(np.int32)
-            elif m == "image":
-                s[m] = rng.integers(0, 256, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
-            elif m == "audio":
-                t = int(rng.integers(cfg.audio_max_frames // 2, cfg.audio_max_frames + 1))
-                s[m] = rng.standard_normal((t, cfg.audio_bins)).astype(np.float16)
-            elif m == "video":
-                shape = (cfg.video_frames, cfg.video_size, cfg.video_size, 3)
-                s[m] = rng.integers(0, 256, shape, dtype=np.uint8)
-            elif m == "pointcloud":
-                p = rng.standard_normal((cfg.pointcloud_points, cfg.pointcloud_channels))
-                p[:, :3] /= np.abs(p[:, :3]).max()
-                s[m] = p.astype(np.float16)
-            elif m == "signal":
-                shape = (cfg.signal_channels, cfg.signal_length)
-                s[m] = rng.standard_normal(shape).astype(np.float16)
+            s[m] = ENCODERS[m].random_item(cfg, sections[m], rng)
         if drop_one and mods:
             s[mods[i % len(mods)]] = None
         out.append(s)

@@ -4,14 +4,13 @@ The model is composed by injection (:func:`build_model` builds the parts and han
 in); it checks that the parts' modality keys agree. A forward runs only the branches of
 the modalities present in the batch, so a text-only request never touches the image,
 audio or video parameters. Serving replicas may hold a single branch
-(``OmniModel.from_pretrained(dir, modalities=["image"], parts=[])``).
+(``OmniModel.from_pretrained(dir, modalities=[m], parts=[])``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,77 +22,13 @@ from models.encoders import ModalityEncoder, build_encoder
 from models.fusion import GatedFusion
 from models.heads import Adapter, ClassifierHead, ProjectionHead, ReconHead, TextDecoder
 from models.layers import masked_mean
-from models.moe import MoETrunk, TrunkStats
+from models.outputs import ModalityFeatures, OmniOutput, ReconOutput
+from models.trunk import MoETrunk
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model_config.yaml"
 #: Optional parts besides the per-modality branches and the trunk.
 PARTS: tuple[str, ...] = ("fusion", "recon", "decoder", "classifier")
-
-
-@dataclass
-class ModalityFeatures:
-    """One modality's features after encoder, trunk and adapter.
-
-    Attributes:
-        tokens: ``(B, N, d)``.
-        mask: ``(B, N)`` bool, True = valid token (False for rows lacking the modality).
-        pooled: ``(B, d)`` masked mean of ``tokens``.
-        embed: ``(B, E)`` L2-normalized projection into the shared space.
-        present: ``(B,)`` bool, rows that have this modality.
-        masked: ``(B, N)`` bool tokens replaced by ``[MASK]`` (only with ``mask_ratio``).
-        targets: Reconstruction targets of the tokens (only with ``mask_ratio``).
-        stats: Routing statistics of the trunk pass.
-    """
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    pooled: torch.Tensor
-    embed: torch.Tensor
-    present: torch.Tensor | None = None
-    masked: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
-    stats: TrunkStats | None = None
-
-
-@dataclass
-class ReconOutput:
-    """Masked-modelling predictions of one modality.
-
-    Attributes:
-        pred: ``(B, N, P)`` predictions (logits over the vocabulary for text).
-        target: ``(B, N, P)`` float targets, or ``(B, N)`` int64 ids for text.
-        mask: ``(B, N)`` bool, positions to score (masked, valid, row present).
-        kind: ``tokens`` (cross-entropy), ``patches`` (MSE) or ``points`` (Chamfer).
-        cross: Whether other modalities were used as context.
-    """
-
-    pred: torch.Tensor
-    target: torch.Tensor
-    mask: torch.Tensor
-    kind: str
-    cross: bool = False
-
-
-@dataclass
-class OmniOutput:
-    """Everything one forward produces (fields are empty when not requested)."""
-
-    embeds: dict[str, torch.Tensor] = field(default_factory=dict)
-    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
-    features: dict[str, ModalityFeatures] = field(default_factory=dict)
-    present: dict[str, torch.Tensor] = field(default_factory=dict)
-    fused: torch.Tensor | None = None
-    gates: torch.Tensor | None = None
-    fusion_modalities: list[str] = field(default_factory=list)
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)
-    expert_load: dict[str, torch.Tensor] = field(default_factory=dict)
-    dropped: dict[str, torch.Tensor] = field(default_factory=dict)
-    logit_scale: torch.Tensor | None = None
-    recon: dict[str, ReconOutput] = field(default_factory=dict)
-    caption_logits: dict[str, torch.Tensor] = field(default_factory=dict)
-    logits: torch.Tensor | None = None
-    modality_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class OmniModel(nn.Module):
@@ -425,7 +360,10 @@ class OmniModel(nn.Module):
 
     def parameter_groups(self, weight_decay: float = 0.05) -> list[dict[str, Any]]:
         """Trainable parameters split into decay / no-decay groups for AdamW
-        (no decay on biases, norms, embeddings, position/modality/mask tokens, temperature)."""
+        (no decay on biases, norms, embeddings, position/modality/mask tokens, temperature).
+
+        DeepSpeed's MoE needs expert parameters in groups of their own: see
+        ``jobs.training.engine.moe_parameter_groups``."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -435,58 +373,29 @@ class OmniModel(nn.Module):
                 no_decay.append(p)
             else:
                 decay.append(p)
-        groups = [
+        return [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        if self.config.moe_impl == "deepspeed":
-            # DeepSpeed (ZeRO) wants expert parameters in their own groups.
-            from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-            groups = split_params_into_different_moe_groups_for_optimizer(groups)
-        return groups
 
     def compile_blocks(self, **compile_kwargs: Any) -> OmniModel:
         """``torch.compile`` the repeated blocks in place (regional compilation): each encoder
         block and each trunk layer (which runs on the packed tokens of every modality).
 
-        Fuses the elementwise work around the GEMMs (norms, GELU, residuals, biases), which
-        on a GPU cuts kernel launches several-fold; compiling block by block keeps compile
-        time to minutes where a whole-model graph would not. Parameter names and the
-        ``state_dict`` are unchanged (``nn.Module.compile`` compiles in place), so
-        checkpoints and exports are the same as an eager model's.
+        Parameter names and the ``state_dict`` are unchanged (``nn.Module.compile``
+        compiles in place), so checkpoints and exports are the same as an eager model's.
+        Process-wide compiler settings for training live in
+        ``jobs.training.engine.compile_model``.
 
         Returns:
             ``self``.
         """
-        import torch._dynamo
-        import torch._functorch.config
-        import torch._inductor.config
-
-        # One graph per modality sequence length (and per dtype) for each compiled function.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # Compile against this process's own parameters, not kernels cached on disk by an
-        # earlier process: DeepSpeed packs bf16 parameters into flat buffers whose per-tensor
-        # offsets change with the set of trainable parameters (one stage to the next), and
-        # a cached kernel that assumed a 16-byte-aligned parameter faults on a 2-byte offset.
-        torch._inductor.config.fx_graph_cache = False
-        torch._functorch.config.enable_autograd_cache = False
         for enc in self.encoders.values():
             for blk in getattr(enc, "blocks", []):
                 blk.compile(**compile_kwargs)
         for layer in self.trunk.layers:
             layer.compile(**compile_kwargs)
         return self
-
-    def setup_expert_parallel(self) -> None:
-        """Creates DeepSpeed's expert-parallel groups for ``moe_impl=deepspeed`` layers
-        (``deepspeed.initialize`` does this itself; call it when running without the
-        engine, after ``deepspeed.init_distributed``)."""
-        from models.moe import DeepSpeedMoEFFN
-
-        for module in self.modules():
-            if isinstance(module, DeepSpeedMoEFFN):
-                module.moe.set_deepspeed_parallelism()
 
     def quantize_dynamic(self, *, inplace: bool = False) -> nn.Module:
         """INT8 dynamic quantization of every ``nn.Linear`` (experts included) for CPU
@@ -611,13 +520,6 @@ def build_model(
     return model
 
 
-def contrastive_logits(
-    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, max_scale: float
-) -> torch.Tensor:
-    """``(Na, E) x (Nb, E) -> (Na, Nb)`` scaled cosine logits (clamped temperature)."""
-    return logit_scale.exp().clamp(max=max_scale) * a @ b.t()
-
-
 __all__ = [
     "CONFIG_NAME",
     "PARTS",
@@ -627,5 +529,4 @@ __all__ = [
     "OmniOutput",
     "ReconOutput",
     "build_model",
-    "contrastive_logits",
 ]

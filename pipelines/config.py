@@ -10,156 +10,143 @@ Load with ``common.config.load_config(DataConfig, path, overrides)`` or
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from common.config import ConfigError, load_config
-
-
-@dataclass
-class TextFeatureConfig:
-    """Text cleaning and tokenization.
-
-    Attributes:
-        max_len: Token ids per sample, ``<bos>`` and ``<eos>`` included (longer is cut).
-        vocab_size: Target BPE vocabulary size when a tokenizer is trained.
-        min_chars: Cleaned text shorter than this is quarantined as ``empty``.
-        max_chars: Cleaned text longer than this is quarantined as ``too_large``.
-        max_control_fraction: Raw text whose share of control characters exceeds this is
-            quarantined as ``control_chars`` (binary junk); below it they are stripped.
-        lowercase: Lower-case after Unicode NFC normalization.
-    """
-
-    max_len: int = 32
-    vocab_size: int = 1024
-    min_chars: int = 1
-    max_chars: int = 10_000
-    max_control_fraction: float = 0.1
-    lowercase: bool = False
+from common.config import ConfigError, deep_merge, from_dict, load_config, read_yaml, to_dict
+from common.modalities import modality_names
 
 
-@dataclass
-class ImageFeatureConfig:
-    """Images -> uint8 (size, size, 3): shorter side resized to ``size``, centre crop.
-
-    Attributes:
-        size: Output height and width.
-        max_pixels: Decoded width*height above this is a decompression bomb (``too_large``).
-    """
-
-    size: int = 32
-    max_pixels: int = 40_000_000
-
-
-@dataclass
-class AudioFeatureConfig:
-    """Audio -> float16 (T, F) log-mel (or MFCC) frames.
-
-    Attributes:
-        sample_rate: Rate everything is resampled to (Hz).
-        features: ``logmel`` or ``mfcc``.
-        n_mels: Mel bins (F for ``logmel``).
-        n_mfcc: Cepstral coefficients kept (F for ``mfcc``).
-        win_ms: Analysis window length in milliseconds.
-        hop_ms: Hop between frames in milliseconds.
-        max_frames: T is at most this; longer clips are centre-cropped.
-        max_seconds: Clips longer than this are ``too_large`` (checked from the header).
-        normalize: Per-utterance mean/variance normalization of each feature bin.
-    """
-
-    sample_rate: int = 16_000
-    features: str = "logmel"
-    n_mels: int = 40
-    n_mfcc: int = 20
-    win_ms: float = 25.0
-    hop_ms: float = 10.0
-    max_frames: int = 128
-    max_seconds: float = 600.0
-    normalize: bool = True
-
-    def __post_init__(self) -> None:
-        if self.features not in ("logmel", "mfcc"):
-            raise ValueError(f"audio.features must be 'logmel' or 'mfcc', got {self.features!r}")
-
-    @property
-    def num_features(self) -> int:
-        return self.n_mels if self.features == "logmel" else self.n_mfcc
-
-
-@dataclass
-class VideoFeatureConfig:
-    """Video -> uint8 (num_frames, size, size, 3), frames sampled uniformly.
-
-    Attributes:
-        num_frames: Frames sampled uniformly over the clip.
-        size: Output height and width (shorter side resize + centre crop).
-        max_frames: Clips with more frames are ``too_large``.
-        max_pixels: Frames with more pixels are ``too_large``.
-    """
-
-    num_frames: int = 8
-    size: int = 32
-    max_frames: int = 100_000
-    max_pixels: int = 8_300_000
-
-
-@dataclass
-class PointCloudFeatureConfig:
-    """Point clouds -> float16 (num_points, 3 [+3 normals] [+3 colours]).
-
-    Attributes:
-        num_points: N after farthest-point sampling (smaller clouds are tiled).
-        normals: Append normals (zeros when the file has none).
-        colors: Append RGB colours in [0, 1] (zeros when the file has none).
-        max_points: Clouds with more points are ``too_large``.
-    """
-
-    num_points: int = 256
-    normals: bool = False
-    colors: bool = False
-    max_points: int = 5_000_000
-
-    @property
-    def num_channels(self) -> int:
-        return 3 + 3 * int(self.normals) + 3 * int(self.colors)
-
-
-@dataclass
-class SignalFeatureConfig:
-    """Multichannel signals -> float16 (channels, length), per-channel z-normalized.
-
-    ``.npy`` arrays are read as (C, L) (1-D as (1, L)); CSV columns are channels, rows
-    are time steps.
-
-    Attributes:
-        channels: Required channel count C (``None`` keeps whatever the file has).
-        length: L after linear resampling.
-        max_channels: More channels is ``too_large``.
-        max_length: More time steps is ``too_large``.
-    """
-
-    channels: int | None = 3
-    length: int = 128
-    max_channels: int = 1024
-    max_length: int = 10_000_000
-
-
-@dataclass
 class FeatureConfig:
-    """Per-modality featurization sizes (INTERFACES §1)."""
+    """Per-modality featurization settings: modality -> that featurizer's ``Config``.
 
-    text: TextFeatureConfig = field(default_factory=TextFeatureConfig)
-    image: ImageFeatureConfig = field(default_factory=ImageFeatureConfig)
-    audio: AudioFeatureConfig = field(default_factory=AudioFeatureConfig)
-    video: VideoFeatureConfig = field(default_factory=VideoFeatureConfig)
-    pointcloud: PointCloudFeatureConfig = field(default_factory=PointCloudFeatureConfig)
-    signal: SignalFeatureConfig = field(default_factory=SignalFeatureConfig)
-    #: Raw files larger than this (bytes) are ``too_large`` before being read.
-    max_file_bytes: int = 512 * 1024 * 1024
+    Generic: the sections are the ``Config`` dataclasses the featurizers declare
+    (``pipelines/featurize/<modality>.py``); a modality without an explicit section gets its
+    defaults. YAML shape: ``features: {<modality>: {<field>: value}, max_file_bytes: n}``.
 
-    def section(self, modality: str):
-        """The config section of ``modality`` (``None`` for a modality without one)."""
-        return getattr(self, modality, None)
+    Args:
+        sections: ``{modality: Config instance or mapping}`` (validated).
+        max_file_bytes: Raw files larger than this (bytes) are ``too_large`` before being read.
+
+    Example::
+
+        fc = FeatureConfig.from_config_dict({m: {"size": 64}})   # m: a modality name
+        fc.section(m).size == getattr(fc, m).size == 64          # e.g. fc.image.size
+        fc.with_overrides({m: {"max_pixels": 1000}})   # a new, validated FeatureConfig
+
+    Raises:
+        ConfigError: An unknown modality or field, or a value a section refuses.
+    """
+
+    DEFAULT_MAX_FILE_BYTES = 512 * 1024 * 1024
+
+    def __init__(
+        self,
+        sections: Mapping[str, Any] | None = None,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ) -> None:
+        self.max_file_bytes = int(max_file_bytes)
+        self._sections: dict[str, Any] = {}
+        for name, sec in (sections or {}).items():
+            cls = _section_class(name, "features")
+            if isinstance(sec, cls):
+                self._sections[name] = sec
+            elif isinstance(sec, Mapping):
+                self._sections[name] = _build_section(cls, sec, f"features.{name}")
+            else:
+                raise ConfigError(f"features.{name}: expected a mapping, got {sec!r}")
+
+    def section(self, modality: str) -> Any:
+        """The ``Config`` of ``modality`` (its featurizer's defaults when not given).
+
+        Raises:
+            KeyError: No featurizer is registered under ``modality``.
+        """
+        sec = self._sections.get(modality)
+        if sec is None:
+            cls = _section_class(modality, "features", error=KeyError)
+            sec = self._sections[modality] = cls()
+        return sec
+
+    def __getattr__(self, name: str) -> Any:
+        # ``fc.image.size``: attribute access to a section.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self.section(name)
+        except KeyError:
+            raise AttributeError(f"FeatureConfig has no section {name!r}") from None
+
+    @classmethod
+    def from_config_dict(cls, data: Mapping[str, Any], where: str = "features") -> FeatureConfig:
+        """Validated ``FeatureConfig`` from the ``features`` mapping of a YAML file."""
+        data = dict(data)
+        mfb = data.pop("max_file_bytes", cls.DEFAULT_MAX_FILE_BYTES)
+        if isinstance(mfb, bool) or not isinstance(mfb, int | float) or int(mfb) != mfb:
+            raise ConfigError(f"{where}.max_file_bytes: expected int, got {mfb!r}")
+        sections = {}
+        for name, sec in data.items():
+            sc = _section_class(name, where)
+            if sec is None:
+                sec = {}
+            if not isinstance(sec, Mapping):
+                raise ConfigError(f"{where}.{name}: expected a mapping, got {sec!r}")
+            sections[name] = _build_section(sc, sec, f"{where}.{name}")
+        return cls(sections, max_file_bytes=int(mfb))
+
+    def to_config_dict(self) -> dict[str, Any]:
+        """Every registered modality's section (defaults included), then ``max_file_bytes``."""
+        from pipelines.featurize import FEATURIZERS
+
+        out: dict[str, Any] = {m: to_dict(self.section(m)) for m in _ordered(FEATURIZERS)}
+        for m, sec in self._sections.items():  # sections of featurizers since unregistered
+            out.setdefault(m, to_dict(sec))
+        out["max_file_bytes"] = self.max_file_bytes
+        return out
+
+    def with_overrides(self, update: Mapping[str, Any]) -> FeatureConfig:
+        """A new config: ``update`` deep-merged onto this one, then validated."""
+        return FeatureConfig.from_config_dict(deep_merge(self.to_config_dict(), update))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FeatureConfig):
+            return NotImplemented
+        return self.to_config_dict() == other.to_config_dict()
+
+    def __repr__(self) -> str:
+        return f"FeatureConfig({self.to_config_dict()!r})"
+
+    def __deepcopy__(self, memo: dict) -> FeatureConfig:
+        return FeatureConfig.from_config_dict(self.to_config_dict())
+
+
+def _ordered(names) -> list[str]:
+    """``names`` in modality-table order (undeclared ones last, sorted)."""
+
+    table = [m for m in modality_names() if m in names]
+    return table + sorted(set(names) - set(table))
+
+
+def _section_class(name: str, where: str, error: type[Exception] = ConfigError) -> type:
+    from pipelines.featurize import FEATURIZERS
+
+    if name not in FEATURIZERS:
+        raise error(
+            f"{where}: unknown key {name!r}; valid keys: "
+            f"{_ordered(FEATURIZERS) + ['max_file_bytes']}"
+        )
+    return FEATURIZERS[name].Config
+
+
+def _build_section(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    try:
+        return from_dict(cls, data, where=where)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # __post_init__ checks
+        raise ConfigError(f"{where}: {e}") from e
 
 
 @dataclass
@@ -167,40 +154,47 @@ class DedupeConfig:
     """Exact and near-duplicate removal (duplicates -> ``duplicate_of:<id>``).
 
     The smallest id of a duplicate cluster survives, so every run keeps the same one.
+    Which near-duplicate method a modality uses is its featurizer's ``near_dedupe``
+    (``phash``: 64-bit DCT perceptual hash of an image; ``minhash``: MinHash over the
+    character shingles of a string).
 
     Attributes:
-        exact: Modalities deduplicated by content hash (raw bytes; cleaned text).
-        near_image: Near-duplicate images by 64-bit perceptual hash (DCT pHash).
-        image_hamming: Max Hamming distance between pHashes counted as duplicates.
-        near_text: Near-duplicate texts by MinHash over character shingles.
-        text_jaccard: Min estimated Jaccard similarity counted as duplicate.
-        text_shingle: Character shingle length.
-        text_num_perm: MinHash permutations (must be divisible by ``text_bands``).
-        text_bands: LSH bands used to find candidate pairs.
-        text_min_chars: Texts shorter than this skip near-dedupe (too little evidence).
-        drop_text_of_duplicate_rows: When every other modality of a row is a duplicate of
-            the same survivor row and its text equals the survivor's text up to case,
-            spacing and punctuation, the text goes too (a whole duplicated row), even when
-            text is not deduplicated on its own (templated captions repeat). A new caption
+        exact: Modalities deduplicated by content hash (raw bytes; a cleaned inline value).
+            Default: every declared modality.
+        near: Modalities deduplicated by their featurizer's near-duplicate method
+            (``None``: every modality whose featurizer has one).
+        phash_hamming: Max Hamming distance between pHashes counted as duplicates.
+        minhash_jaccard: Min estimated Jaccard similarity counted as duplicate.
+        minhash_shingle: Character shingle length.
+        minhash_num_perm: MinHash permutations (must be divisible by ``minhash_bands``).
+        minhash_bands: LSH bands used to find candidate pairs.
+        minhash_min_chars: Strings shorter than this skip near-dedupe (too little evidence).
+        drop_captions_of_duplicate_rows: When every other modality of a row is a duplicate
+            of the same survivor row and a caption (a modality whose featurizer has a
+            ``caption_key``) equals the survivor's caption up to case, spacing and
+            punctuation, the caption goes too (a whole duplicated row), even when captions
+            are not deduplicated on their own (templated captions repeat). A new caption
             of duplicated content is kept.
     """
 
-    exact: list[str] = field(
-        default_factory=lambda: ["text", "image", "audio", "video", "pointcloud", "signal"]
-    )
-    near_image: bool = True
-    image_hamming: int = 4
-    near_text: bool = True
-    text_jaccard: float = 0.8
-    text_shingle: int = 5
-    text_num_perm: int = 64
-    text_bands: int = 16
-    text_min_chars: int = 24
-    drop_text_of_duplicate_rows: bool = True
+    exact: list[str] = field(default_factory=lambda: list(modality_names()))
+    near: list[str] | None = None
+    phash_hamming: int = 4
+    minhash_jaccard: float = 0.8
+    minhash_shingle: int = 5
+    minhash_num_perm: int = 64
+    minhash_bands: int = 16
+    minhash_min_chars: int = 24
+    drop_captions_of_duplicate_rows: bool = True
 
     def __post_init__(self) -> None:
-        if self.text_num_perm % self.text_bands:
-            raise ValueError("dedupe.text_num_perm must be divisible by dedupe.text_bands")
+        if self.minhash_num_perm % self.minhash_bands:
+            raise ValueError("dedupe.minhash_num_perm must be divisible by dedupe.minhash_bands")
+        names = set(modality_names())
+        for key in ("exact", "near"):
+            bad = sorted(set(getattr(self, key) or ()) - names)
+            if bad:
+                raise ValueError(f"dedupe.{key}: unknown modalities {bad}")
 
 
 @dataclass
@@ -304,16 +298,14 @@ def load_feature_config(path: str | Path) -> FeatureConfig:
 
     Consumers of an export (evaluation, serving) need nothing else, and an export must stay
     loadable when unrelated sections of :class:`DataConfig` (execution, dedupe, ...) change.
+    There is no fallback to defaults: a missing file or section is an error.
 
     Raises:
-        ConfigError: The file is missing or its ``features`` section does not validate.
+        ConfigError: The file is missing, has no ``features`` section, or it does not
+            validate.
     """
-    from common.config import from_dict, read_yaml
-
-    section = read_yaml(path).get("features") or {}
-    try:
-        return from_dict(FeatureConfig, section, where=f"{path}.features")
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:  # __post_init__ checks of nested sections
-        raise ConfigError(f"{path}.features: {e}") from e
+    data = read_yaml(path)
+    section = data.get("features")
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{path}: no 'features' mapping (not a data_config.yaml?)")
+    return FeatureConfig.from_config_dict(section, where=f"{path}.features")

@@ -176,3 +176,63 @@ def find_duplicates(
                 for key in keys:
                     buckets[key].append(i)
     return dup
+
+
+#: Near-duplicate methods a featurizer may name in ``near_dedupe``.
+NEAR_METHODS: tuple[str, ...] = ("phash", "minhash")
+
+
+def near_modalities(cfg: object) -> list[str]:
+    """Modalities near-deduplicated under ``cfg`` (a DedupeConfig), in table order.
+
+    Raises:
+        ValueError: ``cfg.near`` lists a modality whose featurizer has no method.
+    """
+    from common.modalities import modality_names
+    from pipelines.featurize import FEATURIZERS
+
+    have = [m for m in modality_names() if m in FEATURIZERS and FEATURIZERS[m].near_dedupe]
+    if cfg.near is None:
+        return have
+    bad = sorted(set(cfg.near) - set(have))
+    if bad:
+        raise ValueError(f"dedupe.near: {bad} have no near-duplicate method (ones with: {have})")
+    return [m for m in have if m in cfg.near]
+
+
+def near_key(method: str, item: object, cfg: object) -> bytes | None:
+    """The near-duplicate key of one decoded item as bytes (``None``: not compared).
+
+    Args:
+        method: ``phash`` (``item``: a uint8 image (H, W[, 3])) or ``minhash`` (``item``:
+            a string; shorter than ``cfg.minhash_min_chars`` gives ``None``).
+        item: The stage-1 (decoded) item.
+        cfg: The :class:`~pipelines.config.DedupeConfig`.
+    """
+    if method == "phash":
+        return int(image_phash(np.asarray(item))).to_bytes(8, "big")
+    if method == "minhash":
+        text = str(item)
+        if len(text) < cfg.minhash_min_chars:
+            return None
+        return text_minhash(text, cfg.minhash_num_perm, cfg.minhash_shingle).tobytes()
+    raise ValueError(f"unknown near-duplicate method {method!r}; known: {NEAR_METHODS}")
+
+
+def find_near_duplicates(
+    method: str,
+    ids: Sequence[str],
+    keys: Sequence[bytes | None],
+    cfg: object,
+    exact: Sequence[str | None] | None = None,
+) -> dict[int, tuple[int, str]]:
+    """:func:`find_duplicates` with the keys of :func:`near_key` (and optional exact hashes)."""
+    if method == "phash":
+        phash = [None if k is None else int.from_bytes(k, "big") for k in keys]
+        return find_duplicates(ids, exact=exact, phash=phash, hamming=cfg.phash_hamming)
+    if method == "minhash":
+        sigs = [None if k is None else np.frombuffer(k, dtype=np.uint32) for k in keys]
+        return find_duplicates(
+            ids, exact=exact, minhash=sigs, jaccard=cfg.minhash_jaccard, bands=cfg.minhash_bands
+        )
+    raise ValueError(f"unknown near-duplicate method {method!r}; known: {NEAR_METHODS}")

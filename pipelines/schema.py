@@ -1,60 +1,95 @@
-"""Contract 2: the Parquet shard schema, and the one place tensors are packed/unpacked.
+"""Contract 2: the Parquet shard schema, and the one place shards are packed, written and read.
 
-Each modality ``m`` has two columns:
+Each modality ``m`` of the modality table (:mod:`common.modalities`) has two columns:
 
-* ``m``: a flat ``list<dtype>`` holding the featurized tensor in C order (null where the
-  row lacks the modality);
+* ``m``: a flat ``list<dtype>`` (the record's dtype) holding the featurized tensor in C
+  order (null where the row lacks the modality);
 * ``m_shape``: ``list<int32>`` with the tensor's shape (null where absent).
 
 This keeps shards readable by plain pyarrow/pandas and by ``ray.data.read_parquet``
 without extension types, supports nulls and variable shapes (text length, audio frames),
-and round-trips exactly. Pipelines write with :func:`pack_tensors`; training, evaluation
-and serving read with :func:`unpack_column`.
+and round-trips exactly. :func:`write_shard` / :func:`read_shard` are the one writer and
+reader (prepare, synthetic shards, serve devtools, benchmarks, tests);
+:func:`pack_tensors` / :func:`unpack_column` / :func:`unpack_table` are their column-level
+parts (Ray Data batches use :func:`unpack_table` directly).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-MODALITIES: tuple[str, ...] = ("text", "image", "audio", "video", "pointcloud", "signal")
+from common.modalities import MODALITIES, get_modality, modality_names
 
-#: numpy dtype of each modality's featurized tensor (Contract 2 / DESIGN modality table).
-MODALITY_DTYPES: dict[str, np.dtype] = {
-    "text": np.dtype(np.int32),
-    "image": np.dtype(np.uint8),
-    "audio": np.dtype(np.float16),
-    "video": np.dtype(np.uint8),
-    "pointcloud": np.dtype(np.float16),
-    "signal": np.dtype(np.float16),
-}
-
+#: The split names, in order.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Non-tensor columns of every shard.
+META_COLUMNS: tuple[str, ...] = ("id", "label", "group", "modalities")
+
+__all__ = [
+    "MODALITIES",
+    "META_COLUMNS",
+    "SPLITS",
+    "arrow_type",
+    "modality_dtype",
+    "pack_tensors",
+    "read_shard",
+    "shard_modalities",
+    "shard_schema",
+    "to_shard_table",
+    "unpack_column",
+    "unpack_table",
+    "write_shard",
+]
 
 
-def arrow_type(modality: str) -> pa.DataType:
-    return pa.list_(pa.from_numpy_dtype(MODALITY_DTYPES[modality]))
+def modality_dtype(modality: str) -> np.dtype:
+    """numpy dtype of ``modality``'s featurized tensors (from its record)."""
+    return get_modality(modality).np_dtype
 
 
-def shard_schema(modalities: Sequence[str] = MODALITIES) -> pa.Schema:
-    """The Arrow schema of a shard holding ``modalities`` columns."""
+def arrow_type(modality: str, dtype: Any = None) -> pa.DataType:
+    """``list<dtype>`` of a modality's tensor column (``dtype``: its record's by default)."""
+    return pa.list_(pa.from_numpy_dtype(np.dtype(dtype or modality_dtype(modality))))
+
+
+def shard_schema(modalities: Sequence[str] | None = None) -> pa.Schema:
+    """The Arrow schema of a shard holding ``modalities`` columns (default: the table)."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("label", pa.string()),
         pa.field("group", pa.string()),
         pa.field("modalities", pa.list_(pa.string())),
     ]
-    for m in modalities:
+    for m in modality_names() if modalities is None else modalities:
         fields.append(pa.field(m, arrow_type(m)))
         fields.append(pa.field(f"{m}_shape", pa.list_(pa.int32())))
     return pa.schema(fields)
 
 
-def pack_tensors(modality: str, tensors: Sequence[np.ndarray | None]) -> tuple[pa.Array, pa.Array]:
-    """Packs per-row tensors (or None) into the ``(m, m_shape)`` column pair."""
-    dtype = MODALITY_DTYPES[modality]
+def shard_modalities(table: pa.Table | pa.Schema) -> list[str]:
+    """The declared modalities that have a tensor column in ``table``, in table order."""
+    names = set(table.names if isinstance(table, pa.Schema) else table.column_names)
+    return [m for m in modality_names() if m in names and f"{m}_shape" in names]
+
+
+def pack_tensors(
+    modality: str, tensors: Sequence[np.ndarray | None], dtype: Any = None
+) -> tuple[pa.Array, pa.Array]:
+    """Packs per-row tensors (or None) into the ``(m, m_shape)`` column pair.
+
+    Args:
+        modality: Its record gives the dtype.
+        tensors: One array (any shape) or ``None`` per row.
+        dtype: Another dtype (the pipeline's stage-1 form of a fitted featurizer).
+    """
+    dtype = np.dtype(dtype or modality_dtype(modality))
     offsets = [0]
     shapes: list[list[int] | None] = []
     chunks: list[np.ndarray] = []
@@ -79,14 +114,17 @@ def pack_tensors(modality: str, tensors: Sequence[np.ndarray | None]) -> tuple[p
 
 
 def unpack_column(
-    modality: str, data: pa.Array | pa.ChunkedArray, shape: pa.Array | pa.ChunkedArray
+    modality: str,
+    data: pa.Array | pa.ChunkedArray,
+    shape: pa.Array | pa.ChunkedArray,
+    dtype: Any = None,
 ) -> list[np.ndarray | None]:
     """Inverse of :func:`pack_tensors`: one ndarray (or None) per row."""
     if isinstance(data, pa.ChunkedArray):
         data = data.combine_chunks()
     if isinstance(shape, pa.ChunkedArray):
         shape = shape.combine_chunks()
-    dtype = MODALITY_DTYPES[modality]
+    dtype = np.dtype(dtype or modality_dtype(modality))
     shapes = shape.to_pylist()
     if len(data) == 0:
         return []
@@ -105,12 +143,120 @@ def unpack_column(
 
 
 def unpack_table(table: pa.Table, modalities: Sequence[str] | None = None) -> dict[str, list]:
-    """Reads a shard table (or Ray Data pyarrow batch) into python lists/ndarrays."""
-    cols = {
-        c: table.column(c).to_pylist()
-        for c in ("id", "label", "group", "modalities")
-        if c in table.column_names
-    }
-    for m in modalities or [m for m in MODALITIES if m in table.column_names]:
+    """Reads a shard table (or Ray Data pyarrow batch) into python lists/ndarrays.
+
+    Returns:
+        ``{"id", "label", "group", "modalities": list, m: list[ndarray | None]}`` for each
+        of ``modalities`` (default: every declared modality the table has).
+    """
+    cols = {c: table.column(c).to_pylist() for c in META_COLUMNS if c in table.column_names}
+    for m in shard_modalities(table) if modalities is None else modalities:
         cols[m] = unpack_column(m, table.column(m), table.column(f"{m}_shape"))
     return cols
+
+
+def to_shard_table(
+    rows_or_columns: pa.Table | Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+    modalities: Sequence[str] | None = None,
+) -> pa.Table:
+    """Rows (dicts) or columns (``{name: list}``) -> a table of :func:`shard_schema`.
+
+    Tensor values are ndarrays (any dtype castable to the record's) or ``None``; ``label``
+    and ``group`` may be missing (null); ``modalities`` is derived from the non-null
+    tensors when missing. A ``pa.Table`` is cast to the schema.
+
+    Args:
+        rows_or_columns: The rows.
+        modalities: Tensor columns of the shard (default: every declared modality).
+    """
+    mods = list(modality_names() if modalities is None else modalities)
+    schema = shard_schema(mods)
+    if isinstance(rows_or_columns, pa.Table):
+        t = rows_or_columns
+        for m in mods:
+            if m not in t.column_names:
+                t = t.append_column(m, pa.nulls(t.num_rows, arrow_type(m)))
+                t = t.append_column(f"{m}_shape", pa.nulls(t.num_rows, pa.list_(pa.int32())))
+        return t.select(schema.names).cast(schema)
+    if isinstance(rows_or_columns, Mapping):
+        cols = {k: list(v) for k, v in rows_or_columns.items()}
+    else:
+        rows = list(rows_or_columns)
+        keys = {k for r in rows for k in r}
+        cols = {k: [r.get(k) for r in rows] for k in keys}
+    n = len(cols["id"])
+    unknown = sorted(set(cols) - set(META_COLUMNS) - set(mods))
+    if unknown:
+        raise ValueError(f"shard columns {unknown} are neither meta columns nor in {mods}")
+    if "modalities" not in cols:
+        cols["modalities"] = [
+            [m for m in mods if cols.get(m) is not None and cols[m][i] is not None]
+            for i in range(n)
+        ]
+    arrays: list[pa.Array] = [
+        pa.array([None if v is None else str(v) for v in cols.get(c, [None] * n)], pa.string())
+        for c in ("id", "label", "group")
+    ]
+    arrays.append(pa.array(cols["modalities"], pa.list_(pa.string())))
+    for m in mods:
+        arrays += list(pack_tensors(m, cols.get(m, [None] * n)))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_shard(
+    path: str | Path,
+    rows_or_columns: pa.Table | Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+    modalities: Sequence[str] | None = None,
+    *,
+    filesystem: pafs.FileSystem | None = None,
+    sort: bool = True,
+) -> pa.Table:
+    """Writes one Parquet shard (zstd; dictionaries and statistics on meta columns only).
+
+    Args:
+        path: File path (local, or inside ``filesystem``); parent folders are created.
+        rows_or_columns: See :func:`to_shard_table`.
+        modalities: Tensor columns (default: every declared modality).
+        filesystem: A pyarrow filesystem (default: local).
+        sort: Sort rows by id, so the bytes do not depend on the input order.
+
+    Returns:
+        The written table.
+    """
+    import pyarrow.compute as pc
+
+    table = to_shard_table(rows_or_columns, modalities)
+    if sort and table.num_rows:
+        table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+    fs = filesystem or pafs.LocalFileSystem()
+    path = str(path)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    meta = list(META_COLUMNS)
+    pq.write_table(
+        table,
+        path,
+        filesystem=fs,
+        compression="zstd",
+        row_group_size=1024,
+        # Dictionaries and min/max statistics are useless on tensor payloads and cost
+        # ~5x the write time; keep them for the small metadata columns only.
+        use_dictionary=meta,
+        write_statistics=meta,
+    )
+    return table
+
+
+def read_shard(
+    path_or_table: str | Path | pa.Table, modalities: Sequence[str] | None = None
+) -> dict[str, list]:
+    """Reads one shard (a Parquet path or an already read table) -> :func:`unpack_table`."""
+    if isinstance(path_or_table, pa.Table):
+        table = path_or_table
+    else:
+        cols = None
+        if modalities is not None:
+            cols = list(META_COLUMNS) + [c for m in modalities for c in (m, f"{m}_shape")]
+        table = pq.read_table(str(path_or_table), columns=cols)
+    return unpack_table(table, modalities)

@@ -1,20 +1,23 @@
 """The Ray Data stages of ``prepare`` (run inside workers; pure functions of a batch).
 
-1. :class:`DecodeRows` (via :func:`decode_batch`): manifest rows -> decoded, validated, featurized
-   modalities + dedupe keys + quarantine records. Every failure is caught per modality;
-   a bad file never takes the worker down.
-2. :class:`FinalizeRows` (via :func:`finalize_batch`): applies the driver's plan (duplicates, dropped
-   rows, split and shard), tokenizes text, lists each row's modalities.
+1. :class:`DecodeRows` (via :func:`decode_batch`): manifest rows -> each modality's stage-1
+   (decoded) form + dedupe keys + quarantine records. Every failure is caught per
+   modality; a bad file never takes the worker down.
+2. :class:`FinalizeRows` (via :func:`finalize_batch`): applies the driver's plan
+   (duplicates, dropped rows, split and shard), finalizes the two-phase modalities
+   (tokenizer, fitted statistics), lists each row's modalities.
 3. :func:`finalize_and_route` (2 + :func:`route_block`) + :func:`write_group`: each block's
    rows finalized and routed to their ``(split, shard)`` in one task, then one task per
-   group writes it with :func:`write_shard`, sorted by id under a deterministic name.
+   group writes it with :func:`write_split_shard`, sorted by id under a deterministic name.
+
+No modality is named here: what differs between modalities is a featurizer property
+(``accepts_inline``, ``decoded_dtype``, ``tokenized``, ``near_dedupe``, ``caption_key``...).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import traceback
 from typing import Any
 
@@ -22,25 +25,47 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
+from common.modalities import modality_names
 from pipelines.config import DataConfig
-from pipelines.dedupe import content_hash, image_phash, text_minhash
-from pipelines.featurize import FEATURIZERS, SampleError, get_featurizer
+from pipelines.dedupe import content_hash, near_key, near_modalities
+from pipelines.featurize import FEATURIZERS, Featurizer, SampleError, get_featurizer
 from pipelines.paths import PathResolver
-from pipelines.schema import MODALITIES, pack_tensors, shard_schema
+from pipelines.schema import arrow_type, pack_tensors, unpack_column
+from pipelines.schema import write_shard as write_shard_file
 
 #: Manifest columns that are not modalities.
 META_COLUMNS: tuple[str, ...] = ("id", "label", "group")
-KNOWN_COLUMNS: frozenset[str] = frozenset(META_COLUMNS) | frozenset(MODALITIES)
 #: Columns Ray Data may add to what it reads.
 _IGNORED_COLUMNS: frozenset[str] = frozenset({"path"})
-_TXT_PATH = re.compile(r"^[^\s\n]+\.txt$", re.IGNORECASE)
-FILE_MODALITIES: tuple[str, ...] = tuple(m for m in MODALITIES if m != "text")
+
+
+def pipeline_modalities() -> tuple[str, ...]:
+    """The declared modalities that have a featurizer, in table order."""
+    return tuple(m for m in modality_names() if m in FEATURIZERS)
+
+
+def known_columns() -> frozenset[str]:
+    """Manifest columns prepare understands: ``id``, ``label``, ``group`` and the modalities."""
+    return frozenset(META_COLUMNS) | frozenset(pipeline_modalities())
 
 
 class ManifestError(ValueError):
     """A manifest that cannot be processed as a whole (clear message, job stops)."""
+
+
+def decoded_type(m: str) -> pa.DataType:
+    """Arrow type of modality ``m``'s stage-1 (decoded) column."""
+    dd = FEATURIZERS[m].decoded_dtype
+    return pa.string() if dd == "str" else arrow_type(m, dd)
+
+
+def key_columns() -> list[str]:
+    """The small per-row stage-1 columns the driver plans from."""
+    cols = ["id", "group", "_row_error", "_quarantine", "_present", "_src", "_unknown"]
+    for m in pipeline_modalities():
+        cols += [f"_hash_{m}", f"_near_{m}", f"_caption_{m}"]
+    return cols
 
 
 def stage1_schema() -> pa.Schema:
@@ -51,19 +76,26 @@ def stage1_schema() -> pa.Schema:
         pa.field("group", pa.string()),
         pa.field("_row_error", pa.string()),  # JSON quarantine record of a dropped row
         pa.field("_quarantine", pa.string()),  # JSON list of per-modality records
-        pa.field("_present", pa.list_(pa.string())),  # modalities that featurized fine
+        pa.field("_present", pa.list_(pa.string())),  # modalities that decoded fine
         pa.field("_src", pa.string()),  # JSON {modality: manifest path}
         pa.field("_unknown", pa.list_(pa.string())),  # ignored columns (unknown_columns=warn)
-        pa.field("_text_clean", pa.string()),
-        pa.field("_phash", pa.uint64()),
-        pa.field("_minhash", pa.list_(pa.uint32())),
     ]
-    for m in MODALITIES:
-        fields.append(pa.field(f"_hash_{m}", pa.string()))
-    for m in FILE_MODALITIES:
-        fields.append(pa.field(m, pa.list_(pa.from_numpy_dtype(FEATURIZERS[m].dtype))))
-        fields.append(pa.field(f"{m}_shape", pa.list_(pa.int32())))
+    for m in pipeline_modalities():
+        fields.append(pa.field(f"_hash_{m}", pa.string()))  # exact-duplicate key
+        fields.append(pa.field(f"_near_{m}", pa.binary()))  # near-duplicate key
+        fields.append(pa.field(f"_caption_{m}", pa.string()))  # caption key
+        fields.append(pa.field(m, decoded_type(m)))
+        if FEATURIZERS[m].decoded_dtype != "str":
+            fields.append(pa.field(f"{m}_shape", pa.list_(pa.int32())))
     return pa.schema(fields)
+
+
+def decoded_values(batch: pa.Table, m: str) -> list[Any]:
+    """Modality ``m``'s stage-1 items of a stage-1 table (``None`` where absent)."""
+    dd = FEATURIZERS[m].decoded_dtype
+    if dd == "str":
+        return batch.column(m).to_pylist()
+    return unpack_column(m, batch.column(m), batch.column(f"{m}_shape"), dtype=dd)
 
 
 def _absent(v: Any) -> bool:
@@ -82,6 +114,11 @@ def _as_str(v: Any) -> str | None:
     return str(v).strip()
 
 
+def _suffix(path: str) -> str | None:
+    name = path.rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else None
+
+
 def record(
     id_: str | None, modality: str | None, path: str | None, reason: str, detail: str = ""
 ) -> dict[str, Any]:
@@ -90,7 +127,12 @@ def record(
 
 
 class DecodeRows:
-    """Stage 1: manifest rows -> featurized modalities, dedupe keys, quarantine records.
+    """Stage 1: manifest rows -> decoded modalities, dedupe keys, quarantine records.
+
+    Every modality goes through its featurizer's ``decode`` (the stage-1 form: the final
+    featurized item unless the featurizer has a second phase). A value the featurizer
+    ``accepts_inline`` is decoded as it is; anything else must be a path, read through the
+    :class:`PathResolver` and typed by its suffix (or the featurizer's ``sniff``).
 
     Args:
         config: The resolved :class:`DataConfig` as a plain dict.
@@ -107,10 +149,12 @@ class DecodeRows:
         self.source = source
         self.resolver = PathResolver(root, self.cfg.extra_roots)
         fc = self.cfg.features
-        self.featurizers = {m: get_featurizer(m, fc) for m in MODALITIES}
-        d = self.cfg.dedupe
-        self.want_phash = d.near_image
-        self.want_minhash = d.near_text
+        self.modalities = pipeline_modalities()
+        self.known = known_columns()
+        self.featurizers: dict[str, Featurizer] = {
+            m: get_featurizer(m, fc) for m in self.modalities
+        }
+        self.near = set(near_modalities(self.cfg.dedupe))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.jsonl:
@@ -120,7 +164,7 @@ class DecodeRows:
             rows = batch.to_pylist()
         out = [self._row(r) for r in rows]
         for r, o in zip(rows, out, strict=True):
-            o["_unknown"] = sorted(set(r) - KNOWN_COLUMNS - _IGNORED_COLUMNS - {"__error__"})
+            o["_unknown"] = sorted(set(r) - self.known - _IGNORED_COLUMNS - {"__error__"})
         return self._to_table(out)
 
     # -- parsing -----------------------------------------------------------------
@@ -139,41 +183,47 @@ class DecodeRows:
         return obj
 
     def _check_columns(self, columns, row_id: Any = None) -> None:
-        unknown = sorted(set(columns) - KNOWN_COLUMNS - _IGNORED_COLUMNS)
+        unknown = sorted(set(columns) - self.known - _IGNORED_COLUMNS)
         if unknown and self.cfg.unknown_columns == "error":
             where = f" (row id={row_id!r})" if row_id is not None else ""
             raise ManifestError(
-                f"{self.source}: unknown column(s) {unknown}{where}; known: {sorted(KNOWN_COLUMNS)}."
+                f"{self.source}: unknown column(s) {unknown}{where}; known: {sorted(self.known)}."
                 " Rename them, or pass unknown_columns=warn to ignore them."
             )
 
     # -- one row ----------------------------------------------------------------
     def _row(self, raw: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"_quarantine": [], "_present": [], "_src": {}, "_feat": {}}
+        out: dict[str, Any] = {"_quarantine": [], "_present": [], "_src": {}, "_item": {}}
         if "__error__" in raw:
             out["_row_error"] = raw["__error__"]
             return out
         rid = _as_str(raw.get("id"))
         out.update(id=rid, label=_as_str(raw.get("label")), group=_as_str(raw.get("group")))
         if rid is None:
-            src = {m: raw[m] for m in MODALITIES if not _absent(raw.get(m)) and m != "text"}
+            src = {
+                m: raw[m]
+                for m in self.modalities
+                if not _absent(raw.get(m)) and not self.featurizers[m].accepts_inline(raw[m])
+            }
             out["_row_error"] = record(
-                None, None, None, "missing_id", f"row without id (files: {json.dumps(src)[:200]})"
+                None,
+                None,
+                None,
+                "missing_id",
+                f"row without id (files: {json.dumps(src, default=str)[:200]})",
             )
             return out
-        for m in MODALITIES:
+        for m in self.modalities:
             value = raw.get(m)
             if _absent(value):
                 continue
-            path = (
-                value
-                if isinstance(value, str) and (m != "text" or _TXT_PATH.match(value))
-                else None
-            )
+            f = self.featurizers[m]
+            inline = f.accepts_inline(value)
+            path = value if not inline and isinstance(value, str) else None
             if path is not None:
                 out["_src"][m] = path
             try:
-                self._modality(m, value, path, out)
+                self._modality(m, value, inline, out)
                 out["_present"].append(m)
             except SampleError as e:
                 out["_quarantine"].append(record(rid, m, path, e.reason, e.detail))
@@ -190,31 +240,23 @@ class DecodeRows:
                 )
         return out
 
-    def _modality(self, m: str, value: Any, path: str | None, out: dict[str, Any]) -> None:
+    def _modality(self, m: str, value: Any, inline: bool, out: dict[str, Any]) -> None:
         f = self.featurizers[m]
-        max_bytes = self.cfg.features.max_file_bytes
-        if m == "text":
-            if path is not None:
-                text = f.decode_bytes(self.resolver.read(path, max_bytes))
-            elif isinstance(value, str):
-                text = f.clean(value)
-            else:
-                raise SampleError("bad_dtype", f"text must be a string, got {type(value).__name__}")
-            out["_text_clean"] = text
-            out["_hash_text"] = content_hash(text)
-            if self.want_minhash and len(text) >= self.cfg.dedupe.text_min_chars:
-                d = self.cfg.dedupe
-                out["_minhash"] = text_minhash(text, d.text_num_perm, d.text_shingle)
-            return
-        if not isinstance(value, str):
-            raise SampleError("bad_path", f"{m} must be a path string, got {type(value).__name__}")
-        data = self.resolver.read(value, max_bytes)
-        suffix = "." + value.rsplit(".", 1)[-1].lower() if "." in value.rsplit("/", 1)[-1] else None
-        arr = f.from_bytes(data, suffix=suffix)
-        out["_feat"][m] = arr
-        out[f"_hash_{m}"] = content_hash(data)
-        if m == "image" and self.want_phash:
-            out["_phash"] = image_phash(arr)
+        data: bytes | None = None
+        if inline:
+            item = f.decode(value, None)
+        else:
+            if not isinstance(value, str):
+                raise SampleError(
+                    "bad_path", f"{m} must be a path string, got {type(value).__name__}"
+                )
+            data = self.resolver.read(value, self.cfg.features.max_file_bytes)
+            item = f.decode(data, _suffix(value) or f.sniff(data))
+        out["_item"][m] = item
+        out[f"_hash_{m}"] = f.exact_key(item, data)
+        if m in self.near:
+            out[f"_near_{m}"] = near_key(f.near_dedupe, item, self.cfg.dedupe)
+        out[f"_caption_{m}"] = f.caption_key(item)
 
     def _to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
         schema = stage1_schema()
@@ -231,21 +273,22 @@ class DecodeRows:
             "_present": [r["_present"] for r in rows],
             "_src": [json.dumps(r["_src"], sort_keys=True) for r in rows],
             "_unknown": [r.get("_unknown") or None for r in rows],
-            "_text_clean": [r.get("_text_clean") for r in rows],
-            "_phash": [r.get("_phash") for r in rows],
-            "_minhash": [
-                None if r.get("_minhash") is None else r["_minhash"].tolist() for r in rows
-            ],
         }
-        for m in MODALITIES:
-            cols[f"_hash_{m}"] = [r.get(f"_hash_{m}") for r in rows]
-        arrays = [pa.array(cols[f.name], type=f.type) for f in schema if f.name in cols]
-        names = [f.name for f in schema if f.name in cols]
-        for m in FILE_MODALITIES:
-            data, shape = pack_tensors(m, [r["_feat"].get(m) for r in rows])
-            arrays += [data, shape]
-            names += [m, f"{m}_shape"]
-        return pa.Table.from_arrays(arrays, names=names).cast(schema)
+        arrays: dict[str, pa.Array] = {}
+        for m in self.modalities:
+            for k in ("_hash_", "_near_", "_caption_"):
+                cols[f"{k}{m}"] = [r.get(f"{k}{m}") for r in rows]
+            items = [r["_item"].get(m) for r in rows]
+            dd = FEATURIZERS[m].decoded_dtype
+            if dd == "str":
+                cols[m] = [None if v is None else str(v) for v in items]
+            else:
+                arrays[m], arrays[f"{m}_shape"] = pack_tensors(m, items, dtype=dd)
+        out = [
+            arrays[f.name] if f.name in arrays else pa.array(cols[f.name], type=f.type)
+            for f in schema
+        ]
+        return pa.Table.from_arrays(out, names=schema.names).cast(schema)
 
 
 _DECODERS: dict[str, DecodeRows] = {}
@@ -283,24 +326,39 @@ def warm_decoder(config: dict[str, Any], root: str, jsonl: bool, source: str) ->
 
 
 class FinalizeRows:
-    """Stage 2: applies the driver's plan and tokenizes text.
+    """Stage 2: applies the driver's plan and finalizes the two-phase modalities.
+
+    Every modality whose featurizer has a second phase (``finalize``/``fit``, e.g. the
+    tokenizer of a ``tokenized`` featurizer, fitted statistics) is finalized here, with
+    the featurizer built from the resolved config (fitted sections included); the others
+    pass through as stage 1 wrote them.
 
     Args:
         config: Resolved :class:`DataConfig` as a dict.
         plan: ``drop_rows`` (ids), ``drop_mods`` ({id: [modality]}), ``group_split``
             ({group: split}), ``num_shards`` ({split: n}).
-        tokenizer_json: The tokenizer as a JSON string (no shared filesystem needed).
+        tokenizer_json: The tokenizer as a JSON string (no shared filesystem needed), or
+            ``None`` when no featurizer is ``tokenized``.
     """
 
-    def __init__(self, config: dict[str, Any], plan: dict[str, Any], tokenizer_json: str) -> None:
-        from tokenizers import Tokenizer
-
+    def __init__(
+        self, config: dict[str, Any], plan: dict[str, Any], tokenizer_json: str | None
+    ) -> None:
         from common.config import from_dict
 
         cfg = from_dict(DataConfig, config)
-        self.text = get_featurizer(
-            "text", cfg.features, tokenizer=Tokenizer.from_str(tokenizer_json)
-        )
+        self.modalities = pipeline_modalities()
+        tokenizer = None
+        if tokenizer_json is not None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.stage2: dict[str, Featurizer] = {}
+        for m in self.modalities:
+            cls = FEATURIZERS[m]
+            if cls.has_stage2():
+                kw = {"tokenizer": tokenizer} if cls.tokenized else {}
+                self.stage2[m] = get_featurizer(m, cfg.features, **kw)
         self.drop_rows = set(plan["drop_rows"])
         self.drop_mods = {k: set(v) for k, v in plan["drop_mods"].items()}
         self.group_split = plan["group_split"]
@@ -317,13 +375,10 @@ class FinalizeRows:
         ids = batch.column("id").to_pylist()
         groups = batch.column("group").to_pylist()
         present = batch.column("_present").to_pylist()
-        texts = batch.column("_text_clean").to_pylist()
-        mods, splits, shards, tokens = [], [], [], []
-        for rid, grp, pres, txt in zip(ids, groups, present, texts, strict=True):
+        mods, splits, shards = [], [], []
+        for rid, grp, pres in zip(ids, groups, present, strict=True):
             dropped = self.drop_mods.get(rid, set())
-            have = [m for m in MODALITIES if m in pres and m not in dropped]
-            mods.append(have)
-            tokens.append(self.text.tokenize(txt) if "text" in have else None)
+            mods.append([m for m in self.modalities if m in pres and m not in dropped])
             split = self.group_split[grp if grp is not None else rid]
             splits.append(split)
             shards.append(shard_of(rid, self.num_shards[split]))
@@ -333,10 +388,17 @@ class FinalizeRows:
             "group": batch.column("group"),
             "modalities": pa.array(mods, type=pa.list_(pa.string())),
         }
-        text_data, text_shape = pack_tensors("text", tokens)
-        for m in MODALITIES:
-            if m == "text":
-                data, shape = text_data, text_shape
+        for m in self.modalities:
+            if m in self.stage2:
+                f = self.stage2[m]
+                items = decoded_values(batch, m)
+                data, shape = pack_tensors(
+                    m,
+                    [
+                        f.finalize(v) if m in have else None
+                        for v, have in zip(items, mods, strict=True)
+                    ],
+                )
             else:
                 keep_m = pa.array([m in have for have in mods], type=pa.bool_())
                 null_data = pa.nulls(len(mods), type=batch.schema.field(m).type)
@@ -351,7 +413,7 @@ class FinalizeRows:
 
 
 def finalize_batch(
-    batch: pa.Table, config: dict[str, Any], plan: Any, tokenizer_json: str
+    batch: pa.Table, config: dict[str, Any], plan: Any, tokenizer_json: str | None
 ) -> pa.Table:
     """Task UDF around :class:`FinalizeRows` (one block per call).
 
@@ -370,7 +432,7 @@ def finalize_and_route(
     groups: list[tuple[str, int]],
     config: dict[str, Any],
     plan: dict[str, Any],
-    tokenizer_json: str,
+    tokenizer_json: str | None,
 ) -> tuple[pa.Table, ...] | pa.Table:
     """One stage-1 block through stage 2 in one task: :class:`FinalizeRows`, then
     :func:`route_block` (one table per ``(split, shard)`` group)."""
@@ -388,8 +450,8 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
     return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
-def write_shard(group: pa.Table, out: str, num_shards: dict[str, int]) -> pa.Table:
-    """Writes one (split, shard) group as one Parquet file.
+def write_split_shard(group: pa.Table, out: str, num_shards: dict[str, int]) -> pa.Table:
+    """Writes one (split, shard) group as one Parquet file (:func:`pipelines.schema.write_shard`).
 
     Rows are sorted by id, so the bytes do not depend on the order the exchange delivered
     them in; the file name is ``<split>/<split>-<shard>-of-<n>.parquet``.
@@ -405,28 +467,19 @@ def write_shard(group: pa.Table, out: str, num_shards: dict[str, int]) -> pa.Tab
     split = group.column("_split")[0].as_py()
     shard = int(group.column("_shard")[0].as_py())
     table = group.drop_columns(["_split", "_shard"])
-    table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
-    table = table.cast(shard_schema(), safe=True)
     if "://" in out:
         fs, base = pafs.FileSystem.from_uri(out)
     else:
         fs, base = pafs.LocalFileSystem(), out
     name = shard_name(split, shard, num_shards[split])
-    fs.create_dir(f"{base.rstrip('/')}/{split}", recursive=True)
-    meta_cols = ["id", "label", "group", "modalities"]
-    pq.write_table(
-        table,
-        f"{base.rstrip('/')}/{split}/{name}",
-        filesystem=fs,
-        compression="zstd",
-        row_group_size=1024,
-        # Dictionaries and min/max statistics are useless on tensor payloads and cost
-        # ~5x the write time; keep them for the small metadata columns only.
-        use_dictionary=meta_cols,
-        write_statistics=meta_cols,
-    )
+    written = write_shard_file(f"{base.rstrip('/')}/{split}/{name}", table, filesystem=fs)
     return pa.table(
-        {"split": [split], "shard": [shard], "rows": [table.num_rows], "file": [f"{split}/{name}"]}
+        {
+            "split": [split],
+            "shard": [shard],
+            "rows": [written.num_rows],
+            "file": [f"{split}/{name}"],
+        }
     )
 
 
@@ -447,4 +500,4 @@ def write_group(out: str, num_shards: dict[str, int], *pieces: pa.Table) -> pa.T
     rows = [p for p in pieces if p.num_rows]
     if not rows:
         return pa.table({"split": [], "shard": [], "rows": [], "file": []})
-    return write_shard(pa.concat_tables(rows, promote_options="default"), out, num_shards)
+    return write_split_shard(pa.concat_tables(rows, promote_options="default"), out, num_shards)

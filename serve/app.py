@@ -19,27 +19,17 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serve.config import OmniServeArgs
+from serve.config import (
+    FUSION_NAME,
+    ROUTER_NAME,
+    OmniServeArgs,
+    deployment_names,
+    encoder_name,
+)
 from serve.fusion import FusionHead
 from serve.replica import ModalityEncoder
 from serve.router import Router
-from serve.runtime import check_export_dir
-
-ROUTER_NAME = "router"
-FUSION_NAME = "fusion"
-
-
-def encoder_name(modality: str) -> str:
-    """Deployment name of a modality's replicas (used in the serve YAML)."""
-    return f"{modality}_encoder"
-
-
-#: Every deployment name the app may contain (the serve YAML's ``deployments:`` keys).
-DEPLOYMENT_NAMES: tuple[str, ...] = (
-    ROUTER_NAME,
-    FUSION_NAME,
-    *(encoder_name(m) for m in ("text", "image", "audio", "video", "pointcloud", "signal")),
-)
+from serve.runtime import check_serving
 
 
 def apply_env_overrides(args: OmniServeArgs) -> OmniServeArgs:
@@ -63,8 +53,8 @@ def build_app(args: OmniServeArgs) -> Application:
     Args:
         args: :class:`~serve.config.OmniServeArgs` (Serve converts the YAML ``args:`` dict
             through this annotation) or a plain dict of its fields. Validated here, in the
-            driver: a wrong key, a missing export or gallery split fails before any
-            replica starts.
+            driver: a wrong key, a missing export file, a modality the export has no
+            branch for or a missing gallery split fails before any replica starts.
 
     Returns:
         The bound application (ingress: the router).
@@ -72,7 +62,8 @@ def build_app(args: OmniServeArgs) -> Application:
     if not isinstance(args, OmniServeArgs):
         args = OmniServeArgs.model_validate(dict[str, Any](args))
     args = apply_env_overrides(args).with_absolute_paths()
-    check_export_dir(args.export_dir)
+    served = check_serving(args.export_dir, args.modalities, args.features)
+    args = OmniServeArgs.model_validate({**args.model_dump(), "modalities": served})
     if args.gallery.split_dir is not None:
         if not any(Path(args.gallery.split_dir).glob("*.parquet")):
             raise FileNotFoundError(
@@ -93,4 +84,4 @@ def build_app(args: OmniServeArgs) -> Application:
     return Router.options(**options(ROUTER_NAME)).bind(plain, encoders, fusion)
 
 
-__all__ = ["DEPLOYMENT_NAMES", "build_app", "encoder_name", "serve"]
+__all__ = ["build_app", "deployment_names", "encoder_name", "serve"]

@@ -7,7 +7,12 @@ driver, so a wrong key or type fails before any replica starts.
 
 Replica counts, autoscaling, resources, ``max_ongoing_requests`` and ``max_queued_requests``
 are *not* here: they belong to the ``deployments:`` section of the serve YAML (Ray Serve's
-own schema), keyed by the deployment names in :data:`serve.app.DEPLOYMENT_NAMES`.
+own schema), keyed by the names of :func:`deployment_names` (``router``, ``fusion`` and
+``<modality>_encoder`` for every modality of the table in ``common/modalities.py``).
+
+Input limits are *not* here either: they are the featurizer config of the export
+(``data_config.yaml``'s ``features:``), which ``features`` may tighten per modality, so that
+the service and the pipeline refuse oversized input with one set of limits.
 """
 
 from __future__ import annotations
@@ -18,7 +23,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.schema import MODALITIES
+from common.modalities import MODALITIES
+
+ROUTER_NAME = "router"
+FUSION_NAME = "fusion"
+
+
+def encoder_name(modality: str) -> str:
+    """Deployment name of a modality's replicas (used in the serve YAML)."""
+    return f"{modality}_encoder"
+
+
+def deployment_names() -> tuple[str, ...]:
+    """Every deployment name the app may contain (the serve YAML's ``deployments:`` keys),
+    derived from the modality table."""
+    return (ROUTER_NAME, FUSION_NAME, *(encoder_name(m) for m in MODALITIES))
 
 
 class _Strict(BaseModel):
@@ -27,19 +46,14 @@ class _Strict(BaseModel):
 
 
 class Limits(_Strict):
-    """Request limits; exceeding one gives HTTP 413, never a 5xx.
+    """Service-level request limits; exceeding one gives HTTP 413 (503 for load), never a 5xx.
+
+    Limits on one input's contents (pixels, seconds, frames, points, characters) are the
+    featurizers' (``OmniServeArgs.features``), checked from the headers before decoding.
 
     Attributes:
         max_body_bytes: Largest accepted HTTP body (checked before JSON parsing).
         max_items: Most inputs in one ``/v1/embeddings`` request (and labels in classify).
-        max_text_chars: Longest text input, in characters.
-        max_image_pixels: Largest decoded image, width × height (read from the header,
-            before decoding, so decompression bombs are refused cheaply).
-        max_audio_seconds: Longest audio clip.
-        max_video_frames: Most frames in a video container.
-        max_points: Most points in a point cloud.
-        max_signal_channels: Most channels of a signal.
-        max_signal_length: Most time steps of a signal.
         max_k: Largest ``k`` for ``/v1/search``.
         request_timeout_s: Router-side deadline of one request (503 when exceeded).
         max_inflight: Requests the router works on at once; more are refused with 503
@@ -48,13 +62,6 @@ class Limits(_Strict):
 
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
     max_items: int = Field(64, ge=1)
-    max_text_chars: int = Field(2000, ge=1)
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
-    max_audio_seconds: float = Field(60.0, gt=0)
-    max_video_frames: int = Field(2000, ge=1)
-    max_points: int = Field(500_000, ge=1)
-    max_signal_channels: int = Field(64, ge=1)
-    max_signal_length: int = Field(200_000, ge=1)
     max_k: int = Field(100, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     max_inflight: int = Field(256, ge=1)
@@ -63,8 +70,8 @@ class Limits(_Strict):
 class BatchingConfig(_Strict):
     """Dynamic batching of one modality deployment (``@serve.batch``).
 
-    A batch closes when ``max_batch_size`` items are queued, when their summed cost
-    (text tokens, audio frames, video frames, points, signal samples, image pixels / 1024)
+    A batch closes when ``max_batch_size`` items are queued, when their summed cost (the
+    length of each item's variable axis: tokens, frames, points; 1 for a fixed-shape item)
     reaches ``max_batch_cost``, or after ``batch_wait_timeout_s``.
 
     Attributes:
@@ -103,18 +110,24 @@ class OmniServeArgs(_Strict):
     Attributes:
         export_dir: Export directory of Contract 3 (``model.safetensors``,
             ``model_config.yaml``, ``tokenizer/``, ``data_config.yaml``).
-        modalities: Modalities to serve; one deployment each. None = all six.
+        modalities: Modalities to serve; one deployment each. None = every branch of the
+            export's model (resolved by ``build_app``).
         model_name: The id reported by ``/v1/models`` and accepted as ``model``.
         quantization: ``int8`` loads replicas with dynamically-quantized Linear layers.
         api_key: When set, every ``/v1/*`` request needs ``Authorization: Bearer <key>``.
             ``env:NAME`` reads it from the environment variable ``NAME``.
         torch_threads: Intra-op threads per replica (keep low: replicas share cores).
-        limits: Request limits.
+        limits: Service-level request limits.
+        features: Overrides of the export's featurizer config (``data_config.yaml``'s
+            ``features:``), deep-merged onto it, e.g. ``image: {max_pixels: 1000000}`` in YAML:
+            the input limits of the service. They may tighten limits but not change what
+            the model sees (a changed output shape is refused at start-up).
         batching: Default batching for every modality deployment.
         batching_overrides: Per-modality batching fields that differ from ``batching``.
         gallery: The ``/v1/search`` gallery.
-        label_templates: Prompt templates of zero-shot ``/v1/classify``; the label text
-            embeddings are averaged over them.
+        label_templates: Zero-shot prompt templates, used only when the export carries
+            none (``zero_shot.yaml``; an export's own templates always win, so the service
+            runs the classifier that evaluation measured).
         describe_max_len: Most tokens generated by ``/v1/describe``.
         describe_num_beams: Beam width of ``/v1/describe`` (1 = greedy).
         deployment_options: ``{deployment name: Deployment.options kwargs}`` (e.g.
@@ -130,10 +143,11 @@ class OmniServeArgs(_Strict):
     api_key: str | None = None
     torch_threads: int = Field(1, ge=1)
     limits: Limits = Field(default_factory=Limits)
+    features: dict[str, Any] = Field(default_factory=dict)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     batching_overrides: dict[str, dict] = Field(default_factory=dict)
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
-    label_templates: list[str] = Field(default_factory=lambda: ["{label}"])
+    label_templates: list[str] | None = None
     describe_max_len: int = Field(16, ge=1, le=256)
     describe_num_beams: int = Field(1, ge=1, le=8)
     deployment_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -152,8 +166,8 @@ class OmniServeArgs(_Strict):
 
     @field_validator("label_templates")
     @classmethod
-    def _templates(cls, v: list[str]) -> list[str]:
-        if not v or any("{label}" not in t for t in v):
+    def _templates(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any("{label}" not in t for t in v)):
             raise ValueError("label_templates must be non-empty and each contain '{label}'")
         return v
 
@@ -164,13 +178,17 @@ class OmniServeArgs(_Strict):
             if m not in MODALITIES:
                 raise ValueError(f"batching_overrides: unknown modality {m!r}")
             BatchingConfig.model_validate({**self.batching.model_dump(), **over})
-        from serve.app import DEPLOYMENT_NAMES
-
-        bad_names = sorted(set(self.deployment_options) - set(DEPLOYMENT_NAMES))
+        names = deployment_names()
+        bad_names = sorted(set(self.deployment_options) - set(names))
         if bad_names:
             raise ValueError(
-                f"deployment_options: unknown deployments {bad_names}; known: {DEPLOYMENT_NAMES}"
+                f"deployment_options: unknown deployments {bad_names}; known: {list(names)}"
             )
+        if self.features:
+            from pipelines.config import FeatureConfig
+
+            # Unknown modalities / fields / wrong types fail here, in the driver.
+            FeatureConfig().with_overrides(self.features)
         if self.gallery.modalities is not None:
             bad = sorted(set(self.gallery.modalities) - served)
             if bad:
@@ -179,6 +197,7 @@ class OmniServeArgs(_Strict):
 
     @property
     def served_modalities(self) -> list[str]:
+        """``modalities``, or every modality of the table until ``build_app`` resolved it."""
         return list(self.modalities) if self.modalities is not None else list(MODALITIES)
 
     def batching_for(self, modality: str) -> BatchingConfig:

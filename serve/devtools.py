@@ -1,10 +1,10 @@
 """Helpers for tests and benchmarks of the service: an untrained export and a gallery split.
 
-Not used by the service itself. ``make_untrained_export`` writes a Contract-3 export
-(``model.safetensors``, ``model_config.yaml``, ``tokenizer/``, ``data_config.yaml``,
-``metrics.json``) of a named size with random weights, so the service can be exercised
-(and its speed measured) without a training run. ``write_gallery_split`` featurizes a
-Contract-1 manifest with the shared featurizers into Contract-2 shards.
+Not used by the service itself. ``make_untrained_export`` writes a Contract-3 export of a
+named size with random weights through the one export writer (``jobs.exports.write_export``),
+so the service can be exercised (and its speed measured) without a training run.
+``write_gallery_split`` writes featurized rows as a Contract-2 shard through the one shard
+writer (``pipelines.schema.write_shard``).
 
     python -m serve.devtools --size small --out runs/serve_bench/export \
         [--manifest data/omnidigits/manifest.jsonl --split-out runs/serve_bench/gallery]
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
-
-from pipelines.schema import MODALITIES
 
 DEFAULT_TEXTS: tuple[str, ...] = tuple(
     f"{p}{w}"
@@ -34,8 +33,13 @@ def make_untrained_export(
     vocab_size: int = 512,
     num_classes: int = 10,
     seed: int = 0,
+    modalities: list[str] | None = None,
+    templates: list[str] | None = None,
 ) -> Path:
     """Writes an export directory with a randomly initialized model of ``size``.
+
+    The model's input sizes come from the default featurizer config, as training derives
+    them (``ENCODERS[m].sizes_for(featurizer.max_output_shape())``).
 
     Args:
         out: Export directory to create.
@@ -44,6 +48,8 @@ def make_untrained_export(
         vocab_size: Tokenizer vocabulary size (the model's ``vocab_size`` follows it).
         num_classes: Classes of the classification head.
         seed: Torch seed for the weights.
+        modalities: Branches of the model (default: every declared modality).
+        templates: Zero-shot templates of the export (default: ``models.zeroshot``'s).
 
     Returns:
         ``out`` as a Path.
@@ -51,21 +57,41 @@ def make_untrained_export(
     import torch
 
     from common.config import save_yaml
-    from models.config import OmniConfig
+    from common.modalities import modality_names
+    from jobs.exports import DATA_CONFIG_FILE, TOKENIZER_DIR, write_export
+    from models import ENCODERS, OmniConfig
     from models.model import build_model
     from pipelines.config import DataConfig
+    from pipelines.featurize import FEATURIZERS, get_featurizer
     from pipelines.tokenizer import train_tokenizer
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(list(texts), out / "tokenizer", vocab_size=vocab_size)
-    data_cfg = DataConfig(name=f"untrained-{size}")
-    save_yaml(data_cfg, out / "data_config.yaml")
-    torch.manual_seed(seed)
-    cfg = OmniConfig.from_name(size, vocab_size=tok.get_vocab_size(), num_classes=num_classes)
-    build_model(cfg).eval().save_pretrained(out)
-    (out / "metrics.json").write_text(json.dumps({"note": "untrained export (serve.devtools)"}))
-    return out
+    mods = list(modality_names() if modalities is None else modalities)
+    with tempfile.TemporaryDirectory(prefix="untrained_export_") as tmp:
+        shards, weights = Path(tmp) / "shards", Path(tmp) / "weights"
+        shards.mkdir()
+        train_tokenizer(list(texts), shards / TOKENIZER_DIR, vocab_size=vocab_size)
+        data_cfg = DataConfig(name=f"untrained-{size}")
+        save_yaml(data_cfg, shards / DATA_CONFIG_FILE)
+        kw: dict[str, Any] = {}
+        encoders: dict[str, dict[str, Any]] = {}
+        for m in mods:
+            extra = {"tokenizer_dir": shards / TOKENIZER_DIR} if FEATURIZERS[m].tokenized else {}
+            featurizer = get_featurizer(m, data_cfg.features, **extra)
+            encoders[m] = ENCODERS[m].sizes_for(featurizer.max_output_shape())
+            kw.update(featurizer.model_args())
+        cfg = OmniConfig.from_name(
+            size, modalities=mods, num_classes=num_classes, encoders=encoders, **kw
+        )
+        torch.manual_seed(seed)
+        build_model(cfg).eval().save_pretrained(weights)
+        return write_export(
+            weights,
+            out,
+            shards_dir=shards,
+            metrics={"note": "untrained export (serve.devtools)"},
+            training_info={},
+            templates=templates,
+        )
 
 
 def featurize_manifest_rows(
@@ -74,28 +100,23 @@ def featurize_manifest_rows(
     *,
     max_rows: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Featurizes the rows of a Contract-1 JSONL manifest like the pipeline does.
+    """Featurizes the rows of a Contract-1 JSONL manifest with the export's featurizers.
 
-    Files that fail to featurize (the demo corpus plants corrupt ones) are left out of
-    their row; rows left without any modality are dropped.
+    A value is the item itself when the featurizer accepts it inline, else a path relative
+    to the manifest. Files that fail to featurize (the demo corpus plants corrupt ones) are
+    left out of their row; rows left without any modality are dropped.
 
     Returns:
         Rows ``{"id", "label", "group", m: np.ndarray, ...}``.
     """
-    from pipelines.featurize import SampleError, get_featurizer
-    from serve.runtime import load_feature_config
+    from jobs.exports import MODEL_CONFIG_FILE, load_featurizers
+    from models import OmniConfig
+    from pipelines.featurize import SampleError
 
     manifest = Path(manifest)
     root = manifest.parent
-    fcfg = load_feature_config(export_dir)
-    feats = {
-        m: get_featurizer(
-            m,
-            fcfg,
-            **({"tokenizer_dir": str(Path(export_dir) / "tokenizer")} if m == "text" else {}),
-        )
-        for m in MODALITIES
-    }
+    config = OmniConfig.from_yaml(Path(export_dir) / MODEL_CONFIG_FILE)
+    _, feats = load_featurizers(export_dir, config)
     rows = []
     with open(manifest) as f:
         for line in f:
@@ -107,19 +128,19 @@ def featurize_manifest_rows(
                 "label": rec.get("label"),
                 "group": rec.get("group"),
             }
-            for m in MODALITIES:
+            for m, feat in feats.items():
                 v = rec.get(m)
                 if v is None:
                     continue
                 try:
-                    if m == "text":
-                        row[m] = feats[m].from_text(v)
+                    if feat.accepts_inline(v):
+                        row[m] = feat.featurize(v)
                     else:
                         p = root / v
-                        row[m] = feats[m].from_bytes(p.read_bytes(), suffix=p.suffix)
+                        row[m] = feat.featurize(p.read_bytes(), suffix=p.suffix)
                 except (SampleError, OSError):
                     continue
-            if any(m in row for m in MODALITIES):
+            if any(m in row for m in feats):
                 rows.append(row)
             if max_rows is not None and len(rows) >= max_rows:
                 break
@@ -128,29 +149,10 @@ def featurize_manifest_rows(
 
 def write_gallery_split(rows: list[dict[str, Any]], out_dir: str | Path) -> Path:
     """Writes featurized rows as one Contract-2 shard ``out_dir/part-00000.parquet``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipelines.schema import pack_tensors, shard_schema
+    from pipelines.schema import write_shard
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=lambda r: r["id"])
-    cols: dict[str, Any] = {
-        "id": pa.array([r["id"] for r in rows], pa.string()),
-        "label": pa.array([r.get("label") for r in rows], pa.string()),
-        "group": pa.array([r.get("group") for r in rows], pa.string()),
-        "modalities": pa.array(
-            [[m for m in MODALITIES if m in r] for r in rows], pa.list_(pa.string())
-        ),
-    }
-    for m in MODALITIES:
-        data, shape = pack_tensors(m, [r.get(m) for r in rows])
-        cols[m] = data
-        cols[f"{m}_shape"] = shape
-    table = pa.Table.from_pydict(cols, schema=shard_schema())
-    path = out_dir / "part-00000.parquet"
-    pq.write_table(table, path)
+    write_shard(out_dir / "part-00000.parquet", rows)
     return out_dir
 
 
@@ -164,9 +166,18 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     texts = list(DEFAULT_TEXTS)
     if a.manifest:
+        from common.modalities import MODALITIES
+
         with open(a.manifest) as f:
-            texts += [json.loads(x).get("text") or "" for x in f if x.strip()]
-    export = make_untrained_export(a.out, size=a.size, texts=[t for t in texts if t])
+            recs = [json.loads(x) for x in f if x.strip()]
+        # The tokenizer learns the inline strings of the corpus (its captions).
+        texts += [
+            v
+            for rec in recs
+            for m, v in rec.items()
+            if m in MODALITIES and MODALITIES[m].inline and isinstance(v, str)
+        ]
+    export = make_untrained_export(a.out, size=a.size, texts=texts)
     print(f"export: {export}")
     if a.manifest and a.split_out:
         rows = featurize_manifest_rows(a.manifest, export, max_rows=a.max_rows)

@@ -67,17 +67,18 @@ class FusionHead:
         import torch
         from tokenizers import Tokenizer
 
-        from serve.runtime import load_model
+        from jobs.exports import TOKENIZER_DIR
+        from serve.runtime import load_for_serving
 
         self.args = OmniServeArgs.model_validate(args)
         torch.set_num_threads(self.args.torch_threads)
-        self.model = load_model(
+        self.model = load_for_serving(
             self.args.export_dir,
             modalities=[],
             quantization=self.args.quantization,
             parts=FUSION_PARTS,
-        )
-        tok_path = Path(self.args.export_dir) / "tokenizer" / "tokenizer.json"
+        ).model
+        tok_path = Path(self.args.export_dir) / TOKENIZER_DIR / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(tok_path))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion")
         self.counters = {"fuse": 0, "describe": 0}
@@ -108,7 +109,7 @@ class FusionHead:
         )
 
     def stats(self) -> dict[str, Any]:
-        return {"modality": "fusion", "replica": f"fusion-{os.getpid()}", **self.counters}
+        return {"modality": None, "replica": f"fusion-{os.getpid()}", **self.counters}
 
     def _fuse(self, feats: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
         import torch

@@ -14,11 +14,18 @@ pays off beyond ~10^6 items.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+# Ray Serve routes the "ray.serve" logger to the replica log.
+logger = logging.getLogger("ray.serve")
 
 
 class GalleryIndex(Protocol):
@@ -110,26 +117,24 @@ def read_split(
     Raises:
         FileNotFoundError: No shards in ``split_dir``.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.schema import unpack_column
+    from pipelines.schema import read_shard, shard_modalities
 
     files = sorted(Path(split_dir).glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"gallery split {split_dir} has no *.parquet shards")
-    table = pq.read_table([str(f) for f in files]) if len(files) > 1 else pq.read_table(files[0])
+    table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     table = table.sort_by("id").slice(0, max_items)
-    ids = table.column("id").to_pylist()
-    labels = (
-        table.column("label").to_pylist() if "label" in table.column_names else [None] * len(ids)
-    )
+    present = [m for m in modalities if m in shard_modalities(table)]
+    cols = read_shard(table, present)
+    ids = cols["id"]
+    labels = cols.get("label") or [None] * len(ids)
     out: dict[str, GalleryItems] = {}
-    for m in modalities:
-        if m not in table.column_names or f"{m}_shape" not in table.column_names:
-            continue
-        arrays = unpack_column(m, table.column(m), table.column(f"{m}_shape"))
+    for m in present:
         items = GalleryItems()
-        for i, a in enumerate(arrays):
+        for i, a in enumerate(cols[m]):
             if a is None:
                 continue
             items.ids.append(ids[i])
@@ -156,3 +161,46 @@ class Gallery:
             {"rank": r + 1, "id": self.ids[i], "label": self.labels[i], "score": float(s)}
             for r, (i, s) in enumerate(zip(idx.tolist(), scores.tolist(), strict=True))
         ]
+
+
+async def build_galleries(
+    split_dir: str | Path,
+    targets: list[str],
+    encoders: Any,
+    *,
+    max_items: int,
+    chunk_size: int,
+) -> dict[str, Gallery]:
+    """Embeds a prepared split's items with the modality deployments and indexes them.
+
+    Args:
+        split_dir: ``DIR/<split>`` with Parquet shards.
+        targets: Modalities to index (those absent from the split are skipped).
+        encoders: ``{modality: DeploymentHandle}`` (each has ``embed_featurized``).
+        max_items: Cap on indexed rows.
+        chunk_size: Items per embedding call.
+
+    Returns:
+        ``{modality: Gallery}`` for every target present in the split.
+    """
+    t0 = time.perf_counter()
+    items = await asyncio.to_thread(read_split, split_dir, targets, max_items)
+    galleries: dict[str, Gallery] = {}
+    for m, it in items.items():
+        embeds: list[np.ndarray] = []
+        for i in range(0, len(it.arrays), chunk_size):
+            embeds.extend(await encoders[m].embed_featurized.remote(it.arrays[i : i + chunk_size]))
+        index = make_index()
+        index.add(np.stack(embeds))
+        galleries[m] = Gallery(m, it.ids, it.labels, index)
+    logger.info(
+        json.dumps(
+            {
+                "event": "gallery_built",
+                "split_dir": str(split_dir),
+                "sizes": {m: len(g.ids) for m, g in galleries.items()},
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+    )
+    return galleries

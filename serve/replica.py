@@ -1,13 +1,14 @@
 """The per-modality deployment: one generic class, deployed once per modality.
 
-``ModalityEncoder.options(name="image_encoder").bind("image", args)`` holds only what the
-image modality needs: its featurizer (``pipelines.featurize``, identical to training), its
-encoder branch through the shared trunk and its projection
-(``OmniModel.from_pretrained(dir, modalities=["image"])``). Requests are dynamically batched
-with ``@serve.batch``; batches are bounded by cost (tokens, frames, points, samples) as well
-as by count, through ``batch_size_fn``.
+``ModalityEncoder.options(name=encoder_name(m)).bind(m, args)`` holds only what modality
+``m`` needs, loaded with the one export loader (``jobs.exports.load_export(dir,
+modalities=[m], parts=[])``): its featurizer (``pipelines.featurize``, identical to training,
+with the serve args' ``features`` overrides as input limits), its encoder branch through the
+shared trunk and its projection. Requests are dynamically batched with ``@serve.batch``;
+batches are bounded by cost (tokens, frames, points) as well as by count, through
+``batch_size_fn``.
 
-Threads: the event loop only queues; header checks + featurization run in a small thread
+Threads: the event loop only queues; sniffing + featurization run in a small thread
 pool and the model in a single-thread executor (torch releases the GIL), so featurizing the
 next requests overlaps with the current batch's forward pass.
 """
@@ -73,23 +74,22 @@ class ModalityEncoder:
     def __init__(self, modality: str, args: dict[str, Any]):
         import torch
 
-        from pipelines.featurize import get_featurizer
-        from serve.runtime import load_feature_config, load_model
+        from serve.runtime import load_for_serving, resolve_templates
 
         self.args = OmniServeArgs.model_validate(args)
         torch.set_num_threads(self.args.torch_threads)
         self.modality = modality
         self.spec = get_spec(modality)
-        feature_config = load_feature_config(self.args.export_dir)
-        self.featurizer = get_featurizer(
-            modality, feature_config, **self.spec.featurizer_kwargs(self.args.export_dir)
-        )
-        self.model = load_model(
+        ex = load_for_serving(
             self.args.export_dir,
             modalities=[modality],
             parts=[],  # branch + trunk + temperature only: no fusion/decoder/heads
             quantization=self.args.quantization,
+            features=self.args.features,
         )
+        self.model = ex.model
+        self.featurizer = ex.featurizers[modality]
+        self.templates = resolve_templates(ex, self.args.label_templates)
         # Heavy lazy imports (open3d ~1.5 s, decord) happen now, not in the first request.
         self.featurizer.warm_up()
         self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"prep-{modality}")
@@ -200,7 +200,8 @@ class ModalityEncoder:
         return [o["embed"] for o in outs]
 
     def info(self) -> dict[str, Any]:
-        """Static facts: modality, embedding size, temperature, quantization."""
+        """Static facts: modality, embedding size, temperature, zero-shot templates,
+        quantization."""
         import torch
 
         cfg = self.model.config
@@ -211,6 +212,7 @@ class ModalityEncoder:
             "modality": self.modality,
             "embed_dim": int(cfg.embed_dim),
             "logit_scale": logit_scale,
+            "templates": list(self.templates),
             "quantization": self.args.quantization,
             "batching": self.batching.model_dump(),
             "pid": os.getpid(),
@@ -243,7 +245,6 @@ class ModalityEncoder:
         from pipelines.featurize import SampleError
 
         try:
-            self.spec.check_limits(item, self.args.limits)
             arr = self.spec.featurize(self.featurizer, item)
         except ApiError as e:
             return error_value(e.status, e.message, e.code, e.param)

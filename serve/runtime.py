@@ -1,14 +1,17 @@
 """Loading what a replica needs from an export directory (Contract 3), and INT8.
 
-Replicas load only their part: a modality replica calls :func:`load_model` with
-``modalities=[m]`` (``OmniModel.from_pretrained`` then builds just that branch), the fusion
-replica loads the fusion/decoder/heads. Nothing here unpickles: weights are safetensors,
-configs YAML, the tokenizer JSON.
+Every replica loads the export with the one loader, :func:`jobs.exports.load_export`, and
+only its part: a modality replica asks for ``modalities=[m], parts=[]`` (its branch, the
+trunk and the temperature), the fusion replica for no branch and the fusion/decoder/heads.
+The loader fails loudly on a missing file or on model sizes that disagree with the
+featurizers; nothing falls back to default featurization. Nothing here unpickles: weights
+are safetensors, configs YAML, the tokenizer JSON.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,47 +20,57 @@ import torch
 
 logger = logging.getLogger("omniray.serve")
 
-REQUIRED_EXPORT_FILES: tuple[str, ...] = ("model.safetensors", "model_config.yaml")
-
 
 def check_export_dir(export_dir: str | Path) -> Path:
     """Fails early (in the driver) with a clear message when the export is incomplete.
 
     Raises:
-        FileNotFoundError: The directory or one of its required files is missing.
+        jobs.exports.ExportError: The directory or one of its required files is missing.
     """
-    p = Path(export_dir)
-    if not p.is_dir():
-        raise FileNotFoundError(f"export dir {p} does not exist (run jobs.export first)")
-    missing = [f for f in REQUIRED_EXPORT_FILES if not (p / f).is_file()]
-    if not (p / "tokenizer").is_dir():
-        missing.append("tokenizer/")
-    if missing:
-        raise FileNotFoundError(f"export dir {p} lacks {missing} (Contract 3)")
-    return p
+    from jobs.exports import check_export
+
+    return check_export(export_dir)
 
 
-def load_feature_config(export_dir: str | Path):
-    """The featurization config the model was trained with (``data_config.yaml``).
+def export_modalities(export_dir: str | Path) -> list[str]:
+    """The modalities the exported model has a branch for (its ``model_config.yaml``)."""
+    from jobs.exports import MODEL_CONFIG_FILE
+    from models import OmniConfig
 
-    Only the ``features`` section is read: serving needs nothing else, and an export must
-    stay loadable when unrelated sections of ``DataConfig`` (execution, dedupe, ...) change.
+    return list(OmniConfig.from_yaml(Path(export_dir) / MODEL_CONFIG_FILE).modalities)
+
+
+def check_serving(
+    export_dir: str | Path,
+    modalities: list[str] | None,
+    features: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Driver-side check of what the replicas will load (no weights are read).
+
+    Args:
+        export_dir: Export directory.
+        modalities: Modalities to serve (None = every branch of the export).
+        features: Overrides of the export's featurizer config.
 
     Returns:
-        ``pipelines.config.FeatureConfig``; defaults (with a warning) if the export has
-        no ``data_config.yaml``.
+        The modalities to serve.
 
     Raises:
-        common.config.ConfigError: The ``features`` section does not validate.
+        jobs.exports.ExportError: A missing file, a modality without a branch, overrides
+            that do not apply or change the featurizers' output sizes.
     """
-    from pipelines.config import FeatureConfig
-    from pipelines.config import load_feature_config as load_features
+    from jobs.exports import MODEL_CONFIG_FILE, ExportError, load_featurizers
+    from models import OmniConfig
 
-    path = Path(export_dir) / "data_config.yaml"
-    if not path.is_file():
-        logger.warning("%s missing: featurizing with FeatureConfig defaults", path)
-        return FeatureConfig()
-    return load_features(path)
+    d = check_export_dir(export_dir)
+    config = OmniConfig.from_yaml(d / MODEL_CONFIG_FILE)
+    branches = list(config.modalities)
+    served = branches if modalities is None else list(modalities)
+    missing = [m for m in served if m not in branches]
+    if missing:
+        raise ExportError(f"{d / MODEL_CONFIG_FILE}: no branch for served modalities {missing}")
+    load_featurizers(d, config, served, dict(features or {}))
+    return served
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,6 +88,48 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def load_for_serving(
+    export_dir: str | Path,
+    *,
+    modalities: Iterable[str],
+    parts: Iterable[str] | None = None,
+    quantization: str = "none",
+    features: Mapping[str, Any] | None = None,
+) -> Any:
+    """Loads (part of) an export for a replica: model in eval mode, featurizers, templates.
+
+    Args:
+        export_dir: Export directory.
+        modalities: Encoder branches (and featurizers) to load.
+        parts: Non-encoder parts to load (None = all; ``[]`` = branches + trunk only).
+        quantization: ``"none"`` or ``"int8"``.
+        features: Overrides of the export's featurizer config (``OmniServeArgs.features``).
+
+    Returns:
+        The :class:`jobs.exports.Export`, its model ``requires_grad`` off (INT8 if asked).
+
+    Raises:
+        jobs.exports.ExportError: A missing/unreadable file, sizes that disagree, or
+            overrides that do not apply.
+        ValueError: Unknown ``quantization``.
+    """
+    from jobs.exports import load_export
+
+    if quantization not in ("none", "int8"):
+        raise ValueError(f"unknown quantization {quantization!r} (none|int8)")
+    ex = load_export(
+        export_dir,
+        modalities=list(modalities),
+        parts=None if parts is None else list(parts),
+        feature_overrides=dict(features or {}),
+    )
+    for p in ex.model.parameters():
+        p.requires_grad_(False)
+    if quantization == "int8":
+        ex.model = quantize_int8(ex.model).eval()
+    return ex
+
+
 def load_model(
     export_dir: str | Path,
     *,
@@ -82,32 +137,49 @@ def load_model(
     quantization: str = "none",
     parts: list[str] | None = None,
 ) -> Any:
-    """Loads (part of) the exported model in eval mode, optionally INT8.
+    """Loads (part of) the exported model in eval mode, optionally INT8 (benchmarks, tests).
 
     Args:
         export_dir: Export directory.
         modalities: Encoder branches to build (None = all).
         quantization: ``"none"`` or ``"int8"``.
-        parts: Non-encoder parts to load (passed to ``from_pretrained``; None = its default).
+        parts: Non-encoder parts to load (None = all).
 
     Returns:
         The ``models.OmniModel`` (or its quantized copy), ``requires_grad`` off.
     """
-    from models.model import OmniModel
+    mods = export_modalities(export_dir) if modalities is None else modalities
+    return load_for_serving(
+        export_dir, modalities=mods, parts=parts, quantization=quantization
+    ).model
 
-    kwargs: dict[str, Any] = {"modalities": modalities}
-    if parts is not None:
-        kwargs["parts"] = parts
-    model = OmniModel.from_pretrained(str(export_dir), **kwargs)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if quantization == "int8":
-        model = quantize_int8(model)
-        model.eval()
-    elif quantization != "none":
-        raise ValueError(f"unknown quantization {quantization!r} (none|int8)")
-    return model
+
+def resolve_templates(ex: Any, configured: list[str] | None) -> list[str]:
+    """The zero-shot templates the service uses: the export's (what evaluation measured).
+
+    Args:
+        ex: The loaded :class:`jobs.exports.Export`.
+        configured: ``OmniServeArgs.label_templates``: used only for an export written
+            before exports carried ``zero_shot.yaml`` (logged); when the export has its own,
+            a differing configured list is ignored, with a warning.
+    """
+    from jobs.exports import ZERO_SHOT_FILE
+
+    if (Path(ex.path) / ZERO_SHOT_FILE).is_file() or not configured:
+        if configured and list(configured) != list(ex.templates):
+            logger.warning(
+                "label_templates %s ignored: the export's zero-shot templates %s win",
+                configured,
+                ex.templates,
+            )
+        return list(ex.templates)
+    logger.warning(
+        "%s has no %s: zero-shot uses the configured label_templates %s",
+        ex.path,
+        ZERO_SHOT_FILE,
+        configured,
+    )
+    return list(configured)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -100,7 +100,7 @@ def probe_outputs():
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """A small OmniDigits corpus (all six modalities) built once per session."""
-    from pipelines.demo_corpus import build_corpus
+    from jobs.demo.corpus import build_corpus
 
     out = tmp_path_factory.mktemp("omnidigits_tiny")
     build_corpus(out, n=60, seed=0, workers=2)

@@ -1,4 +1,4 @@
-"""Tests of the OmniDigits demo corpus builder (``pipelines.demo_corpus``).
+"""Tests of the OmniDigits demo corpus builder (``jobs.demo.corpus``).
 
 No Ray: the builder uses a process pool. Files are decoded with the same libraries the
 pipeline uses (PIL, soundfile, decord, open3d, numpy).
@@ -14,17 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.demo_corpus import (
+from jobs.demo.corpus import (
     DIGIT_NAMES,
     FILE_MODALITIES,
     MODALITIES,
     CorpusError,
-    _make_writer,
-    _plan_rows,
-    _trajectory,
     build_corpus,
     file_digest,
 )
+from jobs.demo.corpus.plan import _make_writer, _plan_rows
+from jobs.demo.corpus.render_signal import _trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,7 +236,7 @@ def test_corrupt_signal_never_needs_pickle(messy_corpus: Path) -> None:
 def test_same_seed_is_byte_identical_and_independent_of_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipelines.demo_corpus as dc
+    import jobs.demo.corpus.build as dc
 
     # Small corpora render in-process; force the process pool (and >1 chunk) for "a".
     monkeypatch.setattr(dc, "_MIN_ROWS_FOR_POOL", 0)
@@ -307,7 +306,7 @@ def test_plan_uses_distinct_source_images_and_keeps_a_modality() -> None:
         assert len(srcs) > 10 and len(set(srcs)) == len(srcs)
     assert len([r for r in full if "image" in r.formats]) == 600
     for r in rows:
-        assert r.text is not None or r.formats
+        assert r.text is not None or r.formats or r.tabular
     assert all(r.text and set(r.formats) == set(FILE_MODALITIES) for r in full)
     # a writer is one voice and one group
     voices: dict[str, str] = {}
@@ -376,7 +375,7 @@ def test_existing_corpus_is_kept_unless_overwrite(tmp_path: Path) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.demo_corpus", *args],
+        [sys.executable, "-m", "jobs.demo.corpus", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

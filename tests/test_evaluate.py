@@ -10,21 +10,20 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from common.config import load_config, save_yaml
 from jobs import evaluate
 from jobs.evaluation.config import EvalConfig
-from pipelines.schema import MODALITIES, pack_tensors, shard_schema
+from pipelines.schema import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["zero", "one", "two", "three"]
 LABELS = ["0", "1", "2", "3"]
 SPLIT_MODS = ("text", "image", "audio", "pointcloud", "signal")  # no video in the split
 ALIGNED = [["text", "image"], ["text", "audio"]]
+TEMPLATES = ["{label}", "the digit {label}", "a handwritten {label}"]  # the export's
 
 
 def _rows(n: int, seed: int) -> dict[str, list]:
@@ -32,7 +31,7 @@ def _rows(n: int, seed: int) -> dict[str, list]:
     from pipelines.featurize import get_featurizer
 
     rng = np.random.default_rng(seed)
-    cols: dict[str, list] = {m: [] for m in MODALITIES}
+    cols: dict[str, list] = {m: [] for m in (*SPLIT_MODS, "video")}
     cols.update(id=[], label=[], group=[], modalities=[])
     for i in range(n):
         lab = i % len(LABELS)
@@ -56,18 +55,7 @@ def _rows(n: int, seed: int) -> dict[str, list]:
 
 
 def _write_shard(path: Path, cols: dict[str, list]) -> None:
-    arrays = {
-        "id": pa.array(cols["id"]),
-        "label": pa.array(cols["label"], type=pa.string()),
-        "group": pa.array(cols["group"]),
-        "modalities": pa.array(cols["modalities"], type=pa.list_(pa.string())),
-    }
-    for m in MODALITIES:
-        arrays[m], arrays[f"{m}_shape"] = pack_tensors(m, cols[m])
-    schema = shard_schema()
-    table = pa.table([arrays[f.name] for f in schema], schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    write_shard(path, cols, sort=False)  # modalities absent from ``cols`` are null
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +82,17 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(shards / "tokenizer", export / "tokenizer")
     shutil.copy2(shards / "data_config.yaml", export / "data_config.yaml")
     (export / "metrics.json").write_text(json.dumps({"stages": {"finetune": {"loss": 1.0}}}))
+    (export / "zero_shot.yaml").write_text(yaml.safe_dump({"templates": TEMPLATES}))
     (export / "training.yaml").write_text(
         yaml.safe_dump({"aligned_pairs": ALIGNED, "label_names": LABELS, "model": "tiny"})
     )
     return {"root": root, "shards": shards, "export": export}
+
+
+def _copy_featurizer_files(src: Path, dst: Path) -> None:
+    """The tokenizer and data config every export carries (no zero_shot.yaml: an old export)."""
+    shutil.copytree(src / "tokenizer", dst / "tokenizer", dirs_exist_ok=True)
+    shutil.copy2(src / "data_config.yaml", dst / "data_config.yaml")
 
 
 def _copy_export(setup, name: str) -> Path:
@@ -187,6 +182,7 @@ def test_cli_end_to_end(setup, tmp_path):
     zs = res["zero_shot"]
     assert zs["class_names"] == LABELS
     assert zs["example_prompts"][1] == "the digit zero"  # label_text from the config
+    assert zs["templates"] == TEMPLATES and zs["templates_source"] == "export"
     assert set(zs["per_modality"]) == set(SPLIT_MODS)
     for v in zs["per_modality"].values():
         assert 0.0 <= v["accuracy"] <= 1.0 and v["chance"] == 0.25
@@ -291,7 +287,7 @@ def test_in_process_variants(setup, tmp_path):
     # An export without a classification head.
     nohead = setup["root"] / "export_nohead"
     build_model(OmniConfig.from_name("tiny", vocab_size=300, num_classes=0)).save_pretrained(nohead)
-    shutil.copytree(setup["export"] / "tokenizer", nohead / "tokenizer", dirs_exist_ok=True)
+    _copy_featurizer_files(setup["export"], nohead)
     res = evaluate.run_evaluation(nohead, setup["shards"], cfg, tmp_path / "c")
     assert "classification head" in res["fusion"]["skipped"]
     assert "per_modality" in res["zero_shot"]
@@ -300,6 +296,7 @@ def test_in_process_variants(setup, tmp_path):
     small = setup["root"] / "export_small"
     mcfg = OmniConfig.from_name("tiny", vocab_size=300, num_classes=4, modalities=["text", "image"])
     build_model(mcfg).save_pretrained(small)
+    _copy_featurizer_files(setup["export"], small)
     res = evaluate.run_evaluation(small, setup["shards"], cfg, tmp_path / "d")
     assert set(res["retrieval"]) == {"text->image", "image->text"}
     assert "no branch" in res["skipped"]["modality:audio"]
@@ -309,6 +306,7 @@ def test_in_process_variants(setup, tmp_path):
 def test_auto_fusion_set_considers_subsets():
     """Rows with {t,i,a,v} or {t,i,a,p}: no exact combination has 3 rows, {t,i,a} has 6."""
     from jobs.evaluation.data import SplitData
+    from jobs.evaluation.fusion import auto_fusion_modalities
 
     x = np.zeros(1)
     rows = [("text", "image", "audio", "video")] * 3 + [
@@ -317,9 +315,9 @@ def test_auto_fusion_set_considers_subsets():
     mods = ["text", "image", "audio", "video", "pointcloud"]
     data = SplitData(ids=[str(i) for i in range(6)], labels=["a"] * 6)
     data.tensors = {m: [x if m in r else None for r in rows] for m in mods}
-    assert evaluate._auto_fusion_modalities(data, mods, 4) == ["text", "image", "audio"]
-    assert evaluate._auto_fusion_modalities(data, mods, 3) == ["text", "image", "audio", "video"]
-    assert evaluate._auto_fusion_modalities(data, mods, 7) is None
+    assert auto_fusion_modalities(data, mods, 4) == ["text", "image", "audio"]
+    assert auto_fusion_modalities(data, mods, 3) == ["text", "image", "audio", "video"]
+    assert auto_fusion_modalities(data, mods, 7) is None
 
 
 def test_unlabelled_split(setup, tmp_path):
@@ -351,7 +349,7 @@ def test_bad_inputs_exit_cleanly(setup, tmp_path, capsys):
     assert rc == 2 and "export directory not found" in err
 
     rc, err = _run_main(capsys, "--export", str(setup["shards"]), "--data", data)
-    assert rc == 2 and "missing" in err and "model.safetensors" in err
+    assert rc == 2 and "not found" in err and "model.safetensors" in err
 
     export = _copy_export(setup, "export_bad")
     before = (export / "metrics.json").read_text()
@@ -372,11 +370,11 @@ def test_bad_inputs_exit_cleanly(setup, tmp_path, capsys):
 
     (export / "model_config.yaml").write_text("d_model: [64\nn_heads: 4\n")  # broken YAML
     rc, err = _run_main(capsys, "--export", str(export), "--data", data)
-    assert rc == 2 and "corrupt" in err and "model_config.yaml" in err
+    assert rc == 2 and "unreadable" in err and "model_config.yaml" in err
 
     (export / "model_config.yaml").write_text("d_model: 64\nno_such_field: 1\n")
     rc, err = _run_main(capsys, "--export", str(export), "--data", data)
-    assert rc == 2 and "cannot load the model" in err and "no_such_field" in err
+    assert rc == 2 and "model_config.yaml" in err and "no_such_field" in err
 
     # Nothing was lost or half-written in the export by the failed runs.
     assert (export / "metrics.json").read_text() == before
@@ -427,10 +425,11 @@ def test_fusion_pass_embeddings_match_single_modality_pass(setup):
     """Rows embedded during the fusion pass reuse those embeddings: they must equal what a
     single-modality pass gives (branches are independent of the other modalities)."""
     from jobs.evaluation.data import load_split
-    from jobs.evaluation.encode import embed_rows, head_logits, load_model
+    from jobs.evaluation.encode import embed_rows, head_logits
+    from jobs.exports import load_export
 
     data = load_split(setup["shards"], "test")
-    model = load_model(setup["export"])
+    model = load_export(setup["export"]).model
     mods = ["text", "audio", "signal"]
     rows = data.rows_with(mods)[:9]
     emb, fused, single = head_logits(model, data, mods, rows, batch_size=4)
@@ -439,3 +438,36 @@ def test_fusion_pass_embeddings_match_single_modality_pass(setup):
         alone = embed_rows(model, data, m, rows, batch_size=3)
         np.testing.assert_allclose(emb[m], alone, atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(alone, axis=1), 1.0, atol=1e-4)
+
+
+def test_load_export_fails_loudly_and_old_exports_load(setup, tmp_path, caplog):
+    """One loader: a missing file or sizes that disagree name the path; an export without
+    zero_shot.yaml (written before it existed) loads with the default templates."""
+    from common.config import read_yaml
+    from jobs.exports import ExportError, load_export
+    from models.zeroshot import DEFAULT_TEMPLATES
+
+    ex = load_export(setup["export"])
+    assert ex.templates == TEMPLATES and ex.info["label_names"] == LABELS
+    assert set(ex.featurizers) == set(ex.config.modalities) == set(ex.model.modalities)
+
+    old = _copy_export(setup, "export_old")
+    (old / "zero_shot.yaml").unlink()
+    with caplog.at_level("WARNING"):
+        assert load_export(old, modalities=["image"]).templates == list(DEFAULT_TEMPLATES)
+    assert "zero_shot.yaml" in caplog.text
+
+    for name in ("data_config.yaml", "tokenizer"):
+        broken = _copy_export(setup, f"export_no_{name}")
+        target = broken / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        with pytest.raises(ExportError, match=name):
+            load_export(broken)
+
+    # The data config says images are 48 px, the model was built for 32 px.
+    wrong = _copy_export(setup, "export_wrong_size")
+    data_cfg = read_yaml(wrong / "data_config.yaml")
+    data_cfg.setdefault("features", {}).setdefault("image", {})["size"] = 48
+    (wrong / "data_config.yaml").write_text(yaml.safe_dump(data_cfg))
+    with pytest.raises(ExportError, match="image"):
+        load_export(wrong)

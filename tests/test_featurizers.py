@@ -14,22 +14,12 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from common.modalities import get_modality
 from pipelines.config import FeatureConfig
 from pipelines.featurize import FEATURIZERS, SampleError, get_featurizer
-from pipelines.schema import MODALITY_DTYPES
 from pipelines.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 CFG = FeatureConfig()
-#: INTERFACES §1 shapes at the demo defaults (None = variable, bounded axis).
-EXPECTED = {
-    "text": (None,),
-    "image": (32, 32, 3),
-    "audio": (None, 40),
-    "video": (8, 32, 32, 3),
-    "pointcloud": (256, 3),
-    "signal": (3, 128),
-}
-BOUNDS = {"text": (32,), "audio": (128, 40)}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +27,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tok")
     words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     texts = [f"the digit {w}" for w in words] * 20 + [f"a handwritten {w}" for w in words] * 20
+    texts += [f"item {i}" for i in range(10)] * 5
     train_tokenizer(texts, d, vocab_size=300)
     return d
 
@@ -79,32 +70,24 @@ def _npy(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
     return b.getvalue()
 
 
-def _sample(modality: str, tmp: Path) -> tuple[bytes, str]:
-    rng = np.random.default_rng(0)
-    if modality == "text":
-        return b"the digit seven, handwritten", ".txt"
-    if modality == "image":
-        return _png((rng.random((48, 64, 3)) * 255).astype(np.uint8)), ".png"
-    if modality == "audio":
-        return _wav((rng.standard_normal((22050, 2)) * 0.1).astype(np.float32), 22050), ".wav"
-    if modality == "video":
-        return _mp4(tmp), ".mp4"
-    if modality == "pointcloud":
-        return _ply(rng.standard_normal((1000, 3))), ".ply"
-    if modality == "signal":
-        return _npy(rng.standard_normal((3, 250)).astype(np.float32)), ".npy"
-    raise AssertionError(f"no sample for new modality {modality}: add one here")
-
-
 def _featurizer(modality: str, tokenizer_dir: Path):
-    kw = {"tokenizer_dir": tokenizer_dir} if modality == "text" else {}
+    kw = {"tokenizer_dir": tokenizer_dir} if FEATURIZERS[modality].tokenized else {}
     return get_featurizer(modality, CFG, **kw)
 
 
-def test_registry_covers_schema():
-    assert set(FEATURIZERS) == set(MODALITY_DTYPES)
+def test_registry_covers_the_table():
+    from common.modalities import MODALITIES
+
+    assert set(FEATURIZERS) == set(MODALITIES)
     with pytest.raises(KeyError, match="registered"):
         get_featurizer("smell")
+
+
+def test_register_refuses_an_undeclared_modality():
+    from pipelines.featurize import Featurizer, register
+
+    with pytest.raises(ValueError, match="not a declared modality"):
+        register("smell")(type("Smell", (Featurizer,), {}))
 
 
 def _run_fresh(code: str) -> None:
@@ -153,52 +136,90 @@ def test_open3d_imported_without_its_web_visualizer():
 
 
 @pytest.mark.parametrize("modality", sorted(FEATURIZERS))
-def test_featurizer_shape_dtype_finite(modality, tmp_path, tokenizer_dir):
+def test_featurizer_example_shape_dtype_finite(modality, tokenizer_dir):
+    """Each featurizer's own example featurizes to its record's dtype and rank, inside
+    its declared shapes, deterministically; the file examples are recognized by sniff."""
     f = _featurizer(modality, tokenizer_dir)
     f.warm_up()  # every featurizer has it (a no-op unless it loads something lazily)
-    data, suffix = _sample(modality, tmp_path)
-    out = f.from_bytes(data, suffix=suffix)
-    assert out.dtype == MODALITY_DTYPES[modality] == f.dtype
-    expected = EXPECTED[modality]
-    assert out.ndim == len(expected)
-    for got, want, bound in zip(out.shape, expected, BOUNDS.get(modality, expected), strict=True):
+    rec = get_modality(modality)
+    raw, suffix = f.example(np.random.default_rng(0), label=3)
+    if isinstance(raw, bytes):
+        assert suffix in f.suffixes and f.sniff(raw) == suffix
+        assert not f.accepts_inline(f"sample{suffix}")
+    else:
+        assert suffix is None and rec.inline and f.accepts_inline(raw)
+    out = f.featurize(raw, suffix)
+    assert out.dtype == rec.np_dtype == f.dtype
+    declared, bound = f.output_shape(), f.max_output_shape()
+    assert out.ndim == rec.rank == len(declared) == len(bound)
+    for axis, (got, want, most) in enumerate(zip(out.shape, declared, bound, strict=True)):
+        assert 1 <= got <= most
+        assert want is None or got == want
         if want is None:
-            assert 1 <= got <= bound
-        else:
-            assert got == want
-    assert f.output_shape() == expected
+            assert axis == rec.var_axis or rec.var_axis is None
     assert np.isfinite(out.astype(np.float64)).all()
-    # Deterministic: the same bytes give the same features.
-    np.testing.assert_array_equal(out, f.from_bytes(data, suffix=suffix))
+    # Deterministic: the same input gives the same features; decode + finalize = featurize.
+    np.testing.assert_array_equal(out, f.featurize(raw, suffix))
+    np.testing.assert_array_equal(out, f.finalize(f.decode(raw, suffix)))
+
+
+@pytest.mark.parametrize("modality", sorted(FEATURIZERS))
+def test_featurizer_example_depends_on_label(modality, tokenizer_dir):
+    """A model can learn the label from the examples (synthetic shards rely on it)."""
+    f = _featurizer(modality, tokenizer_dir)
+    a = f.featurize(*f.example(np.random.default_rng(0), label=1))
+    b = f.featurize(*f.example(np.random.default_rng(0), label=6))
+    assert a.shape != b.shape or not np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("modality", sorted(FEATURIZERS))
 def test_featurizer_empty_and_garbage(modality, tokenizer_dir):
     f = _featurizer(modality, tokenizer_dir)
     with pytest.raises(SampleError) as e:
-        f.from_bytes(b"", suffix=f.suffixes[0])
+        f.featurize(b"", f.suffixes[0] if f.suffixes else None)
     assert e.value.reason == "empty"
-    if modality == "text":
+    if FEATURIZERS[modality].decoded_dtype == "str":
         garbage = b"\xff\xfe\xfa invalid utf-8 \xc3\x28"
     else:
         garbage = np.random.default_rng(1).integers(0, 256, 700, dtype=np.uint8).tobytes()
+    assert f.sniff(garbage) is None
     with pytest.raises(SampleError) as e:
-        f.from_bytes(garbage, suffix=f.suffixes[0])
+        f.featurize(garbage, f.suffixes[0] if f.suffixes else None)
     assert e.value.reason in ("decode_error", "truncated", "bad_dtype")
 
 
-@pytest.mark.parametrize("modality", sorted(FEATURIZERS))
-def test_batch_call_is_pure_and_reports_errors(modality, tmp_path, tokenizer_dir):
-    f = _featurizer(modality, tokenizer_dir)
-    data, suffix = _sample(modality, tmp_path)
-    items = np.empty(3, dtype=object)
-    items[:] = [data, None, b""]
-    batch = {modality: items, f"{modality}_suffix": np.array([suffix] * 3, dtype=object)}
-    out = f(batch)
-    assert batch[modality][0] is data  # input untouched
-    assert out[modality][0].dtype == f.dtype
-    assert out[modality][1] is None and out[f"{modality}_error"][1] is None
-    assert out[modality][2] is None and out[f"{modality}_error"][2].startswith("empty")
+def test_feature_config_sections_overrides_and_yaml_shape(tmp_path):
+    from common.config import ConfigError, to_dict
+
+    fc = FeatureConfig.from_config_dict({"image": {"size": 64}})
+    assert fc.image.size == fc.section("image").size == 64
+    assert isinstance(fc.image, FEATURIZERS["image"].Config)
+    limited = fc.with_overrides({"image": {"max_pixels": 1000}})
+    assert limited.image.max_pixels == 1000 and limited.image.size == 64
+    assert fc.image.max_pixels != 1000  # the original is untouched
+    d = to_dict(fc)
+    assert set(d) == set(FEATURIZERS) | {"max_file_bytes"} and d["image"]["size"] == 64
+    assert FeatureConfig.from_config_dict(d) == fc
+    for bad in ({"smell": {}}, {"image": {"sise": 3}}, {"audio": {"features": "x"}}):
+        with pytest.raises(ConfigError):
+            FeatureConfig.from_config_dict(bad)
+    with pytest.raises(ConfigError):
+        fc.with_overrides({"image": {"size": "big"}})
+    from pipelines.config import load_feature_config
+
+    with pytest.raises(ConfigError, match="not found"):
+        load_feature_config(tmp_path / "missing.yaml")
+    (tmp_path / "d.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match="features"):
+        load_feature_config(tmp_path / "d.yaml")
+
+
+def test_text_model_args_come_from_tokenizer_and_section(tokenizer_dir):
+    f = get_featurizer("text", CFG, tokenizer_dir=tokenizer_dir)
+    assert f.model_args() == {
+        "vocab_size": load_tokenizer(tokenizer_dir).get_vocab_size(),
+        "max_text_len": CFG.text.max_len,
+    }
 
 
 def test_image_truncated_and_bomb():
@@ -359,7 +380,7 @@ def test_text_cleaning_and_tokens(tokenizer_dir):
     assert f.clean("e\u0301") == "\u00e9"  # NFC
     ids = f.from_text("the  digit\x00 seven")
     assert ids.dtype == np.int32 and ids[0] == BOS_ID and ids[-1] == EOS_ID
-    assert f.decode(ids) == "the digit seven"
+    assert f.detokenize(ids) == "the digit seven"
     long = f.from_text("seven " * 200)
     assert len(long) == CFG.text.max_len and long[-1] == EOS_ID
     for bad, reason in [
@@ -373,7 +394,7 @@ def test_text_cleaning_and_tokens(tokenizer_dir):
     with pytest.raises(SampleError) as e:
         f.from_bytes(b"caf\xe9 latin-1", ".txt")
     assert e.value.reason == "decode_error"
-    assert f.decode(f.from_bytes("\ufeffthe digit two".encode(), ".txt")) == "the digit two"
+    assert f.detokenize(f.from_bytes("\ufeffthe digit two".encode(), ".txt")) == "the digit two"
 
 
 def test_tokenizer_specials_and_roundtrip(tokenizer_dir):

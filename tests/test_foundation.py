@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from common.config import ConfigError, load_config, parse_overrides
-from pipelines.schema import MODALITIES, pack_tensors, shard_schema, unpack_column
+from common.modalities import MODALITIES
+from pipelines.schema import read_shard, shard_schema, unpack_column, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,39 +86,57 @@ def test_config_overrides_and_validation(tmp_path):
         load_config(_Outer, tmp_path / "missing.yaml")
 
 
+def _items(m: str, rng: np.random.Generator, n: int = 2) -> list[np.ndarray]:
+    """Random tensors of modality ``m``'s record (dtype and rank), varying along var_axis."""
+    rec = MODALITIES[m]
+    out = []
+    for k in range(n):
+        shape = [3] * rec.rank
+        if rec.var_axis is not None:
+            shape[rec.var_axis] = 2 + k
+        x = rng.normal(size=shape) * (50 if rec.np_dtype.kind in "iu" else 1)
+        out.append(np.abs(x).astype(rec.np_dtype))
+    return out
+
+
 def test_shard_schema_round_trip_with_nulls(tmp_path):
+    """write_shard/read_shard round-trip every declared modality (dtypes from the record)."""
     rng = np.random.default_rng(0)
-    tensors = {
-        "text": [np.array([1, 7, 9, 2]), None, np.array([1, 2])],
-        "image": [rng.integers(0, 255, (4, 4, 3)), None, rng.integers(0, 255, (4, 4, 3))],
-        "audio": [rng.normal(size=(5, 3)), rng.normal(size=(2, 3)), None],
-        "video": [None, rng.integers(0, 255, (2, 4, 4, 3)), None],
-        "pointcloud": [rng.normal(size=(8, 3)), None, None],
-        "signal": [None, None, rng.normal(size=(3, 6))],
-    }
-    cols = {
-        "id": pa.array(["a", "b", "c"]),
-        "label": pa.array(["1", None, "3"]),
-        "group": pa.array(["g", "g", "h"]),
-        "modalities": pa.array([["text"], ["audio"], ["text"]]),
-    }
-    for m in MODALITIES:
-        cols[m], cols[f"{m}_shape"] = pack_tensors(m, tensors[m])
-    table = pa.table(cols, schema=shard_schema())
-    pq.write_table(table, tmp_path / "s.parquet")
-    back = pq.read_table(tmp_path / "s.parquet")
-    assert back.schema.equals(shard_schema())
-    for m in MODALITIES:
-        got = unpack_column(m, back.column(m), back.column(f"{m}_shape"))
-        for want, have in zip(tensors[m], got, strict=True):
+    mods = list(MODALITIES)
+    tensors = {m: [None] * 3 for m in mods}
+    for k, m in enumerate(mods):  # each modality present in two of the three rows
+        a, b = _items(m, rng)
+        tensors[m][k % 3], tensors[m][(k + 1) % 3] = a, b
+    rows = [
+        {"id": rid, "label": lab, "group": "g", **{m: tensors[m][i] for m in mods}}
+        for i, (rid, lab) in enumerate([("b", "1"), ("a", None), ("c", "3")])
+    ]
+    written = write_shard(tmp_path / "sub" / "s.parquet", rows)
+    back = pq.read_table(tmp_path / "sub" / "s.parquet")
+    assert back.schema.equals(shard_schema()) and written.schema.equals(shard_schema())
+    got = read_shard(tmp_path / "sub" / "s.parquet")
+    assert got["id"] == ["a", "b", "c"]  # sorted by id
+    order = [1, 0, 2]
+    for m in mods:
+        assert back.schema.field(m).type == pa.list_(pa.from_numpy_dtype(MODALITIES[m].np_dtype))
+        for j, i in enumerate(order):
+            want, have = tensors[m][i], got[m][j]
             if want is None:
-                assert have is None
+                assert have is None and m not in got["modalities"][j]
             else:
-                np.testing.assert_array_equal(have, np.asarray(want).astype(have.dtype))
+                assert m in got["modalities"][j]
+                assert have.dtype == MODALITIES[m].np_dtype
+                np.testing.assert_array_equal(have, want)
     # Slices (as Ray Data hands out) unpack correctly too.
+    m = mods[0]
     sl = back.slice(1, 2)
-    got = unpack_column("audio", sl.column("audio"), sl.column("audio_shape"))
-    assert got[0].shape == (2, 3) and got[1] is None
+    assert [x is None for x in unpack_column(m, sl.column(m), sl.column(f"{m}_shape"))] == [
+        tensors[m][0] is None,
+        tensors[m][2] is None,
+    ]
+    # A subset of the modalities, and column input.
+    sub = read_shard(write_shard(tmp_path / "t.parquet", {"id": ["x"], m: [tensors[m][0]]}), [m])
+    assert set(sub) == {"id", "label", "group", "modalities", m}
 
 
 def test_cli_entry_points_have_help():

@@ -17,6 +17,8 @@ from models.quant import count_quantized_linears, quantize_int8
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = [str(i) for i in range(10)]
+#: The gate slots the fusion fingerprints were taken with (a new modality adds a slot).
+SIX = ["text", "image", "audio", "video", "pointcloud", "signal"]
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +108,9 @@ def test_variable_length_padding_is_masked(cfg: OmniConfig) -> None:
 
 def test_pointcloud_with_normals() -> None:
     """(N, 6) clouds (xyz + normals/colours) when configured; xyz-only input is refused."""
-    c = OmniConfig.from_name("tiny", pointcloud_channels=6, modalities=["pointcloud"])
+    c = OmniConfig.from_name(
+        "tiny", encoders={"pointcloud": {"channels": 6}}, modalities=["pointcloud"]
+    )
     torch.manual_seed(0)
     model = build_model(c)
     batch = collate(synthetic_samples(c, 2))
@@ -142,10 +146,11 @@ def test_forward_shapes_and_fusion(cfg: OmniConfig) -> None:
     assert out.fused.shape == (6, cfg.embed_dim)
     assert out.gates.shape == (6, len(cfg.modalities))
     assert out.fusion_modalities == cfg.modalities
-    # Row i lacks modality i % 6: its gate is exactly 0, the others are > 0.
+    # Row i lacks modality i % M: its gate is exactly 0, the others are > 0.
+    n_mod = len(cfg.modalities)
     for i in range(6):
-        assert out.gates[i, i] == 0
-        assert (out.gates[i, torch.arange(6) != i] > 0).all()
+        assert out.gates[i, i % n_mod] == 0
+        assert (out.gates[i, torch.arange(n_mod) != i % n_mod] > 0).all()
     assert out.logits.shape == (6, 10)
     assert all(math.isfinite(float(v.detach())) for v in out.aux.values())
 
@@ -173,7 +178,9 @@ def test_fusion_fingerprint() -> None:
     """Fixed-seed numeric fingerprint of the gated fusion (catches silent math changes)."""
     from models.fusion import GatedFusion
 
-    c = OmniConfig.from_name("tiny", d_model=16, n_heads=2, fusion_heads=2, embed_dim=8)
+    c = OmniConfig.from_name(
+        "tiny", d_model=16, n_heads=2, fusion_heads=2, embed_dim=8, modalities=SIX
+    )
     torch.manual_seed(0)
     fusion = GatedFusion(c)
     g = torch.Generator().manual_seed(1)
@@ -199,7 +206,9 @@ def test_fusion_matches_gate_formula() -> None:
     g_missing = 0, h = sum_i g_i * h_i, fused = normalize(proj(LN(h)))."""
     from models.fusion import GatedFusion
 
-    c = OmniConfig.from_name("tiny", d_model=16, n_heads=2, fusion_heads=2, embed_dim=8)
+    c = OmniConfig.from_name(
+        "tiny", d_model=16, n_heads=2, fusion_heads=2, embed_dim=8, modalities=SIX
+    )
     torch.manual_seed(0)
     fusion = GatedFusion(c)
     with torch.no_grad():
@@ -228,31 +237,39 @@ def test_fusion_matches_gate_formula() -> None:
 
 
 def test_every_parameter_gets_gradient_in_combined_loss(cfg: OmniConfig) -> None:
+    from itertools import combinations
+
     from models.objectives import (
-        CaptioningLoss,
-        ClassificationLoss,
-        CompositeObjective,
-        ContrastiveLoss,
-        MaskedReconstructionLoss,
-        MoEAuxLoss,
+        caption_loss,
+        info_nce,
+        masked_cross_entropy,
+        moe_aux_terms,
+        recon_loss,
     )
 
     model = fresh_model(cfg).train()
     batch = make_batch(cfg, n=12, drop_one=True)
-    obj = CompositeObjective(
-        [
-            ContrastiveLoss(),
-            MaskedReconstructionLoss(0.5, cross_modal=True),
-            CaptioningLoss(),
-            ClassificationLoss(),
-            MoEAuxLoss(),
-        ]
-    )
     torch.manual_seed(0)
-    out = model(batch, **obj.model_kwargs)
-    losses = obj(out, batch)
-    assert torch.isfinite(losses["loss"])
-    losses["loss"].backward()
+    out = model(batch, mask_ratio=0.5, recon_cross=True, caption=True)
+    labels, pres = batch["label"], out.present
+    terms = [recon_loss(r) for r in out.recon.values()]
+    terms += [
+        info_nce(out.embeds[a], out.embeds[b], pres[a], pres[b], out.logit_scale)
+        for a, b in combinations(out.embeds, 2)
+    ]
+    terms += [
+        caption_loss(lg, batch["text"], pres[m] & batch["text_present"], batch["text_mask"])
+        for m, lg in out.caption_logits.items()
+    ]
+    terms.append(masked_cross_entropy(out.logits, labels, labels >= 0))
+    terms += [
+        masked_cross_entropy(lg, labels, pres[m] & (labels >= 0))
+        for m, lg in out.modality_logits.items()
+    ]
+    terms += list(moe_aux_terms(out.aux, 0.01, 0.001).values())
+    loss = torch.stack(terms).sum()
+    assert torch.isfinite(loss)
+    loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
@@ -330,7 +347,7 @@ def test_masked_modelling_outputs(cfg: OmniConfig) -> None:
     assert set(out.recon) == {"image", "text"}
     r = out.recon["image"]
     assert r.kind == "patches" and not r.cross
-    assert r.pred.shape == r.target.shape == (3, 16, cfg.image_patch**2 * 3)
+    assert r.pred.shape == r.target.shape == (3, 16, cfg.encoder_section("image").patch ** 2 * 3)
     assert (r.mask.sum(1) == 12).all()  # 75% of 16 patches
     t = out.recon["text"]
     assert t.kind == "tokens" and t.pred.shape[-1] == cfg.vocab_size
@@ -561,9 +578,70 @@ def test_collate_mismatched_fixed_dims() -> None:
 
 # ---------------------------------------------------------------- configs and sizes
 @pytest.mark.parametrize("name", sorted(MODEL_SIZES))
-def test_model_yaml_mirrors_named_size(name: str) -> None:
-    path = REPO / "configs" / "model" / f"{name}.yaml"
-    assert OmniConfig.from_yaml(path) == OmniConfig.from_name(name)
+def test_named_size_round_trips_and_applies_presets(name: str, tmp_path: Path) -> None:
+    """MODEL_SIZES (+ each encoder's presets) is the one source of a size; what a run saves
+    (``model_config.yaml``: every section resolved) loads back equal."""
+    cfg = OmniConfig.from_name(name)
+    assert list(cfg.encoders) == [m for m in cfg.modalities if m in ENCODERS]
+    for m, enc in ENCODERS.items():
+        section = cfg.encoder_section(m)
+        for key, value in enc.presets.get(name, {}).items():
+            assert getattr(section, key) == value, (m, key)
+    cfg.save_yaml(tmp_path / "model_config.yaml")
+    assert OmniConfig.from_yaml(tmp_path / "model_config.yaml") == cfg
+    assert not (REPO / "configs" / "model").exists()  # no YAML mirror to drift
+
+
+#: A ``model_config.yaml`` written before encoder sections existed (flat per-modality keys).
+OLD_EXPORT = {
+    "name": "tiny",
+    "modalities": ["text", "image", "audio", "video", "pointcloud", "signal"],
+    "d_model": 64,
+    "n_heads": 4,
+    "expert_hidden": 128,
+    "num_classes": 10,
+    "vocab_size": 300,
+    "max_text_len": 32,
+    "image_size": 32,
+    "image_patch": 4,
+    "image_stem": "linear",
+    "audio_bins": 20,
+    "audio_max_frames": 64,
+    "audio_patch": 8,
+    "video_frames": 4,
+    "video_size": 32,
+    "video_patch": 16,
+    "video_tubelet": 2,
+    "pointcloud_points": 128,
+    "pointcloud_channels": 6,
+    "pointcloud_groups": 8,
+    "pointcloud_group_size": 16,
+    "signal_channels": 2,
+    "signal_length": 64,
+    "signal_patch": 16,
+}
+
+
+def test_old_flat_model_config_still_loads(tmp_path: Path) -> None:
+    import yaml
+
+    path = tmp_path / "model_config.yaml"
+    path.write_text(yaml.safe_dump(OLD_EXPORT))
+    cfg = OmniConfig.from_yaml(path)
+    assert cfg == OmniConfig.from_dict(OLD_EXPORT)
+    assert cfg.encoders["image"] == {"size": 32, "patch": 4, "stem": "linear"}
+    assert cfg.encoders["audio"] == {"bins": 20, "max_frames": 64, "patch": 8}
+    assert cfg.encoder_section("pointcloud").channels == 6
+    assert cfg.encoder_section("signal").length == 64
+    # The resolved form round-trips, and a model built from it takes matching items.
+    cfg.save_yaml(tmp_path / "new.yaml")
+    assert OmniConfig.from_yaml(tmp_path / "new.yaml") == cfg
+    model = build_model(cfg)
+    out = model(make_batch(cfg, n=2))
+    assert set(out.embeds) == set(cfg.modalities)
+    # Legacy keys also work as overrides; explicit sections win over them.
+    c = OmniConfig.from_name("tiny", image_patch=4, encoders={"image": {"patch": 16}})
+    assert c.encoder_section("image").patch == 16
 
 
 def test_config_validation() -> None:
@@ -571,26 +649,42 @@ def test_config_validation() -> None:
         OmniConfig.from_name("huge")
     with pytest.raises(ConfigError, match="unknown key"):
         OmniConfig.from_name("tiny", not_a_field=1)
+    with pytest.raises(ConfigError, match="unknown key"):
+        OmniConfig.from_name("tiny", encoders={"image": {"not_a_field": 1}})
+    with pytest.raises(ConfigError, match="unknown modalities"):
+        OmniConfig.from_name("tiny", encoders={"smell": {}})
     with pytest.raises(ConfigError, match="top_k"):
         OmniConfig.from_name("tiny", top_k=9)
-    with pytest.raises(ConfigError, match="divide"):
+    with pytest.raises(ConfigError, match=r"encoders.image.*divide"):
         OmniConfig.from_name("tiny", image_patch=5)
-    with pytest.raises(ConfigError, match=r"image_stem must be conv\|linear, got .resnet."):
+    with pytest.raises(ConfigError, match=r"stem must be conv\|linear, got .resnet."):
         OmniConfig.from_name("tiny", image_stem="resnet")
-    with pytest.raises(ConfigError, match="power-of-two image_patch, got 3"):
-        OmniConfig.from_name("tiny", image_size=24, image_patch=3)
+    with pytest.raises(ConfigError, match="power-of-two patch, got 3"):
+        OmniConfig.from_name("tiny", encoders={"image": {"size": 24, "patch": 3}})
+    with pytest.raises(ConfigError, match=r"encoders.signal.*length % patch"):
+        OmniConfig.from_name("tiny", encoders={"signal": {"length": 100}})
     # A linear patch embedding takes any patch that divides the image.
     assert OmniConfig.from_name("tiny", image_size=24, image_patch=3, image_stem="linear")
+
+
+@pytest.mark.parametrize("modality", sorted(ENCODERS))
+def test_sizes_for_inverts_input_shape(modality: str, cfg: OmniConfig) -> None:
+    """An encoder sized from an item shape takes items of exactly that shape."""
+    enc = ENCODERS[modality]
+    shape = enc.input_shape(cfg, cfg.encoder_section(modality))
+    section = cfg.encoder_section(modality, {**cfg.encoders[modality], **enc.sizes_for(shape)})
+    assert enc.input_shape(cfg, section) == shape
 
 
 def test_linear_image_stem_encodes() -> None:
     """``image_stem: linear`` (plain ViT patch embedding) gives the same token layout."""
     cfg = OmniConfig.from_name("tiny", image_stem="linear")
     model = build_model(cfg, modalities=["image"], parts=[]).eval()
-    img = torch.randint(0, 256, (2, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8)
+    sec = cfg.encoder_section("image")
+    img = torch.randint(0, 256, (2, sec.size, sec.size, 3), dtype=torch.uint8)
     with torch.no_grad():
         tokens, mask = model.encoders["image"]({"image": img})
-    n = (cfg.image_size // cfg.image_patch) ** 2
+    n = (sec.size // sec.patch) ** 2
     assert tokens.shape == (2, n, cfg.d_model) and mask.all()
     assert torch.isfinite(tokens).all()
 

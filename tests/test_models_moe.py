@@ -217,10 +217,11 @@ import deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
 from models import OmniConfig, build_model
 from models.data import collate, synthetic_samples
+from jobs.training.engine import setup_expert_parallel
 cfg = OmniConfig.from_name("tiny", moe_impl="deepspeed", ep_size=1)
 torch.manual_seed(0)
 model = build_model(cfg)
-model.setup_expert_parallel()
+setup_expert_parallel(model)
 batch = collate(synthetic_samples(cfg, 3, modalities=["text", "image"]))
 out = model(batch)
 (out.fused.sum() + out.aux["moe_aux"]).backward()
@@ -319,7 +320,7 @@ def test_trunk_with_padding_under_autocast_on_the_grouped_path(residual) -> None
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
     from models.config import OmniConfig
-    from models.moe import MoETrunk
+    from models.trunk import MoETrunk
 
     torch.manual_seed(0)
     trunk = MoETrunk(OmniConfig.from_name("tiny"))
@@ -350,7 +351,7 @@ def test_trunk_activation_checkpointing_same_result_less_memory() -> None:
     """``activation_checkpointing``: the same outputs, routing statistics and gradients as
     the plain trunk (packed and single passes), with a fraction of the saved activations."""
     from models.config import OmniConfig
-    from models.moe import MoETrunk
+    from models.trunk import MoETrunk
 
     torch.manual_seed(0)
     cfg = OmniConfig.from_name("tiny")
@@ -395,7 +396,7 @@ def test_packed_attention_equals_padded_attention_at_valid_positions() -> None:
     valid position, what ``Attention`` gives on each item's padded layout with its key mask;
     rows without any valid token (a missing modality) are empty sequences."""
     from models.layers import Attention
-    from models.moe import TokenPacking, packed_attention
+    from models.packing import TokenPacking, packed_attention
 
     torch.manual_seed(0)
     attn = Attention(32, 4)
@@ -428,7 +429,7 @@ def test_trunk_output_is_zero_at_padding_and_full_items_skip_the_gather() -> Non
     mask[1, 3:] = False
     y, _ = trunk(x, mask)
     assert not y[~mask].any() and y[mask].abs().sum() > 0
-    from models.moe import TokenPacking
+    from models.packing import TokenPacking
 
     full = TokenPacking.build([torch.ones(2, 6, dtype=torch.bool)], device=x.device)
     assert full.idx is None and full.cu_seqlens.tolist() == [0, 6, 12]
@@ -440,7 +441,7 @@ def test_varlen_packing_layout_matches_padded_attention(monkeypatch) -> None:
     exactly each item's rows, and the trunk gives the padded path's results and gradients."""
     import torch.nn.functional as F
 
-    import models.moe as moe
+    import models.packing as moe
 
     calls = []
 

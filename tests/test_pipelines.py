@@ -21,21 +21,17 @@ import soundfile as sf
 from PIL import Image, ImageEnhance
 
 from common.config import ConfigError
+from common.modalities import MODALITIES
 from pipelines.config import DataConfig, load_data_config
 from pipelines.dedupe import find_duplicates, image_phash, text_minhash
 from pipelines.featurize import SampleError
 from pipelines.paths import PathResolver
-from pipelines.prepare import run_prepare, split_groups
-from pipelines.schema import MODALITIES, SPLITS, shard_schema, unpack_table
+from pipelines.plan import split_groups
+from pipelines.prepare import run_prepare
+from pipelines.schema import SPLITS, shard_schema, unpack_table
 from pipelines.stages import ManifestError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {
-    "image": (32, 32, 3),
-    "video": (8, 32, 32, 3),
-    "pointcloud": (256, 3),
-    "signal": (3, 128),
-}
 
 
 def _quiet_config(**overrides) -> DataConfig:
@@ -134,7 +130,7 @@ def test_cli_rejects_bad_config(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_estimate_rows(tmp_path, fmt):
-    from pipelines.prepare import estimate_rows
+    from pipelines.manifest import estimate_rows
 
     rows = [{"id": f"r{i:05d}", "text": "x" * (i % 50), "label": str(i % 10)} for i in range(3000)]
     path = _write_manifest(tmp_path, rows, fmt)
@@ -153,7 +149,7 @@ def test_estimate_rows(tmp_path, fmt):
 def test_read_yields_blocks_of_rows_per_block(ray_local, tmp_path):
     # The read task itself splits the manifest into ~rows_per_block-row blocks, so no
     # repartition step runs between the read and the decode tasks.
-    from pipelines.prepare import estimate_rows, read_manifest
+    from pipelines.manifest import estimate_rows, read_manifest
 
     rows = [{"id": f"r{i:04d}", "text": "t"} for i in range(100)]
     path = _write_manifest(tmp_path, rows, "jsonl")
@@ -415,7 +411,7 @@ def test_hostile_corpus_quarantined_with_reasons(ray_local, hostile, tmp_path):
     assert kept["h-008"][1] == ["text"]
     assert kept["h-003"][1] == ["text"]
     assert kept["h-017"][1] == ["text"]
-    assert set(kept["h-001"][1]) == set(MODALITIES)
+    assert set(kept["h-001"][1]) == {k for k in rows[0] if k in MODALITIES}
     assert kept["h-002"][1] == ["text", "image", "signal"]
     assert {"h-004", "h-007", "h-009", "h-010", "h-012", "h-016", "h-dup"}.isdisjoint(kept)
     assert stats["rows_written"]["total"] == len(kept) == 8
@@ -427,7 +423,7 @@ def test_hostile_corpus_quarantined_with_reasons(ray_local, hostile, tmp_path):
     t = tables[split]
     row = t.filter(pa.compute.equal(t.column("id"), "h-017"))
     ids = unpack_table(row, ["text"])["text"][0]
-    assert text.decode(ids) == "clean tabs and a bell"
+    assert text.detokenize(ids) == "clean tabs and a bell"
 
 
 @pytest.mark.slow
@@ -493,6 +489,11 @@ def test_tiny_corpus_end_to_end_deterministic(ray_local, tiny_corpus, tmp_path):
     # Schema and shapes per modality; splits disjoint by group.
     import ray.data
 
+    from pipelines.config import load_feature_config
+    from pipelines.featurize import get_featurizer
+
+    fc = load_feature_config(out1 / "data_config.yaml")
+    feats = {m: get_featurizer(m, fc) for m in MODALITIES}
     tables = _read_split_tables(out1)
     groups = {}
     for s, t in tables.items():
@@ -508,12 +509,13 @@ def test_tiny_corpus_end_to_end_deterministic(ray_local, tiny_corpus, tmp_path):
                 assert (arr is not None) == (m in mods)
                 if arr is None:
                     continue
-                if m in SHAPES:
-                    assert arr.shape == SHAPES[m], (m, arr.shape)
-                elif m == "text":
-                    assert arr.ndim == 1 and 2 <= len(arr) <= 32 and arr[0] == 1 and arr[-1] == 2
-                else:
-                    assert arr.shape[1] == 40 and 1 <= arr.shape[0] <= 128
+                # The featurizer's declared shapes (None: a variable, bounded axis).
+                f = feats[m]
+                assert arr.dtype == f.dtype and arr.ndim == len(f.output_shape())
+                for got, want, most in zip(
+                    arr.shape, f.output_shape(), f.max_output_shape(), strict=True
+                ):
+                    assert (got == want) if want is not None else 1 <= got <= most, (m, arr.shape)
                 assert np.isfinite(arr.astype(np.float64)).all()
     assert groups["train"] and groups["val"] and groups["test"]
     assert not (groups["train"] & groups["val"] or groups["train"] & groups["test"])
@@ -558,8 +560,17 @@ def test_tiny_corpus_end_to_end_deterministic(ray_local, tiny_corpus, tmp_path):
     for d in info.get("duplicates", []):
         assert any(q["id"] == d["id"] and q["reason"].startswith("duplicate_of:")
                    for q in quarantine), d  # fmt: skip
-    # data_config.yaml is the resolved config, loadable as is.
-    assert load_data_config(out1 / "data_config.yaml") == cfg
+    # data_config.yaml is the resolved config, loadable as is: the input config plus the
+    # sections fitted featurizers learnt from the training split.
+    from dataclasses import replace
+
+    from pipelines.featurize import FEATURIZERS
+
+    written = load_data_config(out1 / "data_config.yaml")
+    assert replace(written, features=cfg.features) == cfg
+    for m in FEATURIZERS:
+        if not FEATURIZERS[m].is_fitted():
+            assert written.features.section(m) == cfg.features.section(m), m
 
 
 def test_rerun_replaces_stale_shards(ray_local, hostile, tmp_path):
@@ -582,3 +593,32 @@ def test_rerun_replaces_stale_shards(ray_local, hostile, tmp_path):
     assert (out / "tokenizer/tokenizer.json").read_bytes() == (
         tmp_path / "tok/tokenizer.json"
     ).read_bytes()
+
+
+def test_fit_hook_train_items_and_section_updates(monkeypatch):
+    """The two-phase hook without Ray: only kept TRAIN items reach ``fit`` (in id order),
+    and its section updates land in the resolved config."""
+    from pipelines.featurize import FEATURIZERS
+    from pipelines.plan import train_items
+    from pipelines.prepare import fit_featurizers
+
+    plan = {
+        "drop_rows": ["d"],
+        "drop_mods": {"c": ["image"]},
+        "group_split": {"a": "train", "b": "val", "c": "train", "d": "train", "g": "train"},
+    }
+    ids = ["e", "a", "b", "c", "d"]
+    got = train_items({"image": [5, 1, 2, 3, 4]}, ids, plan, ["g", None, None, None, None])
+    assert got == {"image": [1, 5]}
+
+    seen = []
+
+    def fit(self, items):
+        seen.append(items)
+        return {"size": 16}
+
+    monkeypatch.setattr(FEATURIZERS["image"], "fit", fit)
+    cfg = _quiet_config()
+    fitted = fit_featurizers(cfg, got)
+    assert seen == [[1, 5]] and fitted.features.image.size == 16
+    assert cfg.features.image.size == 32  # the input config is untouched

@@ -2,7 +2,8 @@
 
 One application (configs/serve/tiny.yaml args, a tiny untrained export and a gallery split
 made from the ``tiny_corpus`` fixture) is deployed once for the module on a free port and
-reused by every test.
+reused by every test. Per-modality tests loop over the modality table; request values come
+from the corpus generically (the inline value, or the base64 file).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import numpy as np
 import pytest
 import yaml
 
+from common.modalities import MODALITIES as TABLE
+
 APP = "omniray_test"
 API_KEY = "test-key-123"
-MODALITIES = ("text", "image", "audio", "video", "pointcloud", "signal")
+MODALITIES = tuple(TABLE)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +45,7 @@ class Env:
     rows: list[dict[str, Any]]  # featurized gallery rows
     manifest: dict[str, dict[str, Any]]  # id -> manifest record
     args: dict[str, Any]
+    featurizers: dict[str, Any]  # the export's, as the service builds them
 
     def client(self, key: str | None = API_KEY):
         import httpx
@@ -52,19 +56,25 @@ class Env:
     def b64(self, row_id: str, m: str) -> str:
         return base64.b64encode((self.corpus / self.manifest[row_id][m]).read_bytes()).decode()
 
-    def value(self, row_id: str, m: str) -> str:
-        """The request value of a row's modality: inline text or the base64 file."""
-        return self.manifest[row_id]["text"] if m == "text" else self.b64(row_id, m)
+    def value(self, row_id: str, m: str) -> Any:
+        """The request value of a row's modality: the inline value or the base64 file."""
+        v = self.manifest[row_id][m]
+        return v if self.featurizers[m].accepts_inline(v) else self.b64(row_id, m)
 
     def row_with(self, *mods: str) -> dict[str, Any]:
         """A gallery row (its files featurize cleanly) holding all ``mods``."""
-        return next(r for r in self.rows if all(m in r for m in mods))
+        row = next((r for r in self.rows if all(m in r for m in mods)), None)
+        if row is None:
+            pytest.fail(f"the tiny corpus has no clean row with {mods}")
+        return row
 
 
 @pytest.fixture(scope="module")
 def env(ray_local, tiny_corpus, tmp_path_factory):
     from ray import serve
 
+    from jobs.exports import load_featurizers
+    from models import OmniConfig
     from serve.app import build_app
     from serve.devtools import (
         DEFAULT_TEXTS,
@@ -97,6 +107,9 @@ def env(ray_local, tiny_corpus, tmp_path_factory):
             rows=rows,
             manifest={r["id"]: r for r in records},
             args=args,
+            featurizers=load_featurizers(
+                export, OmniConfig.from_yaml(export / "model_config.yaml")
+            )[1],
         )
     finally:
         try:
@@ -110,26 +123,21 @@ def direct(env):
     """The same export loaded in-process: reference answers computed with models directly."""
     import torch
 
+    from jobs.exports import load_export
     from models.data import collate
-    from models.model import OmniModel
-    from pipelines.featurize import get_featurizer
-    from serve.runtime import load_feature_config
 
-    model = OmniModel.from_pretrained(env.export).eval()
-    fcfg = load_feature_config(env.export)
-    feats = {
-        m: get_featurizer(
-            m, fcfg, **({"tokenizer_dir": str(env.export / "tokenizer")} if m == "text" else {})
-        )
-        for m in MODALITIES
-    }
+    ex = load_export(env.export)
+    model, feats = ex.model, ex.featurizers
 
     class Direct:
+        templates = ex.templates
+
         def featurize(self, m: str, value: Any) -> np.ndarray:
-            if m == "text":
-                return feats[m].from_text(value)
+            """A manifest value (inline, or a path under the corpus) -> featurized."""
+            if feats[m].accepts_inline(value):
+                return feats[m].featurize(value)
             p = env.corpus / value
-            return feats[m].from_bytes(p.read_bytes(), suffix=p.suffix)
+            return feats[m].featurize(p.read_bytes(), suffix=p.suffix)
 
         def features(self, m: str, arr: np.ndarray):
             with torch.inference_mode():
@@ -184,7 +192,7 @@ def test_healthz_and_models(env):
 def test_embeddings_match_direct_model(env, direct, modality):
     row = env.row_with(modality)
     rec = env.manifest[row["id"]]
-    value = rec["text"] if modality == "text" else env.b64(row["id"], modality)
+    value = env.value(row["id"], modality)
     with env.client() as c:
         r = c.post("/v1/embeddings", json={"input": [{modality: value}], "model": "omniray-tiny"})
     assert r.status_code == 200, r.text
@@ -220,10 +228,7 @@ def test_inline_arrays_pointcloud_and_signal(env, direct):
 
 
 def direct_feat(env: Env, m: str, arr: np.ndarray) -> np.ndarray:
-    from pipelines.featurize import get_featurizer
-    from serve.runtime import load_feature_config
-
-    return get_featurizer(m, load_feature_config(env.export)).from_array(arr.astype(np.float32))
+    return env.featurizers[m].featurize(arr.astype(np.float32))
 
 
 def test_openai_client_float_and_base64(env):
@@ -288,11 +293,7 @@ def test_fuse_matches_direct(env, direct):
 
     row = env.row_with("image", "audio", "text")
     rec = env.manifest[row["id"]]
-    inp = {
-        "image": env.b64(row["id"], "image"),
-        "audio": env.b64(row["id"], "audio"),
-        "text": rec["text"],
-    }
+    inp = {m: env.value(row["id"], m) for m in ("image", "audio", "text")}
     with env.client() as c:
         r = c.post("/v1/fuse", json={"input": inp})
     assert r.status_code == 200, r.text
@@ -352,21 +353,17 @@ def test_classify_zero_shot_matches_direct(env, direct, modality):
     probs = {s["label"]: s["probability"] for s in body["scores"]}
     assert set(probs) == set(labels)
     assert abs(sum(probs.values()) - 1.0) < 1e-5
-    q = direct.embed(modality, row[modality])
-    # Label embedding = normalized mean over the configured prompt templates.
-    templates = env.args["label_templates"]
-    lab = []
-    for x in labels:
-        v = np.mean(
-            [direct.embed("text", direct.featurize("text", t.format(label=x))) for t in templates],
-            axis=0,
-        )
-        lab.append(v / np.linalg.norm(v))
-    lab = np.stack(lab)
-    sims = lab @ (q / np.linalg.norm(q))
-    scale = min(float(direct.model_.logit_scale.exp()), direct.model_.config.max_logit_scale)
-    ref = np.exp(scale * sims - (scale * sims).max())
-    ref /= ref.sum()
+    # Evaluation's classifier (models.zeroshot) with the export's templates, in-process.
+    from models.zeroshot import zero_shot_classifier, zero_shot_scores
+
+    def embed_texts(texts: list[str]) -> np.ndarray:
+        return np.stack([direct.embed("text", direct.featurize("text", t)) for t in texts])
+
+    classifier = zero_shot_classifier(embed_texts, labels, direct.templates)
+    scale = min(
+        float(direct.model_.logit_scale.detach().exp()), direct.model_.config.max_logit_scale
+    )
+    ref = zero_shot_scores(direct.embed(modality, row[modality]), classifier, scale).numpy()
     for i, x in enumerate(labels):
         assert abs(probs[x] - ref[i]) < 1e-4
     assert body["label"] == labels[int(np.argmax(ref))]
@@ -495,7 +492,15 @@ def _fuzz_cases(env: Env) -> list[tuple[str, str, Any, int, str | None]]:
             400,
             None,
         ),
-        ("pointcloud 2 cols", E, {"input": [{"pointcloud": [[1, 2], [3, 4]]}]}, 422, "wrong_shape"),
+        ("pointcloud 2 cols", E, {"input": [{"pointcloud": [[1, 2], [3, 4]]}]}, 400, "bad_shape"),
+        ("image rank 4", E, {"input": [{"image": [[[[0]]]]}]}, 422, "wrong_shape"),
+        (
+            "pointcloud over max_points",
+            E,
+            {"input": [{"pointcloud": [[0.0, 0.0, 0.0]] * 20001}]},
+            413,
+            "too_large",
+        ),
         ("pointcloud ragged", E, {"input": [{"pointcloud": [[1, 2, 3], [4]]}]}, 422, "wrong_shape"),
         (
             "pointcloud strings",

@@ -1,5 +1,6 @@
-"""Unit tests of serve/ that need no Ray: configs, request parsing, gallery index, batching
-cost, INT8 loading."""
+"""Unit tests of serve/ that need no Ray: configs, the spec registry and request parsing
+(looped over the modality table), input limits as featurizer overrides, gallery index,
+batching cost, export loading, zero-shot templates, INT8."""
 
 from __future__ import annotations
 
@@ -12,23 +13,30 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve.config import BatchingConfig, Limits, OmniServeArgs
+from common.modalities import MODALITIES, get_modality
+from serve.config import BatchingConfig, Limits, OmniServeArgs, deployment_names
 from serve.errors import ApiError, error_body, raise_if_error, sample_error_to_api
 from serve.gallery import ExactCosineIndex, Gallery
-from serve.modalities import SPECS, RawInput, get_spec
-from serve.modalities.base import decode_base64, numeric_array
+from serve.modalities import SPECS, RawInput, get_spec, language_modality, register_spec
+from serve.modalities.base import ModalitySpec, decode_base64, numeric_array
 from serve.replica import _Job, batch_cost
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_YAMLS = sorted((REPO / "configs" / "serve").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A tiny untrained export with every declared modality (written by write_export)."""
+    from serve.devtools import make_untrained_export
+
+    return make_untrained_export(tmp_path_factory.mktemp("serve_units") / "export", size="tiny")
+
+
 # -- configs ---------------------------------------------------------------------------
 @pytest.mark.parametrize("path", SERVE_YAMLS, ids=lambda p: p.name)
 def test_serve_yamls_validate(path):
     from ray.serve.schema import ServeDeploySchema
-
-    from serve.app import DEPLOYMENT_NAMES
 
     data = yaml.safe_load(path.read_text())
     schema = ServeDeploySchema.model_validate(data)  # Ray Serve's own config schema
@@ -37,7 +45,7 @@ def test_serve_yamls_validate(path):
     assert app.import_path == "serve.app:build_app"
     args = OmniServeArgs.model_validate(app.args)
     names = {d.name for d in app.deployments}
-    assert names <= set(DEPLOYMENT_NAMES), names - set(DEPLOYMENT_NAMES)
+    assert names <= set(deployment_names()), names - set(deployment_names())
     for m in args.served_modalities:
         dep = next(d for d in app.deployments if d.name == f"{m}_encoder")
         assert dep.autoscaling_config is not None, f"{m}: no autoscaling_config"
@@ -59,6 +67,19 @@ def test_args_reject_unknown_keys_and_modalities():
         OmniServeArgs.model_validate(
             {"export_dir": "x", "modalities": ["text"], "gallery": {"modalities": ["image"]}}
         )
+    # Input limits are featurizer-config overrides, validated against the sections.
+    with pytest.raises(ValidationError, match="smell"):
+        OmniServeArgs.model_validate({"export_dir": "x", "features": {"smell": {"max": 1}}})
+    with pytest.raises(ValidationError, match="max_pixles"):
+        OmniServeArgs.model_validate({"export_dir": "x", "features": {"image": {"max_pixles": 1}}})
+    with pytest.raises(ValidationError, match="deployment_options"):
+        OmniServeArgs.model_validate({"export_dir": "x", "deployment_options": {"smell": {}}})
+
+
+def test_deployment_names_follow_the_table():
+    names = deployment_names()
+    assert names[:2] == ("router", "fusion")
+    assert names[2:] == tuple(f"{m}_encoder" for m in MODALITIES)
 
 
 def test_batching_overrides_merge():
@@ -84,9 +105,10 @@ def test_api_key_from_env(monkeypatch):
 
 
 def test_build_app_fails_early_on_missing_export(tmp_path):
+    from jobs.exports import ExportError
     from serve.app import build_app
 
-    with pytest.raises(FileNotFoundError, match="export dir"):
+    with pytest.raises(ExportError, match="not found"):
         build_app({"export_dir": str(tmp_path / "nope")})
     with pytest.raises(ValidationError):
         build_app({"export_dir": str(tmp_path), "bogus": 1})
@@ -127,11 +149,12 @@ def test_decode_base64_variants():
 
 
 def test_numeric_array_validation():
-    a = numeric_array([[1, 2, 3], [4, 5, 6]], "p", ndim=2, max_elems=100)
+    a = numeric_array([[1, 2, 3], [4, 5, 6]], "p", max_rank=2, max_elems=100)
     assert a.dtype == np.float32 and a.shape == (2, 3)
+    assert numeric_array([1, 2], "p", max_rank=2, max_elems=100).shape == (2,)
     cases = [
         ([[1, 2], [3]], 422),
-        ([1, 2], 422),
+        ([[[1]]], 422),
         ([], 422),
         ("x", 422),
         ([["a"]], 422),
@@ -140,45 +163,116 @@ def test_numeric_array_validation():
     ]
     for value, status in cases:
         with pytest.raises(ApiError) as e:
-            numeric_array(value, "p", ndim=2, max_elems=100)
+            numeric_array(value, "p", max_rank=2, max_elems=100)
         assert e.value.status == status, value
 
 
-def test_every_modality_has_a_spec_and_sniffs():
-    from pipelines.schema import MODALITIES
-
+def test_spec_registry_equals_the_table():
     assert set(SPECS) == set(MODALITIES)
-    assert get_spec("image").sniff_suffix(b"\xff\xd8\xff\xe0") == ".jpg"
-    assert get_spec("audio").sniff_suffix(b"fLaC....") == ".flac"
-    assert get_spec("video").sniff_suffix(b"\x00\x00\x00\x18ftypisom") == ".mp4"
-    assert get_spec("pointcloud").sniff_suffix(b"ply\nformat ascii") == ".ply"
-    assert get_spec("signal").sniff_suffix(b"\x93NUMPY") == ".npy"
+    assert [m for m in MODALITIES if get_spec(m).record.inline] == [
+        m for m in MODALITIES if get_modality(m).inline
+    ]
+    assert language_modality() in MODALITIES
     with pytest.raises(KeyError, match="known"):
         get_spec("smell")
+    with pytest.raises(ValueError, match="not a declared modality"):
+
+        @register_spec("smell")
+        class _Smell(ModalitySpec):
+            pass
 
 
-def test_signal_and_pointcloud_inline_limits():
-    lim = Limits(max_points=10, max_signal_length=20, max_signal_channels=2)
-    sig = get_spec("signal").parse([1.0, 2.0, 3.0], lim, "p")  # one channel
-    assert sig.kind == "array" and sig.data.shape == (1, 3)
+@pytest.mark.parametrize("modality", list(MODALITIES))
+def test_spec_parses_and_featurizes_like_the_pipeline(export, modality):
+    """The request form of a featurizer's example (inline value, or base64 file) gives the
+    array the featurizer gives for the raw example."""
+    from serve.runtime import load_for_serving
+
+    feat = load_for_serving(export, modalities=[modality], parts=[]).featurizers[modality]
+    raw, suffix = feat.example(np.random.default_rng(0), label=3)
+    spec = get_spec(modality)
+    if isinstance(raw, bytes):
+        item = spec.parse(base64.b64encode(raw).decode(), Limits(), "p")
+        assert item.kind == "bytes" and item.data == raw
+    else:
+        item = spec.parse(raw, Limits(), "p")
+        assert item.kind == "value"
+    got = spec.featurize(feat, item)
+    np.testing.assert_array_equal(got, feat.featurize(raw, suffix=suffix))
+    assert got.dtype == get_modality(modality).np_dtype
+    # Batching cost: the variable axis' length (tokens, frames, points), else 1.
+    axis = get_modality(modality).var_axis
+    assert spec.cost(got) == (1 if axis is None else got.shape[axis])
+    # Non-inline modalities also take a JSON array (handed to from_array).
+    if not get_modality(modality).inline:
+        arr = spec.parse(np.zeros((2,) * 2).tolist(), Limits(), "p")
+        assert arr.kind == "array" and arr.data.dtype == np.float32
+
+
+def test_inline_values_are_type_checked():
+    lang = language_modality()
     with pytest.raises(ApiError) as e:
-        get_spec("signal").parse([[0.0] * 5] * 3, lim, "p")
-    assert e.value.status == 413
+        get_spec(lang).parse(5, Limits(), "p")
+    assert e.value.status == 422
     with pytest.raises(ApiError) as e:
-        get_spec("pointcloud").parse([[0.0, 0.0, 0.0]] * 11, lim, "p")
-    assert e.value.status == 413
+        get_spec(lang).parse("   ", Limits(), "p")
+    assert e.value.status == 400
 
 
-def test_audio_duration_limit_from_header():
+def test_input_limits_are_featurizer_overrides(export):
+    """One set of limits: the featurizer's, tightened by ``features``; too_large -> 413."""
     import soundfile as sf
+
+    from jobs.exports import ExportError
+    from pipelines.featurize import SampleError
+    from serve.runtime import check_serving, load_for_serving
 
     buf = io.BytesIO()
     sf.write(buf, np.zeros(16000 * 3, np.int16), 16000, format="WAV", subtype="PCM_16")
-    item = RawInput("audio", "bytes", buf.getvalue(), ".wav", "p")
-    get_spec("audio").check_limits(item, Limits(max_audio_seconds=5))
-    with pytest.raises(ApiError) as e:
-        get_spec("audio").check_limits(item, Limits(max_audio_seconds=2))
-    assert e.value.status == 413
+    item = RawInput("audio", "bytes", buf.getvalue(), "p")
+    spec = get_spec("audio")
+    ok = load_for_serving(export, modalities=["audio"], parts=[], features={})
+    spec.featurize(ok.featurizers["audio"], item)
+    short = load_for_serving(
+        export, modalities=["audio"], parts=[], features={"audio": {"max_seconds": 2}}
+    )
+    with pytest.raises(SampleError) as e:
+        spec.featurize(short.featurizers["audio"], item)
+    assert sample_error_to_api(e.value.reason, e.value.detail).status == 413
+    # An override that changes what the model sees is refused before any replica starts.
+    with pytest.raises(ExportError, match="image"):
+        check_serving(export, None, {"image": {"size": 48}})
+    assert check_serving(export, ["image"], {"image": {"max_pixels": 10}}) == ["image"]
+    with pytest.raises(ExportError, match="no branch"):
+        check_serving(export, ["smell"], {})
+
+
+def test_export_without_data_config_is_an_error(export, tmp_path):
+    import shutil
+
+    from jobs.exports import ExportError
+    from serve.runtime import load_for_serving
+
+    broken = tmp_path / "export"
+    shutil.copytree(export, broken)
+    (broken / "data_config.yaml").unlink()
+    with pytest.raises(ExportError, match="data_config.yaml"):
+        load_for_serving(broken, modalities=["image"], parts=[])
+
+
+def test_zero_shot_templates_come_from_the_export(export, tmp_path, caplog):
+    import shutil
+
+    from serve.runtime import load_for_serving, resolve_templates
+
+    ex = load_for_serving(export, modalities=["image"], parts=[])
+    assert resolve_templates(ex, None) == ex.templates
+    assert resolve_templates(ex, ["x {label}"]) == ex.templates  # the export's win
+    old = tmp_path / "old"
+    shutil.copytree(export, old)
+    (old / "zero_shot.yaml").unlink()  # an export written before templates travelled
+    ex_old = load_for_serving(old, modalities=["image"], parts=[])
+    assert resolve_templates(ex_old, ["x {label}"]) == ["x {label}"]
 
 
 # -- batching cost ---------------------------------------------------------------------
@@ -194,13 +288,6 @@ def test_batch_cost_bounds_count_and_cost():
     assert batch_cost(jobs([60, 30])) == 90  # cost-bound
     assert batch_cost(jobs([60, 50])) > cap
     assert batch_cost([]) == 0
-
-
-def test_text_cost_is_tokens_and_image_cost_is_tiles():
-    assert get_spec("text").cost(np.zeros(17, np.int32)) == 17
-    assert get_spec("image").cost(np.zeros((64, 64, 3), np.uint8)) == 4
-    assert get_spec("audio").cost(np.zeros((100, 40), np.float16)) == 100
-    assert get_spec("pointcloud").cost(np.zeros((256, 3), np.float16)) == 256
 
 
 # -- gallery ---------------------------------------------------------------------------
@@ -251,14 +338,12 @@ def test_read_split_skips_missing_modalities(tmp_path):
 
 
 # -- INT8 ------------------------------------------------------------------------------
-def test_int8_replica_model_close_to_fp32(tmp_path):
+def test_int8_replica_model_close_to_fp32(export):
     import torch
 
     from models.data import collate
-    from serve.devtools import make_untrained_export
     from serve.runtime import load_model
 
-    export = make_untrained_export(tmp_path / "export", size="tiny")
     fp32 = load_model(export, modalities=["image"], parts=[], quantization="none")
     int8 = load_model(export, modalities=["image"], parts=[], quantization="int8")
     assert any("quantized" in type(m).__module__ for m in int8.modules()), "nothing quantized"
@@ -275,17 +360,3 @@ def test_int8_replica_model_close_to_fp32(tmp_path):
     assert float(cos.min()) > 0.98, cos
     with pytest.raises(ValueError, match="quantization"):
         load_model(export, modalities=["image"], quantization="int4")
-
-
-def test_feature_config_reads_only_the_features_section(tmp_path):
-    from common.config import ConfigError
-    from serve.runtime import load_feature_config
-
-    (tmp_path / "data_config.yaml").write_text(
-        yaml.safe_dump({"features": {"image": {"size": 48}}, "execution": {"some_future_key": 1}})
-    )
-    assert load_feature_config(tmp_path).image.size == 48
-    (tmp_path / "data_config.yaml").write_text(yaml.safe_dump({"features": {"imag": {}}}))
-    with pytest.raises(ConfigError, match="imag"):
-        load_feature_config(tmp_path)
-    assert load_feature_config(tmp_path / "none").image.size == 32  # defaults when absent

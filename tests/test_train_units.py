@@ -230,8 +230,9 @@ def test_stage_objective_trains_a_bf16_model(tmp_path, stage):
     import pyarrow.parquet as pq
 
     from jobs.training.data import inspect_shards
-    from jobs.training.objectives import StageObjective, build_model_from_kwargs
-    from jobs.training.runner import model_kwargs_from_data
+    from jobs.training.engine import build_stage_model
+    from jobs.training.runner import model_config_from_data
+    from jobs.training.stage import StageObjective
     from jobs.training.synthetic import write_synthetic_shards
 
     shards = write_synthetic_shards(str(tmp_path / "shards"), n=24, seed=0)
@@ -240,9 +241,9 @@ def test_stage_objective_trains_a_bf16_model(tmp_path, stage):
         str(Path(__file__).resolve().parents[1] / "configs/train/tiny.yaml"),
         [f"data.shards_dir={shards}"],
     )
-    kw = model_kwargs_from_data(tc, shards, info, info.modalities)
+    model_cfg = model_config_from_data(tc, shards, info, info.modalities).to_dict()
     torch.manual_seed(0)
-    model = build_model_from_kwargs({"size": tc.model, **kw}).to(torch.bfloat16)
+    model = build_stage_model(model_cfg).to(torch.bfloat16)
     obj = StageObjective(
         stage, tc.stage(stage), modalities=info.modalities, label_names=info.label_names
     )
@@ -251,12 +252,9 @@ def test_stage_objective_trains_a_bf16_model(tmp_path, stage):
     terms, out = obj(model, obj.collate(samples, info.label_names), step=0)
     assert torch.isfinite(terms["loss"])
     terms["loss"].backward()
-    stems = {  # the input layers, which take the fp32 featurized tensors
-        m: [p for name in enc.stem_names for p in getattr(enc, name).parameters()]
-        for m, enc in model.encoders.items()
-        if m != "text"
+    stems = {  # the input layers, which take the fp32 featurized tensors (not token ids)
+        m: enc.stem_parameters() for m, enc in model.encoders.items() if enc.target_kind != "tokens"
     }
-    assert len(stems) == 5
     for m, params in stems.items():  # every modality's input layer got a finite gradient
         assert params and all(p.grad is not None for p in params), m
         assert all(torch.isfinite(p.grad).all() for p in params), m
@@ -306,8 +304,9 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, stage):
     import pyarrow.parquet as pq
 
     from jobs.training.data import inspect_shards
-    from jobs.training.objectives import StageObjective, build_model_from_kwargs
-    from jobs.training.runner import model_kwargs_from_data
+    from jobs.training.engine import build_stage_model
+    from jobs.training.runner import model_config_from_data
+    from jobs.training.stage import StageObjective
     from jobs.training.synthetic import write_synthetic_shards
 
     shards = write_synthetic_shards(str(tmp_path / "shards"), n=24, seed=0)
@@ -317,12 +316,12 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, stage):
         [f"data.shards_dir={shards}", "activation_checkpointing=true"],
     )
     assert tc.activation_checkpointing is True
-    kw = model_kwargs_from_data(tc, shards, info, info.modalities)
+    model_cfg = model_config_from_data(tc, shards, info, info.modalities).to_dict()
     samples = table_to_samples(pq.read_table(str(Path(shards) / "train")), info.modalities)[:8]
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = build_model_from_kwargs({"size": tc.model, **kw})
+        model = build_stage_model(model_cfg)
         model.trunk.activation_checkpointing = ckpt
         obj = StageObjective(
             stage, tc.stage(stage), modalities=info.modalities, label_names=info.label_names

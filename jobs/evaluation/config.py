@@ -17,9 +17,12 @@ class EvalConfig:
         batch_size: rows per forward pass.
         device: torch device ("cpu" by default; "cuda" when available and wanted).
         ks: recall cut-offs for retrieval.
-        prompt_templates: zero-shot prompts; ``{label}`` is replaced by the class text.
-            Class embeddings are averaged over templates.
+        prompt_templates: zero-shot prompts overriding the export's (``zero_shot.yaml``,
+            the templates the service uses); ``{label}`` is replaced by the class text and
+            class embeddings are averaged over templates. None (default): the export's.
         label_text: optional map label -> text used in prompts (e.g. ``"7": "seven"``).
+        prompt_modality: the branch that embeds the zero-shot prompts (an inline modality
+            whose featurizer turns a prompt string into the branch's input).
         label_names: class names in head order; default: the export's training info,
             else the sorted labels of the split (then fusion is skipped: no head order).
         aligned_pairs: modality pairs seen together in training, e.g. ``["text-image"]``;
@@ -41,10 +44,9 @@ class EvalConfig:
     batch_size: int = 64
     device: str = "cpu"
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    prompt_templates: list[str] = field(
-        default_factory=lambda: ["{label}", "the digit {label}", "a handwritten {label}"]
-    )
+    prompt_templates: list[str] | None = None
     label_text: dict[str, str] = field(default_factory=dict)
+    prompt_modality: str = "text"
     label_names: list[str] | None = None
     aligned_pairs: list[str] | None = None
     fusion_modalities: list[str] | None = None
@@ -63,7 +65,9 @@ class EvalConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ConfigError(f"ks must be positive integers, got {self.ks}")
-        if not self.prompt_templates or any("{label}" not in t for t in self.prompt_templates):
+        if self.prompt_templates is not None and (
+            not self.prompt_templates or any("{label}" not in t for t in self.prompt_templates)
+        ):
             raise ConfigError(
                 f"every prompt template must contain '{{label}}', got {self.prompt_templates}"
             )

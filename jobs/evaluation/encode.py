@@ -1,72 +1,19 @@
-"""Loading an export and turning a split into embeddings / logits (batched, no grad).
+"""Turning a split into embeddings / logits (batched, no grad).
 
-The only module of the evaluation package that touches ``models/``; everything it
-returns is numpy so that the metrics stay framework-free.
+The export is loaded by :func:`jobs.exports.load_export`; this is the only module of the
+evaluation package that runs the model, and everything it returns is numpy so that the
+metrics stay framework-free.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from jobs.evaluation.data import EvaluationError, SplitData
-
-EXPORT_FILES = ("model.safetensors", "model_config.yaml")
-
-
-def check_export(export_dir: str | Path) -> Path:
-    """Validates the export layout (Contract 3) before anything heavy is loaded.
-
-    Raises:
-        EvaluationError: missing directory or files, or an unreadable model_config.yaml.
-    """
-    export_dir = Path(export_dir)
-    if not export_dir.is_dir():
-        raise EvaluationError(f"export directory not found: {export_dir}")
-    missing = [f for f in EXPORT_FILES if not (export_dir / f).is_file()]
-    if missing:
-        raise EvaluationError(
-            f"{export_dir} is not an export: missing {missing} (expected {list(EXPORT_FILES)}, "
-            "written by `python -m jobs.export`)"
-        )
-    try:
-        cfg = yaml.safe_load((export_dir / "model_config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise EvaluationError(f"corrupt {export_dir / 'model_config.yaml'}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise EvaluationError(
-            f"corrupt {export_dir / 'model_config.yaml'}: top level must be a mapping, "
-            f"got {type(cfg).__name__}"
-        )
-    return export_dir
-
-
-def load_model(export_dir: Path, device: str = "cpu") -> torch.nn.Module:
-    """``OmniModel.from_pretrained`` in eval mode on ``device``.
-
-    Raises:
-        EvaluationError: the export cannot be rebuilt (bad config, weights mismatch).
-    """
-    from models import OmniModel
-
-    try:
-        model = OmniModel.from_pretrained(export_dir, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - any failure here is a bad export, not a bug of ours
-        raise EvaluationError(
-            f"cannot load the model from {export_dir}: {type(e).__name__}: {e}"
-        ) from e
-    try:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise EvaluationError(f"device {device!r} requested but CUDA is not available")
-    except RuntimeError as e:
-        raise EvaluationError(f"bad device {device!r}: {e}") from e
-    return model.to(dev).eval()
 
 
 def model_modalities(model: torch.nn.Module) -> list[str]:

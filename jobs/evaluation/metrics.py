@@ -210,13 +210,24 @@ def retrieval_metrics(
     return out
 
 
+def pair_key(a: str, b: str) -> str:
+    """The key of the ordered pair (query ``a``, gallery ``b``) in the results: ``"a->b"``."""
+    return f"{a}->{b}"
+
+
+def headline_r1(entry: dict) -> float:
+    """Headline R@1 of a retrieval entry: category-level when labels exist, else instance."""
+    level = entry.get("category") or entry["instance"]
+    return float(level["R@1"])
+
+
 def ordered_pairs(modalities: Sequence[str]) -> list[tuple[str, str]]:
     """Every ordered (query, gallery) pair of distinct modalities, in the given order."""
     return list(permutations(modalities, 2))
 
 
 def normalize_pair(pair: str | Sequence[str]) -> frozenset[str]:
-    """``"text-image"``, ``"text,image"``, ``["text", "image"]`` -> frozenset({"text", "image"})."""
+    """``"a-b"``, ``"a,b"``, ``["a", "b"]`` -> ``frozenset({"a", "b"})`` (modality names)."""
     if isinstance(pair, str):
         parts = [p.strip() for p in pair.replace(",", "-").replace(":", "-").split("-")]
     else:
@@ -297,9 +308,29 @@ def zero_shot_accuracy(
     Returns:
         ``{"accuracy", "n", "chance"}``.
     """
+    scores = similarity(embeds, class_embeds, tie_decimals)
+    return class_score_accuracy(scores, labels, class_names, tie_decimals=None)
+
+
+def class_score_accuracy(
+    scores: np.ndarray,
+    labels: Sequence[str | None],
+    class_names: Sequence[str],
+    *,
+    tie_decimals: int | None = 6,
+) -> dict[str, float]:
+    """Top-1 accuracy of class scores against label names (ties split uniformly).
+
+    Args:
+        scores: (N, C) class scores, e.g. :func:`models.zeroshot.zero_shot_scores`.
+        labels: (N,) label names (rows whose label is None or not a class are skipped).
+        class_names: (C,) names matching the score columns.
+
+    Returns:
+        ``{"accuracy", "n", "chance"}``.
+    """
     index = {str(c): i for i, c in enumerate(class_names)}
     targets = np.asarray([index.get(str(x), -1) if x is not None else -1 for x in labels])
-    scores = similarity(embeds, class_embeds, tie_decimals)
-    out = top1_accuracy(scores, targets, tie_decimals=None)
+    out = top1_accuracy(scores, targets, tie_decimals=tie_decimals)
     out["chance"] = 1.0 / len(class_names) if len(class_names) else 0.0
     return out

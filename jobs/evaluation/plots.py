@@ -11,7 +11,18 @@ matplotlib.use("Agg")  # headless: jobs run on cluster nodes without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-_MARKERS = {"text": "o", "image": "s", "audio": "^", "video": "D", "pointcloud": "P", "signal": "X"}
+from common.modalities import modality_names  # noqa: E402
+
+#: Scatter markers, one per modality in table order (cycled past the end).
+_MARKER_CYCLE = ("o", "s", "^", "D", "P", "X", "v", "<", ">", "*", "h")
+
+
+def _marker(modality: str) -> str:
+    """The modality's scatter marker: its position in the modality table picks it."""
+    names = modality_names()
+    if modality not in names:
+        return _MARKER_CYCLE[0]
+    return _MARKER_CYCLE[names.index(modality) % len(_MARKER_CYCLE)]
 
 
 def retrieval_heatmap(
@@ -100,7 +111,7 @@ def embedding_projection(
             xy[sel, 0],
             xy[sel, 1],
             c=c,
-            marker=_MARKERS.get(mod, "o"),
+            marker=_marker(mod),
             s=18,
             alpha=0.75,
             linewidths=0,

@@ -113,6 +113,9 @@ class StageSection:
         pairs: align: modality pairs aligned with InfoNCE; ``None`` = every pair.
         label_positives: align: every same-label key is a positive in InfoNCE (multi-positive,
             for corpora whose pairs are category-level like OmniDigits); False = the same row.
+        norm_pix_targets: pretrain/align: masked patches are regressed normalized per patch
+            (MAE's ``norm_pix_loss``); False (default) = raw featurized values, as the demo
+            has always trained (``models.objectives.recon_loss``).
         loss_weights: Weight per loss term name (missing names weigh 1.0).
         modality_dropout: finetune: probability of dropping a modality from a row.
         freeze: finetune: ``none`` (train all), ``encoders`` (freeze modality encoders), or
@@ -133,6 +136,7 @@ class StageSection:
     mask_ratio: float = 0.3
     pairs: list[list[str]] | None = None
     label_positives: bool = False
+    norm_pix_targets: bool = False
     loss_weights: dict[str, float] = field(default_factory=dict)
     modality_dropout: float = 0.3
     freeze: str = "none"
@@ -184,7 +188,9 @@ class TrainConfig:
         storage_path: Ray Train storage (checkpoints); ``None`` = ``{run_dir}/ray``.
             On a multi-node cluster it must be shared storage or a URI (``s3://...``).
         model: Model size name (``tiny``, ``small``, ``base``).
-        model_overrides: Extra ``OmniConfig`` fields (e.g. ``{num_experts: 4}``).
+        model_overrides: Extra ``OmniConfig`` fields, deep-merged last (e.g.
+            ``{num_experts: 4, encoders: {image: {patch: 4}}}``; old flat keys such as
+            ``image_patch`` are mapped into the encoder sections).
         export_dir: Where the final export goes; ``None`` = ``{run_dir}/export``.
         seed: Global seed (per-rank RNG = ``seed + rank``).
         max_failures: Ray Train ``FailureConfig.max_failures`` (worker-group restarts).

@@ -164,3 +164,66 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+# -- model set-up moved out of models/ (process-wide compiler flags, DeepSpeed MoE) ------
+def build_stage_model(
+    model_config: dict[str, Any], init_from: str | None = None
+) -> torch.nn.Module:
+    """The worker's model from the driver's RESOLVED ``OmniConfig`` dict (the
+    ``model_config.yaml`` of the run), optionally with an earlier stage's weights.
+
+    Args:
+        model_config: ``OmniConfig.to_dict()`` as resolved on the driver.
+        init_from: Dir with ``model.safetensors`` of the previous stage (strictly loaded).
+    """
+    from models import OmniConfig, build_model
+
+    model = build_model(OmniConfig.from_dict(model_config))
+    if init_from:
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(init_from, "model.safetensors"))
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def compile_model(model: Any, **compile_kwargs: Any) -> Any:
+    """``model.compile_blocks(**compile_kwargs)`` with the process-wide compiler settings
+    training needs.
+
+    Returns:
+        ``model``.
+    """
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+
+    # One graph per modality sequence length (and per dtype) for each compiled function.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # Compile against this process's own parameters, not kernels cached on disk by an
+    # earlier process: DeepSpeed packs bf16 parameters into flat buffers whose per-tensor
+    # offsets change with the set of trainable parameters (one stage to the next), and
+    # a cached kernel that assumed a 16-byte-aligned parameter faults on a 2-byte offset.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    return model.compile_blocks(**compile_kwargs)
+
+
+def moe_parameter_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DeepSpeed (ZeRO) wants the expert parameters of ``moe_impl=deepspeed`` layers in
+    groups of their own (expert-data-parallel reduction)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def setup_expert_parallel(model: torch.nn.Module) -> None:
+    """Creates DeepSpeed's expert-parallel groups for ``moe_impl=deepspeed`` layers
+    (``deepspeed.initialize`` does this itself; call it when running without the engine,
+    after ``deepspeed.init_distributed``)."""
+    from models.moe import DeepSpeedMoEFFN
+
+    for module in model.modules():
+        if isinstance(module, DeepSpeedMoEFFN):
+            module.moe.set_deepspeed_parallelism()

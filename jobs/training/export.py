@@ -3,21 +3,18 @@
 ``consolidate_checkpoint`` turns any ZeRO stage's checkpoint into a full fp32 state dict with
 DeepSpeed's ``zero_to_fp32`` utilities (ZeRO-3: the partitioned fp32 master weights are
 stitched together; ZeRO-1/2: the flat fp32 groups; stage 0: rank 0's module state), loads
-it into a model rebuilt from ``model_config.yaml`` (strict: no key may be missing or left over) and saves it with
-``save_pretrained``. ``write_export`` adds ``tokenizer/``, ``data_config.yaml`` (copied from
-the shards dir), ``metrics.json`` and ``training.yaml`` (aligned pairs, label names).
+it into a model rebuilt from ``model_config.yaml`` (strict: no key may be missing or left
+over) and saves it with ``save_pretrained``. The export directory around those weights
+(tokenizer, data config, zero-shot templates, metrics, training info) is written by
+:func:`jobs.exports.write_export`, the one writer, and read by :func:`jobs.exports.load_export`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from jobs.training.checkpoint import DS_TAG
 
@@ -107,41 +104,3 @@ def _shares_storage(model: torch.nn.Module, key: str, loaded: dict[str, Any]) ->
         return False
     ptr = t.data_ptr()
     return any(k in loaded and v.data_ptr() == ptr for k, v in sd.items() if k != key)
-
-
-def write_export(
-    weights_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    shards_dir: str | Path | None,
-    metrics: dict[str, Any],
-    training_info: dict[str, Any],
-) -> Path:
-    """Assembles the export dir: weights + tokenizer + data config + metrics + training info.
-
-    Args:
-        weights_dir: Dir with ``model.safetensors`` + ``model_config.yaml`` (from
-            :func:`consolidate_checkpoint`).
-        out_dir: The export dir (replaced atomically-ish: written to ``<out>.tmp`` then moved).
-        shards_dir: Prepared shards (``tokenizer/``, ``data_config.yaml`` are copied).
-        metrics: Written as ``metrics.json``.
-        training_info: Written as ``training.yaml`` (``aligned_pairs``, ``label_names``, ...).
-    """
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(weights_dir, tmp)
-    if shards_dir is not None:
-        sd = Path(shards_dir)
-        if (sd / "tokenizer").is_dir():
-            shutil.copytree(sd / "tokenizer", tmp / "tokenizer", dirs_exist_ok=True)
-        if (sd / "data_config.yaml").is_file():
-            shutil.copy2(sd / "data_config.yaml", tmp / "data_config.yaml")
-    with open(tmp / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2, default=str)
-    with open(tmp / "training.yaml", "w") as f:
-        yaml.safe_dump(training_info, f, sort_keys=False)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out

@@ -31,6 +31,8 @@ from jobs.training.data import RankBatches
 from jobs.training.engine import (
     all_reduce_mean,
     apply_freeze,
+    build_stage_model,
+    compile_model,
     lift_scalar_params,
     param_counts,
     seed_everything,
@@ -42,15 +44,15 @@ from jobs.training.metrics import (
     mean_gates,
     peak_bf16_tflops,
 )
-from jobs.training.objectives import StageObjective, build_model_from_kwargs, to_device
 from jobs.training.schedule import build_scheduler
+from jobs.training.stage import StageObjective, to_device
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Trains one stage on this rank; reports metrics and DeepSpeed checkpoints to Ray Train.
 
     Args:
-        config: ``train_config`` (TrainConfig as dict), ``stage``, ``model_kwargs``,
+        config: ``train_config`` (TrainConfig as dict), ``stage``, ``model_config``,
             ``label_names``, ``modalities``, ``pairs``, ``ds_config`` (DeepSpeed dict),
             ``init_from`` (dir with ``model.safetensors`` or None), ``run_dir``,
             ``experiment_path`` (Ray Train run dir of this stage).
@@ -72,11 +74,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, round(tc.scaling.cpus_per_worker)))
     seed_everything(tc.seed + rank)
 
-    model = build_model_from_kwargs(config["model_kwargs"], init_from=config.get("init_from"))
+    model = build_stage_model(config["model_config"], init_from=config.get("init_from"))
     model.trunk.activation_checkpointing = tc.activation_checkpointing
     model.trunk.varlen_attention = tc.varlen_attention
     if tc.compile:
-        model.compile_blocks()
+        compile_model(model)
     objective = StageObjective(
         stage,
         st,

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from common.config import to_dict
 from jobs.training.checkpoint import find_resumable
@@ -54,63 +53,44 @@ class RunPaths:
         return join_path(self.storage, f"{self.name}-{stage}")
 
 
-def model_kwargs_from_data(
+def model_config_from_data(
     tc: TrainConfig, shards_dir: str, info: ShardInfo, modalities: list[str]
-) -> dict[str, Any]:
-    """``OmniConfig.from_name`` arguments: size name + sizes read from the shards.
+) -> Any:
+    """The run's resolved ``OmniConfig``: size ``tc.model``, input sizes from the featurizers.
 
-    Feature sizes come from one train row per modality (the ground truth of what the model
-    will see), the vocabulary from ``tokenizer/tokenizer.json`` and the longest text/audio
-    from ``data_config.yaml``; ``model_overrides`` wins over all of them.
+    Each modality's encoder section comes from what its featurizer declares it produces
+    (``ENCODERS[m].sizes_for(featurizer.max_output_shape())``, with the featurizer config of
+    the shards' ``data_config.yaml``); top-level fields a featurizer fixes (the text
+    vocabulary and length) from ``featurizer.model_args()``; ``moe_impl``/``ep_size`` from
+    the DeepSpeed section; ``model_overrides`` wins over all of them.
+
+    Raises:
+        ConfigError: ``data_config.yaml`` is missing or invalid, or the sizes do not fit
+            the encoders.
     """
-    from common.config import read_yaml
+    from common.config import deep_merge
+    from models import ENCODERS, OmniConfig
+    from models.config import upgrade_legacy
+    from pipelines.config import load_feature_config
+    from pipelines.featurize import FEATURIZERS, get_featurizer
 
-    kw: dict[str, Any] = {"modalities": list(modalities), "num_classes": len(info.label_names)}
-    data_cfg_path = join_path(shards_dir, "data_config.yaml")
-    feats: dict[str, Any] = {}
-    if os.path.exists(data_cfg_path):
-        feats = read_yaml(data_cfg_path).get("features", {}) or {}
-    tok_path = join_path(shards_dir, "tokenizer", "tokenizer.json")
-    if os.path.exists(tok_path):
-        with open(tok_path) as f:
-            vocab = json.load(f).get("model", {}).get("vocab", {})
-        if vocab:
-            added = 0
-            with open(tok_path) as f:
-                added = len(json.load(f).get("added_tokens", []) or [])
-            kw["vocab_size"] = max(len(vocab), added)
-    if "text" in feats and "max_len" in feats["text"]:
-        kw["max_text_len"] = int(feats["text"]["max_len"])
-    if "audio" in feats and "max_frames" in feats["audio"]:
-        kw["audio_max_frames"] = int(feats["audio"]["max_frames"])
-    shapes = _first_shapes(shards_dir, modalities)
-    if "image" in shapes:
-        kw["image_size"] = shapes["image"][0]
-    if "audio" in shapes:
-        kw["audio_bins"] = shapes["audio"][1]
-    if "video" in shapes:
-        kw["video_frames"], kw["video_size"] = shapes["video"][0], shapes["video"][1]
-    if "pointcloud" in shapes:
-        kw["pointcloud_points"], kw["pointcloud_channels"] = shapes["pointcloud"][:2]
-    if "signal" in shapes:
-        kw["signal_channels"], kw["signal_length"] = shapes["signal"][:2]
-    kw["moe_impl"] = tc.deepspeed.moe_impl
-    kw["ep_size"] = tc.deepspeed.ep_size
-    kw.update(tc.model_overrides)
-    return kw
-
-
-def _first_shapes(shards_dir: str, modalities: list[str]) -> dict[str, list[int]]:
-    ds = pq.ParquetDataset(join_path(shards_dir, "train"))
-    cols = [f"{m}_shape" for m in modalities if f"{m}_shape" in ds.schema.names]
-    table = ds.read(columns=cols)
-    out = {}
-    for c in cols:
-        for v in table.column(c).to_pylist():
-            if v is not None:
-                out[c[: -len("_shape")]] = [int(x) for x in v]
-                break
-    return out
+    fc = load_feature_config(join_path(shards_dir, "data_config.yaml"))
+    tok_dir = join_path(shards_dir, "tokenizer")
+    kw: dict[str, Any] = {
+        "modalities": list(modalities),
+        "num_classes": len(info.label_names),
+        "moe_impl": tc.deepspeed.moe_impl,
+        "ep_size": tc.deepspeed.ep_size,
+    }
+    encoders: dict[str, dict[str, Any]] = {}
+    for m in modalities:
+        extra = {"tokenizer_dir": tok_dir} if FEATURIZERS[m].tokenized else {}
+        featurizer = get_featurizer(m, fc, **extra)
+        encoders[m] = ENCODERS[m].sizes_for(featurizer.max_output_shape())
+        kw.update(featurizer.model_args())
+    kw["encoders"] = encoders
+    kw = deep_merge(kw, upgrade_legacy(dict(tc.model_overrides)))
+    return OmniConfig.from_name(tc.model, **kw)
 
 
 def aligned_pairs(tc: TrainConfig, modalities: list[str]) -> list[list[str]]:
@@ -145,7 +125,6 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.training.loop import train_loop_per_worker
-    from models import OmniConfig
 
     paths = RunPaths(tc)
     os.makedirs(paths.run_dir, exist_ok=True)
@@ -154,8 +133,7 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
     missing = sorted(set(tc.data.modalities or []) - set(info.modalities))
     if missing:
         raise ValueError(f"data.modalities {missing} are not in the shards at {paths.shards}")
-    kwargs = model_kwargs_from_data(tc, paths.shards, info, mods)
-    model_cfg = OmniConfig.from_name(tc.model, **kwargs)
+    model_cfg = model_config_from_data(tc, paths.shards, info, mods)
     model_cfg.save_yaml(paths.model_config)
     pairs = aligned_pairs(tc, mods)
     with open(os.path.join(paths.run_dir, "train_config.yaml"), "w") as f:
@@ -186,7 +164,7 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
         loop_config = {
             "train_config": to_dict(tc),
             "stage": stage,
-            "model_kwargs": {"size": tc.model, **kwargs},
+            "model_config": model_cfg.to_dict(),  # resolved once, here
             "label_names": info.label_names,
             "modalities": mods,
             "pairs": pairs,
@@ -273,7 +251,7 @@ def export_run(
     out_dir: str | None = None,
 ) -> str:
     """Writes the export dir from the consolidated weights of ``stage`` (default: the last)."""
-    from jobs.training.export import write_export
+    from jobs.exports import write_export
 
     stage = stage or next((s for s in reversed(STAGES) if os.path.isdir(paths.final(s))), None)
     if stage is None or not os.path.isdir(paths.final(stage)):
@@ -394,7 +372,7 @@ def _export_weights(
     stage: str,
     out: str | None,
 ) -> str:
-    from jobs.training.export import write_export
+    from jobs.exports import write_export
 
     metrics, training_info = _export_info(tc, paths, info, pairs, mods, stage)
     return str(

@@ -1,8 +1,11 @@
 """Synthetic prepared shards (Contract 2) with a learnable label signal, for tests/benchmarks.
 
-Every modality of a row carries a class-dependent pattern plus noise, so losses fall and
-retrieval improves within a few dozen steps; rows randomly miss some modalities (the
-variable-subset case). Shapes follow INTERFACES §1 defaults.
+Every item is a real featurized example: each featurizer's ``example(rng, label)`` (a small
+file or inline value whose content depends on the label) goes through the same two stages as
+``jobs.prepare`` (``decode``; a tokenizer trained on the decoded items of a ``tokenized``
+featurizer; ``fit`` statistics; ``finalize``). Rows randomly miss some modalities (the
+variable-subset case). Shapes and sizes are the featurizers' (``features`` config), and the
+shards directory carries the ``data_config.yaml`` (and ``tokenizer/``) a prepared one does.
 """
 
 from __future__ import annotations
@@ -14,92 +17,109 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
-from pipelines.schema import MODALITIES, pack_tensors, shard_schema
+from common.config import to_dict
+from common.modalities import modality_names
+from pipelines.config import FeatureConfig
+from pipelines.featurize import FEATURIZERS, get_featurizer
+from pipelines.schema import pack_tensors, shard_schema
+from pipelines.tokenizer import train_tokenizer
+
+#: Distinct examples featurized per (modality, label); rows draw among them.
+VARIANTS = 2
 
 
-def _class_patterns(rng: np.random.Generator, n_classes: int) -> dict[str, np.ndarray]:
-    return {
-        "image": rng.integers(0, 256, (n_classes, 32, 32, 3)).astype(np.float32),
-        "audio": rng.standard_normal((n_classes, 1, 40)).astype(np.float32),
-        "video": rng.integers(0, 256, (n_classes, 1, 32, 32, 3)).astype(np.float32),
-        "pointcloud": rng.standard_normal((n_classes, 1, 3)).astype(np.float32),
-        "signal": rng.standard_normal((n_classes, 3, 1)).astype(np.float32),
-    }
-
-
-def _sample(m: str, y: int, pat: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    if m == "text":
-        return np.array([1, 10 + y, 30 + y, int(rng.integers(50, 60)), 2], dtype=np.int32)
-    if m == "image":
-        return np.clip(pat["image"][y] * 0.7 + rng.integers(0, 80, (32, 32, 3)), 0, 255)
-    if m == "audio":
-        t = int(rng.integers(40, 65))
-        return pat["audio"][y] + 0.5 * rng.standard_normal((t, 40))
-    if m == "video":
-        return np.clip(pat["video"][y] * 0.7 + rng.integers(0, 80, (8, 32, 32, 3)), 0, 255)
-    if m == "pointcloud":
-        pts = rng.standard_normal((256, 3)) * 0.3 + pat["pointcloud"][y] * 0.5
-        return pts / max(1e-6, np.abs(pts).max())
-    if m == "signal":
-        x = np.linspace(0, 2 * np.pi * (1 + y % 5), 128)[None, :]
-        return np.sin(x) * pat["signal"][y] + 0.3 * rng.standard_normal((3, 128))
-    raise KeyError(m)
+def _featurized_examples(
+    modalities: Sequence[str], n_classes: int, fc: FeatureConfig, out_dir: str, seed: int
+) -> tuple[dict[str, list[list[np.ndarray]]], FeatureConfig]:
+    """``{m: [label][variant] -> featurized item]}`` and the fitted feature config."""
+    rng = np.random.default_rng(seed)
+    decoded: dict[str, list[list[object]]] = {}
+    for m in modalities:
+        f = get_featurizer(m, fc)
+        decoded[m] = [
+            [f.decode(*f.example(rng, label=y)) for _ in range(VARIANTS)] for y in range(n_classes)
+        ]
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    updates: dict[str, dict] = {}
+    for m in modalities:
+        flat = [x for row in decoded[m] for x in row]
+        if FEATURIZERS[m].tokenized:
+            vocab = int(fc.section(m).vocab_size)
+            train_tokenizer([str(x) for x in flat], tok_dir, vocab_size=vocab)
+        fitted = get_featurizer(m, fc).fit(flat)
+        if fitted:
+            updates[m] = fitted
+    if updates:
+        fc = fc.with_overrides(updates)
+    out: dict[str, list[list[np.ndarray]]] = {}
+    for m in modalities:
+        kw = {"tokenizer_dir": tok_dir} if FEATURIZERS[m].tokenized else {}
+        f = get_featurizer(m, fc, **kw)
+        out[m] = [[f.finalize(x) for x in row] for row in decoded[m]]
+    return out, fc
 
 
 def write_synthetic_shards(
     out_dir: str,
     *,
     n: int = 96,
-    modalities: Sequence[str] = MODALITIES,
+    modalities: Sequence[str] | None = None,
     n_classes: int = 10,
     drop_prob: float = 0.15,
     seed: int = 0,
     splits: dict[str, float] | None = None,
+    features: FeatureConfig | None = None,
 ) -> str:
-    """Writes ``out_dir/{train,val,test}/part-0.parquet`` (+ a minimal ``data_config.yaml``).
+    """Writes ``out_dir/{train,val,test}/part-0.parquet``, ``data_config.yaml`` and, for a
+    tokenized modality, ``tokenizer/``.
 
     Args:
         out_dir: Destination dir.
         n: Rows in total.
-        modalities: Modalities to generate (each row keeps at least one).
+        modalities: Modalities to generate (default: every declared modality with a
+            featurizer; each row keeps at least one).
         n_classes: Labels ``"0"..``.
         drop_prob: Probability that a row lacks a given modality.
         seed: RNG seed (the same seed gives the same bytes).
         splits: Fractions per split (default 0.8/0.1/0.1).
+        features: Feature config (default: the featurizers' defaults).
 
     Returns:
         ``out_dir``.
     """
+    mods = list(modalities or [m for m in modality_names() if m in FEATURIZERS])
+    os.makedirs(out_dir, exist_ok=True)
+    examples, fc = _featurized_examples(mods, n_classes, features or FeatureConfig(), out_dir, 1234)
     rng = np.random.default_rng(seed)
-    pat = _class_patterns(np.random.default_rng(1234), n_classes)
     splits = splits or {"train": 0.8, "val": 0.1, "test": 0.1}
     bounds = np.cumsum([0] + [int(round(f * n)) for f in splits.values()])
     bounds[-1] = n
     rows = []
     for i in range(n):
         y = i % n_classes
-        keep = [m for m in modalities if rng.random() >= drop_prob] or [modalities[0]]
-        rows.append((f"s-{i:05d}", str(y), {m: _sample(m, y, pat, rng) for m in keep}))
+        keep = [m for m in mods if rng.random() >= drop_prob] or [mods[0]]
+        items = {m: examples[m][y][int(rng.integers(VARIANTS))] for m in keep}
+        rows.append((f"s-{i:05d}", str(y), items))
     for k, split in enumerate(splits):
         part = rows[bounds[k] : bounds[k + 1]]
         cols: dict[str, pa.Array] = {
             "id": pa.array([r[0] for r in part]),
             "label": pa.array([r[1] for r in part]),
             "group": pa.array([f"g{j % 7}" for j in range(len(part))]),
-            "modalities": pa.array([[m for m in MODALITIES if m in r[2]] for r in part]),
+            "modalities": pa.array([[m for m in mods if m in r[2]] for r in part]),
         }
-        for m in MODALITIES:
+        for m in mods:
             data, shape = pack_tensors(m, [r[2].get(m) for r in part])
             cols[m], cols[f"{m}_shape"] = data, shape
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
         pq.write_table(
-            pa.table(cols, schema=shard_schema()), os.path.join(out_dir, split, "part-0.parquet")
+            pa.table(cols, schema=shard_schema(mods)),
+            os.path.join(out_dir, split, "part-0.parquet"),
         )
     with open(os.path.join(out_dir, "data_config.yaml"), "w") as f:
-        f.write(
-            "features:\n  text:\n    max_len: 32\n    vocab_size: 128\n  audio:\n    max_frames: 128\n"
-        )
+        yaml.safe_dump({"features": to_dict(fc)}, f, sort_keys=False)
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(
             {

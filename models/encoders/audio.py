@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import ConfigError
 from models.config import OmniConfig
 from models.encoders import register_encoder
 from models.encoders.base import ModalityEncoder, Tokenized
@@ -13,18 +18,52 @@ from models.encoders.base import ModalityEncoder, Tokenized
 
 @register_encoder("audio")
 class AudioEncoder(ModalityEncoder):
-    """Groups ``audio_patch`` frames x all mel bins into one token; variable T via mask."""
+    """Groups ``patch`` frames x all mel bins into one token; variable T via mask."""
 
+    @dataclass
+    class Config:
+        """Section ``encoders.audio``.
+
+        Attributes:
+            bins: Feature bins F per frame (log-mel bins or MFCCs).
+            max_frames: Longest T.
+            patch: Frames per token.
+        """
+
+        bins: int = 40
+        max_frames: int = 128
+        patch: int = 8
+
+        def __post_init__(self) -> None:
+            for key in ("bins", "max_frames", "patch"):
+                if getattr(self, key) < 1:
+                    raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+        @property
+        def max_patches(self) -> int:
+            return math.ceil(self.max_frames / self.patch)
+
+    presets = {"base": {"patch": 4}}
+    legacy_keys = {"audio_bins": "bins", "audio_max_frames": "max_frames", "audio_patch": "patch"}
     stem_names = ("proj",)
 
-    def __init__(self, cfg: OmniConfig) -> None:
-        super().__init__(cfg)
-        self.bins = cfg.audio_bins
-        self.patch = cfg.audio_patch
-        self.max_frames = cfg.audio_max_frames
-        self.target_dim = cfg.audio_patch * cfg.audio_bins
+    @classmethod
+    def sizes_for(cls, max_shape: Sequence[int]) -> dict:
+        return {"max_frames": int(max_shape[0]), "bins": int(max_shape[1])}
+
+    @classmethod
+    def input_shape(cls, cfg: OmniConfig, section: Config) -> tuple[int, ...]:
+        return (section.max_frames, section.bins)
+
+    def __init__(self, cfg: OmniConfig, section: Config | None = None) -> None:
+        super().__init__(cfg, section)
+        sec = self.section
+        self.bins = sec.bins
+        self.patch = sec.patch
+        self.max_frames = sec.max_frames
+        self.target_dim = sec.patch * sec.bins
         self.proj = nn.Linear(self.target_dim, cfg.d_model)
-        self.pos = nn.Parameter(torch.randn(1, cfg.audio_max_patches, cfg.d_model) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, sec.max_patches, cfg.d_model) * 0.02)
 
     def tokenize(self, batch: dict[str, torch.Tensor]) -> Tokenized:
         x = self.input(batch)
@@ -32,8 +71,8 @@ class AudioEncoder(ModalityEncoder):
             raise ValueError(f"audio must be (B, T, {self.bins}), got {tuple(x.shape)}")
         b, t, f = x.shape
         if t > self.max_frames:
-            raise ValueError(f"audio has {t} frames, more than audio_max_frames={self.max_frames}")
-        frame_mask = batch.get("audio_mask")
+            raise ValueError(f"audio has {t} frames, more than max_frames={self.max_frames}")
+        frame_mask = batch.get(f"{self.modality}_mask")
         frame_mask = (
             torch.ones(b, t, dtype=torch.bool, device=x.device)
             if frame_mask is None

@@ -15,11 +15,15 @@ and their targets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from common.modalities import get_modality
 from models.config import OmniConfig
 from models.layers import Block
 
@@ -85,9 +89,21 @@ def random_token_mask(mask: torch.Tensor, ratio: float) -> torch.Tensor:
 class ModalityEncoder(nn.Module):
     """Base class: modality embedding, ``[MASK]`` token and a small transformer.
 
-    Subclasses set ``modality``, ``target_kind`` (``tokens`` | ``patches`` | ``points``) and
-    ``target_dim`` and implement :meth:`tokenize`.
+    Subclasses set ``target_kind`` (``tokens`` | ``patches`` | ``points``) and
+    ``target_dim``, implement :meth:`tokenize`, and declare their section of
+    ``OmniConfig.encoders``: ``Config`` (a dataclass validating itself), ``presets``,
+    ``legacy_keys``, :meth:`sizes_for` and :meth:`input_shape`. ``modality`` is set by
+    ``register_encoder``.
     """
+
+    @dataclass
+    class Config:
+        """This encoder's section of ``OmniConfig.encoders`` (none for the base class)."""
+
+    #: Named model size -> the section fields that differ from ``Config``'s defaults.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Flat key of an old ``model_config.yaml`` -> field of ``Config``.
+    legacy_keys: ClassVar[dict[str, str]] = {}
 
     modality: str = ""
     target_kind: str = "patches"
@@ -97,8 +113,9 @@ class ModalityEncoder(nn.Module):
     #: a from-scratch run then spends its first hundreds of steps near a collapsed space.
     stem_names: tuple[str, ...] = ()
 
-    def __init__(self, cfg: OmniConfig) -> None:
+    def __init__(self, cfg: OmniConfig, section: Any = None) -> None:
         super().__init__()
+        self.section = self.Config() if section is None else section
         d = cfg.d_model
         self.d_model = d
         self.target_dim = 0
@@ -110,6 +127,34 @@ class ModalityEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d)
 
+    # -- the section ----------------------------------------------------------------
+    @classmethod
+    def sizes_for(cls, max_shape: Sequence[int]) -> dict[str, Any]:
+        """Section fields fixed by the featurizer's largest item shape (its
+        ``max_output_shape()``), e.g. ``(32, 32, 3)`` -> ``{"size": 32}``."""
+        return {}
+
+    @classmethod
+    def input_shape(cls, cfg: OmniConfig, section: Any) -> tuple[int, ...]:
+        """The largest featurized item this encoder takes (the inverse of :meth:`sizes_for`)."""
+        raise NotImplementedError(f"{cls.__name__}.input_shape")
+
+    @classmethod
+    def random_item(cls, cfg: OmniConfig, section: Any, rng: np.random.Generator) -> np.ndarray:
+        """A random featurized item (smoke tests, benchmarks), derived from the modality's
+        record: its dtype, and a random length on the varying axis of a masked modality."""
+        rec = get_modality(cls.modality)
+        shape = list(cls.input_shape(cfg, section))
+        if rec.masked:
+            n = shape[rec.var_axis]
+            shape[rec.var_axis] = int(rng.integers(max(1, n // 2), n + 1))
+        dtype = rec.np_dtype
+        if dtype == np.uint8:
+            return rng.integers(0, 256, shape, dtype=np.uint8)
+        if np.issubdtype(dtype, np.integer):
+            return rng.integers(0, 2, shape).astype(dtype)
+        return rng.standard_normal(shape).astype(dtype)
+
     def tokenize(self, batch: dict[str, torch.Tensor]) -> Tokenized:
         raise NotImplementedError
 
@@ -118,10 +163,23 @@ class ModalityEncoder(nn.Module):
         in whatever precision the model is held (bf16 under DeepSpeed on a GPU)."""
         return x.to(self.modality_embed.dtype)
 
-    def reset_stem(self) -> None:
-        """Fan-in (PyTorch default) init of the Linear/Conv layers named by ``stem_names``."""
+    def stem_parameters(self) -> list[nn.Parameter]:
+        """The input layers' parameters (``stem_names`` may name modules or parameters):
+        the layers that take the fp32 featurized tensors."""
+        out: list[nn.Parameter] = []
         for name in self.stem_names:
-            for mod in getattr(self, name).modules():
+            part = getattr(self, name)
+            out.extend([part] if isinstance(part, nn.Parameter) else part.parameters())
+        return out
+
+    def reset_stem(self) -> None:
+        """Fan-in (PyTorch default) init of the Linear/Conv layers named by ``stem_names``
+        (parameters named there keep the init their encoder gave them)."""
+        for name in self.stem_names:
+            part = getattr(self, name)
+            if isinstance(part, nn.Parameter):
+                continue
+            for mod in part.modules():
                 if isinstance(mod, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
                     mod.reset_parameters()
 

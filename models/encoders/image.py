@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from common.config import ConfigError
 from models.config import OmniConfig
 from models.encoders import register_encoder
 from models.encoders.base import ModalityEncoder, Tokenized, standardize
@@ -41,24 +44,63 @@ def conv_stem(patch: int, d: int, in_ch: int = 3) -> nn.Sequential:
 
 @register_encoder("image")
 class ImageEncoder(ModalityEncoder):
-    """``p x p`` patch tokens + learned 2-D positions; ``cfg.image_stem`` picks a
-    convolutional stem (``conv``) or a linear patch embedding (``linear``).
+    """``p x p`` patch tokens + learned 2-D positions; ``stem`` picks a convolutional stem
+    (``conv``) or a linear patch embedding (``linear``).
 
     Images are standardized per image and channel first (digits, products, documents are
     mostly flat background); masked modelling reconstructs the standardized patches.
     """
 
+    @dataclass
+    class Config:
+        """Section ``encoders.image``.
+
+        Attributes:
+            size: Square image side (the featurizer's ``size``).
+            patch: ViT patch side.
+            stem: ``conv`` (log2(patch) stride-2 convolutions, the default: learns shapes
+                in far fewer steps) or ``linear`` (the plain ViT patch embedding).
+        """
+
+        size: int = 32
+        patch: int = 8
+        stem: str = "conv"
+
+        def __post_init__(self) -> None:
+            if self.size % self.patch:
+                raise ConfigError(
+                    f"sizes must divide evenly: size % patch ({self.size}, {self.patch})"
+                )
+            if self.stem not in ("conv", "linear"):
+                raise ConfigError(f"stem must be conv|linear, got {self.stem!r}")
+            if self.stem == "conv" and (self.patch < 2 or self.patch & (self.patch - 1)):
+                raise ConfigError(f"stem=conv needs a power-of-two patch, got {self.patch}")
+
+    presets = {"base": {"patch": 4}}
+    legacy_keys = {"image_size": "size", "image_patch": "patch", "image_stem": "stem"}
     stem_names = ("stem",)
 
-    def __init__(self, cfg: OmniConfig) -> None:
-        super().__init__(cfg)
-        self.size = cfg.image_size
-        self.patch = cfg.image_patch
-        n = (cfg.image_size // cfg.image_patch) ** 2
-        self.target_dim = cfg.image_patch**2 * 3
-        self.conv = cfg.image_stem == "conv"
+    @classmethod
+    def sizes_for(cls, max_shape: Sequence[int]) -> dict:
+        h, w = int(max_shape[0]), int(max_shape[1])
+        if h != w:
+            raise ConfigError(f"image encoder needs square images, featurizer gives {h}x{w}")
+        return {"size": h}
+
+    @classmethod
+    def input_shape(cls, cfg: OmniConfig, section: Config) -> tuple[int, ...]:
+        return (section.size, section.size, 3)
+
+    def __init__(self, cfg: OmniConfig, section: Config | None = None) -> None:
+        super().__init__(cfg, section)
+        sec = self.section
+        self.size = sec.size
+        self.patch = sec.patch
+        n = (sec.size // sec.patch) ** 2
+        self.target_dim = sec.patch**2 * 3
+        self.conv = sec.stem == "conv"
         if self.conv:
-            self.stem = conv_stem(cfg.image_patch, cfg.d_model)
+            self.stem = conv_stem(sec.patch, cfg.d_model)
             self.stem_norm = nn.LayerNorm(cfg.d_model)
         else:
             self.stem = nn.Linear(self.target_dim, cfg.d_model)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
+from common.config import ConfigError
 from models.config import OmniConfig
 from models.encoders import register_encoder
 from models.encoders.base import ModalityEncoder, Tokenized
@@ -80,16 +85,61 @@ class PointCloudEncoder(ModalityEncoder):
     are ~0.05: nearly invisible to a freshly initialized MLP).
     """
 
+    @dataclass
+    class Config:
+        """Section ``encoders.pointcloud``.
+
+        Attributes:
+            points: Most points N per cloud.
+            channels: Channels C (xyz first; 3, or 6 with normals or colours).
+            groups: FPS centres G (tokens).
+            group_size: Neighbours K per group.
+        """
+
+        points: int = 256
+        channels: int = 3
+        groups: int = 16
+        group_size: int = 16
+
+        def __post_init__(self) -> None:
+            if self.channels < 3:
+                raise ConfigError("channels must be >= 3 (xyz first)")
+            if self.groups < 1 or self.group_size < 1:
+                raise ConfigError("groups and group_size must be >= 1")
+
+    presets = {"base": {"groups": 32, "group_size": 16}}
+    legacy_keys = {
+        "pointcloud_points": "points",
+        "pointcloud_channels": "channels",
+        "pointcloud_groups": "groups",
+        "pointcloud_group_size": "group_size",
+    }
     target_kind = "points"
     stem_names = ("point_mlp1", "point_mlp2", "pos_mlp")
 
-    def __init__(self, cfg: OmniConfig) -> None:
-        super().__init__(cfg)
+    @classmethod
+    def sizes_for(cls, max_shape: Sequence[int]) -> dict:
+        return {"points": int(max_shape[0]), "channels": int(max_shape[1])}
+
+    @classmethod
+    def input_shape(cls, cfg: OmniConfig, section: Config) -> tuple[int, ...]:
+        return (section.points, section.channels)
+
+    @classmethod
+    def random_item(cls, cfg: OmniConfig, section: Config, rng) -> np.ndarray:
+        """Random points with xyz scaled into the unit cube (as the featurizer's are)."""
+        p = rng.standard_normal(cls.input_shape(cfg, section))
+        p[:, :3] /= np.abs(p[:, :3]).max()
+        return p.astype(np.float16)
+
+    def __init__(self, cfg: OmniConfig, section: Config | None = None) -> None:
+        super().__init__(cfg, section)
+        sec = self.section
         d = cfg.d_model
-        self.channels = cfg.pointcloud_channels
-        self.n_groups = cfg.pointcloud_groups
-        self.group_size = cfg.pointcloud_group_size
-        self.target_dim = cfg.pointcloud_group_size * 3
+        self.channels = sec.channels
+        self.n_groups = sec.groups
+        self.group_size = sec.group_size
+        self.target_dim = sec.group_size * 3
         # Two-stage PointNet (per-point MLP, max-pool, concat global, MLP, max-pool).
         self.point_mlp1 = nn.Sequential(nn.Linear(self.channels, d), nn.GELU(), nn.Linear(d, d))
         self.point_mlp2 = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d))
@@ -106,7 +156,7 @@ class PointCloudEncoder(ModalityEncoder):
                 f"pointcloud has {pts.shape[1]} points, fewer than group size {self.group_size}"
             )
         pts = pts[..., : self.channels].to(torch.float32)
-        valid = batch.get("pointcloud_mask")
+        valid = batch.get(f"{self.modality}_mask")
         groups, centres = group_points(
             pts, self.n_groups, self.group_size, None if valid is None else valid.bool()
         )

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from common.config import ConfigError
 from models.config import OmniConfig
 from models.encoders import register_encoder
 from models.encoders.base import ModalityEncoder, Tokenized
@@ -15,20 +19,53 @@ class SignalEncoder(ModalityEncoder):
     """Each channel is cut into patches of length P that share one linear embedding;
     tokens get a channel embedding and a time-position embedding (C * L/P tokens)."""
 
+    @dataclass
+    class Config:
+        """Section ``encoders.signal``.
+
+        Attributes:
+            channels: Most channels C.
+            length: Longest series L.
+            patch: PatchTST patch length.
+        """
+
+        channels: int = 3
+        length: int = 128
+        patch: int = 16
+
+        def __post_init__(self) -> None:
+            if self.channels < 1:
+                raise ConfigError(f"channels must be >= 1, got {self.channels}")
+            if self.length % self.patch:
+                raise ConfigError("sizes must divide evenly: ['length % patch']")
+
+    presets = {"base": {"patch": 8}}
+    legacy_keys = {
+        "signal_channels": "channels",
+        "signal_length": "length",
+        "signal_patch": "patch",
+    }
     stem_names = ("proj",)
 
-    def __init__(self, cfg: OmniConfig) -> None:
-        super().__init__(cfg)
-        self.channels = cfg.signal_channels
-        self.length = cfg.signal_length
-        self.patch = cfg.signal_patch
-        self.target_dim = cfg.signal_patch
-        self.proj = nn.Linear(cfg.signal_patch, cfg.d_model)
-        n_time = cfg.signal_length // cfg.signal_patch
+    @classmethod
+    def sizes_for(cls, max_shape: Sequence[int]) -> dict:
+        return {"channels": int(max_shape[0]), "length": int(max_shape[1])}
+
+    @classmethod
+    def input_shape(cls, cfg: OmniConfig, section: Config) -> tuple[int, ...]:
+        return (section.channels, section.length)
+
+    def __init__(self, cfg: OmniConfig, section: Config | None = None) -> None:
+        super().__init__(cfg, section)
+        sec = self.section
+        self.channels = sec.channels
+        self.length = sec.length
+        self.patch = sec.patch
+        self.target_dim = sec.patch
+        self.proj = nn.Linear(sec.patch, cfg.d_model)
+        n_time = sec.length // sec.patch
         self.time_pos = nn.Parameter(torch.randn(1, 1, n_time, cfg.d_model) * 0.02)
-        self.channel_embed = nn.Parameter(
-            torch.randn(1, cfg.signal_channels, 1, cfg.d_model) * 0.02
-        )
+        self.channel_embed = nn.Parameter(torch.randn(1, sec.channels, 1, cfg.d_model) * 0.02)
 
     def tokenize(self, batch: dict[str, torch.Tensor]) -> Tokenized:
         x = self.input(batch)
@@ -38,9 +75,7 @@ class SignalEncoder(ModalityEncoder):
             )
         b, c, length = x.shape
         if length % self.patch:
-            raise ValueError(
-                f"signal length {length} is not a multiple of signal_patch={self.patch}"
-            )
+            raise ValueError(f"signal length {length} is not a multiple of patch={self.patch}")
         n = length // self.patch
         patches = x.to(torch.float32).reshape(b, c * n, self.patch)  # (B, C*N, P)
         pos = (self.channel_embed[:, :c] + self.time_pos[:, :, :n]).reshape(1, c * n, -1)

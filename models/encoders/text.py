@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,10 +17,27 @@ from models.encoders.base import ModalityEncoder, Tokenized
 class TextEncoder(ModalityEncoder):
     """Byte-level BPE ids ``(B, L)`` -> tokens ``(B, L, d)``; masked modelling targets are ids."""
 
+    @dataclass
+    class Config:
+        """Section ``encoders.text``: empty, the vocabulary, special ids and ``max_text_len``
+        are top-level ``OmniConfig`` fields (the text decoder shares them)."""
+
     target_kind = "tokens"
 
-    def __init__(self, cfg: OmniConfig) -> None:
-        super().__init__(cfg)
+    @classmethod
+    def input_shape(cls, cfg: OmniConfig, section: Config) -> tuple[int, ...]:
+        return (cfg.max_text_len,)
+
+    @classmethod
+    def random_item(cls, cfg: OmniConfig, section: Config, rng: np.random.Generator) -> np.ndarray:
+        """Random ids ``<bos> ... <eos>`` of a random length, above the special ids."""
+        length = int(rng.integers(4, cfg.max_text_len + 1))
+        ids = rng.integers(5, cfg.vocab_size, size=length)
+        ids[0], ids[-1] = cfg.bos_id, cfg.eos_id
+        return ids.astype(np.int32)
+
+    def __init__(self, cfg: OmniConfig, section: Config | None = None) -> None:
+        super().__init__(cfg, section)
         self.vocab_size = cfg.vocab_size
         self.pad_id = cfg.pad_id
         self.max_len = cfg.max_text_len
@@ -35,6 +55,6 @@ class TextEncoder(ModalityEncoder):
         ids = ids.long()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"text ids must lie in [0, {self.vocab_size}), got out-of-range ids")
-        mask = batch.get("text_mask")
+        mask = batch.get(f"{self.modality}_mask")
         mask = (ids != self.pad_id) if mask is None else mask.bool()
         return Tokenized(x=self.embed(ids), pos=self.pos[:, :n], mask=mask, targets=ids)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from common.config import ConfigError
 from models.config import OmniConfig
 from models.encoders import register_encoder
 from models.encoders.base import ModalityEncoder, Tokenized, standardize
@@ -19,16 +23,63 @@ class VideoEncoder(ModalityEncoder):
     standardized tubelets (MAE's normalized-pixel targets).
     """
 
+    @dataclass
+    class Config:
+        """Section ``encoders.video``.
+
+        Attributes:
+            frames: Frames per clip F.
+            size: Square frame side.
+            patch: Spatial tubelet side.
+            tubelet: Frames per tubelet.
+        """
+
+        frames: int = 8
+        size: int = 32
+        patch: int = 16
+        tubelet: int = 2
+
+        def __post_init__(self) -> None:
+            bad = [
+                k
+                for k, v in {
+                    "size % patch": self.size % self.patch,
+                    "frames % tubelet": self.frames % self.tubelet,
+                }.items()
+                if v
+            ]
+            if bad:
+                raise ConfigError(f"sizes must divide evenly: {bad}")
+
+    presets = {"base": {"patch": 8}}
+    legacy_keys = {
+        "video_frames": "frames",
+        "video_size": "size",
+        "video_patch": "patch",
+        "video_tubelet": "tubelet",
+    }
     stem_names = ("proj",)
 
-    def __init__(self, cfg: OmniConfig) -> None:
-        super().__init__(cfg)
-        self.frames = cfg.video_frames
-        self.size = cfg.video_size
-        self.patch = cfg.video_patch
-        self.tubelet = cfg.video_tubelet
-        n = (cfg.video_frames // cfg.video_tubelet) * (cfg.video_size // cfg.video_patch) ** 2
-        self.target_dim = cfg.video_tubelet * cfg.video_patch**2 * 3
+    @classmethod
+    def sizes_for(cls, max_shape: Sequence[int]) -> dict:
+        f, h, w = (int(v) for v in max_shape[:3])
+        if h != w:
+            raise ConfigError(f"video encoder needs square frames, featurizer gives {h}x{w}")
+        return {"frames": f, "size": h}
+
+    @classmethod
+    def input_shape(cls, cfg: OmniConfig, section: Config) -> tuple[int, ...]:
+        return (section.frames, section.size, section.size, 3)
+
+    def __init__(self, cfg: OmniConfig, section: Config | None = None) -> None:
+        super().__init__(cfg, section)
+        sec = self.section
+        self.frames = sec.frames
+        self.size = sec.size
+        self.patch = sec.patch
+        self.tubelet = sec.tubelet
+        n = (sec.frames // sec.tubelet) * (sec.size // sec.patch) ** 2
+        self.target_dim = sec.tubelet * sec.patch**2 * 3
         self.proj = nn.Linear(self.target_dim, cfg.d_model)
         self.pos = nn.Parameter(torch.randn(1, n, cfg.d_model) * 0.02)
 

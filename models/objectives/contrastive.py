@@ -1,137 +1,90 @@
-"""Symmetric InfoNCE over any set of modality pairs, with cross-worker negatives."""
+"""Symmetric InfoNCE between two modalities, with cross-worker negatives.
+
+The loss is OpenCLIP's "local loss": this worker's rows are the queries, the keys are the
+rows of *every* worker (gathered with gradients), so each worker's encoder gets the gradient
+of its own queries and of its rows used as keys elsewhere.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from itertools import combinations
-from typing import Any
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-
-from models.model import OmniOutput
-from models.objectives.base import Objective, present_of
 
 GatherFn = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a local ``(B, ...)`` tensor to the ``(W*B, ...)`` concatenation over the ``W``
+workers, in rank order, keeping gradients (``jobs.training.engine.gather_with_grad``).
+Every worker must call it the same number of times with the same ``B``."""
+
+IGNORE_INDEX = -100
+"""Label of a row whose class is unknown (never a positive of another row)."""
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenates ``x`` ``(B, ...)`` from every rank along dim 0, keeping gradients
-    (``torch.distributed.nn.all_gather``); identity when not distributed. Every rank must
-    pass the same ``B`` (pad otherwise)."""
-    import torch.distributed as dist
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    present_a: torch.Tensor,
+    present_b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    max_scale: float = 100.0,
+    labels: torch.Tensor | None = None,
+    gather: GatherFn | None = None,
+    rank: int = 0,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between modalities ``a`` and ``b``: local queries vs gathered keys.
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn import all_gather
-
-    return torch.cat(all_gather(x), 0)
-
-
-class ContrastiveLoss(Objective):
-    """CLIP-style symmetric InfoNCE with the model's learnable temperature.
+    ``loss = (CE(a -> keys_b) + CE(b -> keys_a)) / 2`` where ``CE(q -> keys)`` is the mean,
+    over this worker's rows having both modalities, of ``-sum_k t_k log softmax_k(s q.k)``
+    with ``s = min(exp(logit_scale), max_scale)``. Keys are the gathered rows that have the
+    key modality. The target ``t`` puts equal mass on the row's own pair and, when ``labels``
+    are given, on every key of the same known class (multi-positive targets, for corpora
+    whose pairs are category-level).
 
     Args:
-        pairs: Modality pairs, e.g. ``[("image", "text"), ("audio", "image")]``; a member
-            may be ``"fused"`` (the fused embedding). Default: every pair of the
-            modalities present in the output.
-        gather_fn: Maps a local ``(B, ...)`` tensor to the global ``(W*B, ...)`` one with
-            gradients (e.g. :func:`all_gather_with_grad`) so negatives come from every
-            worker. Identity by default.
-        use_labels: Rows sharing a (known) label are positives too (multi-positive soft
-            targets); for semantically paired corpora such as OmniDigits.
-        max_logit_scale: Clamp of ``exp(logit_scale)``.
-        weight: Loss weight.
+        a, b: ``(B, E)`` L2-normalized embeddings of this worker's rows.
+        present_a, present_b: ``(B,)`` bool rows that have each modality.
+        logit_scale: Scalar learnable log inverse temperature.
+        max_scale: Clamp of ``exp(logit_scale)``.
+        labels: ``(B,)`` int class ids (``IGNORE_INDEX`` unknown) for multi-positive
+            targets; None: only the row's own pair is a positive.
+        gather: Cross-worker gather with gradients (see :data:`GatherFn`); None = one worker.
+            Called three times on every worker whatever its rows hold (embeddings ``a``,
+            ``b`` and a float ``(B, 3)`` presence/label table) so no worker waits alone.
+        rank: This worker's index in the gathered order (its rows are keys
+            ``rank*B .. rank*B+B-1``).
+
+    Returns:
+        Scalar loss; a zero still attached to ``a``, ``b`` and ``logit_scale`` when no row
+        of this worker has both modalities (every worker's graph covers the same parameters).
     """
-
-    name = "contrastive"
-    batch_keys = ("{m}_present", "label")
-
-    def __init__(
-        self,
-        pairs: Sequence[tuple[str, str]] | None = None,
-        *,
-        gather_fn: GatherFn | None = None,
-        use_labels: bool = False,
-        max_logit_scale: float = 100.0,
-        weight: float = 1.0,
-    ) -> None:
-        super().__init__(weight)
-        self.pairs = [tuple(p) for p in pairs] if pairs is not None else None
-        self.gather_fn = gather_fn
-        self.use_labels = use_labels
-        self.max_logit_scale = max_logit_scale
-
-    def _embed(self, out: OmniOutput, batch: Mapping[str, Any], m: str):
-        if m == "fused":
-            if out.fused is None:
-                return None, None
-            rows = torch.zeros(out.fused.shape[0], dtype=torch.bool, device=out.fused.device)
-            for p in out.present.values():
-                rows |= p
-            return out.fused, rows
-        if m not in out.embeds:
-            return None, None
-        return out.embeds[m], present_of(out, batch, m)
-
-    def pair_loss(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        rows: torch.Tensor,
-        logit_scale: torch.Tensor,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
-        """InfoNCE of one pair over the (gathered) rows where both are present.
-
-        Args:
-            a, b: ``(B, E)`` L2-normalized embeddings.
-            rows: ``(B,)`` bool rows to use.
-            logit_scale: Log inverse temperature (scalar).
-            labels: ``(B,)`` int64 (-100 unknown), for multi-positive targets.
-
-        Returns:
-            Scalar loss, or None when fewer than 2 rows are usable.
-        """
-        g = self.gather_fn or (lambda x: x)
-        a, b = g(a), g(b)
-        rows = g(rows.to(a.dtype)) > 0.5
-        if labels is not None:
-            labels = g(labels.to(a.dtype)).round().long()
-        if int(rows.sum()) < 2:
-            return None
-        a, b = a[rows], b[rows]
-        logits = logit_scale.exp().clamp(max=self.max_logit_scale) * a @ b.t()  # (n, n)
-        n = logits.shape[0]
-        eye = torch.eye(n, device=logits.device)
-        if labels is not None:
-            lab = labels[rows]
-            known = lab >= 0
-            same = (lab[:, None] == lab[None, :]) & known[:, None] & known[None, :]
-            target = (same.to(logits.dtype) + eye).clamp(max=1.0)
-            target = target / target.sum(1, keepdim=True)
-            loss_ab = -(target * logits.log_softmax(1)).sum(1).mean()
-            loss_ba = -(target.t() * logits.t().log_softmax(1)).sum(1).mean()
-        else:
-            idx = torch.arange(n, device=logits.device)
-            loss_ab = F.cross_entropy(logits, idx)
-            loss_ba = F.cross_entropy(logits.t(), idx)
-        return 0.5 * (loss_ab + loss_ba)
-
-    def forward(self, out: OmniOutput, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        if out.logit_scale is None:
-            raise ValueError("ContrastiveLoss needs out.logit_scale")
-        pairs = self.pairs
-        if pairs is None:
-            pairs = list(combinations(list(out.embeds), 2))
-        labels = batch.get("label") if self.use_labels else None
-        parts: dict[str, torch.Tensor] = {}
-        for ma, mb in pairs:
-            a, ra = self._embed(out, batch, ma)
-            b, rb = self._embed(out, batch, mb)
-            if a is None or b is None:
-                continue
-            loss = self.pair_loss(a, b, ra & rb, out.logit_scale, labels)
-            if loss is not None:
-                parts[f"contrastive_{ma}_{mb}"] = loss
-        return self._result(out, parts)
+    g = gather or (lambda x: x)
+    bsz = a.shape[0]
+    if labels is not None:
+        lab = labels.long()
+    else:
+        lab = torch.full((bsz,), IGNORE_INDEX, dtype=torch.long, device=a.device)
+    # One float table for presence and labels (exact for ids < 2**24): one collective.
+    meta = torch.stack([present_a.float(), present_b.float(), lab.float()], 1)  # (B, 3)
+    ga, gb, gmeta = g(a), g(b), g(meta)  # (W*B, E), (W*B, E), (W*B, 3)
+    gpa, gpb, glab = gmeta[:, 0] > 0.5, gmeta[:, 1] > 0.5, gmeta[:, 2].round().long()
+    scale = logit_scale.exp().clamp(max=max_scale)
+    both = present_a.bool() & present_b.bool()
+    zero = (ga.sum() + gb.sum() + scale.sum()) * 0.0
+    if not bool(both.any()):
+        return zero
+    rows = torch.arange(bsz, device=a.device)
+    if labels is not None:
+        tgt = (lab[:, None] == glab[None, :]) & (lab[:, None] != IGNORE_INDEX)
+    else:
+        tgt = torch.zeros(bsz, ga.shape[0], dtype=torch.bool, device=a.device)
+    tgt[rows, rows + rank * bsz] = True  # each row's own pair among the gathered keys
+    loss = zero
+    for q, keys, key_present in ((a, gb, gpb), (b, ga, gpa)):
+        logits = scale * q @ keys.t()  # (B, W*B)
+        logits = logits.masked_fill(~key_present[None, :], float("-inf"))
+        t = (tgt & key_present[None, :]).float()
+        t = t / t.sum(1, keepdim=True).clamp_min(1.0)
+        logp = logits.float().log_softmax(1).masked_fill(~key_present[None, :], 0.0)
+        loss = loss + (-(t * logp).sum(1))[both].mean()
+    return loss / 2

@@ -3,13 +3,13 @@
 Usage (INTERFACES §2)::
 
     from pipelines.featurize import get_featurizer, FEATURIZERS, SampleError
-    f = get_featurizer("audio", feature_config)
-    arr = f.from_bytes(raw, suffix=".wav")          # (T, F) float16
-    ids = get_featurizer("text", cfg, tokenizer_dir=d).from_text("the digit seven")
+    f = get_featurizer(name, feature_config)       # Featurizer (pipelines.featurize.base)
+    arr = f.featurize(raw, suffix=f.sniff(raw))     # the record's dtype and rank
 
 Adding a modality is one new module in this package that defines a
 :class:`~pipelines.featurize.base.Featurizer` subclass decorated with
-``@register("name")``; every module here is imported on first use of the registry.
+``@register("name")`` (``name`` must be declared in :mod:`common.modalities`); every
+module here is imported with the registry.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import importlib
 import pkgutil
 from typing import Any
 
+from common.modalities import check_registered
 from pipelines.config import FeatureConfig
 from pipelines.featurize.base import REASONS, Featurizer, SampleError
 
@@ -26,12 +27,20 @@ FEATURIZERS: dict[str, type[Featurizer]] = {}
 
 
 def register(name: str):
-    """Class decorator registering a :class:`Featurizer` subclass under ``name``."""
+    """Class decorator registering a :class:`Featurizer` subclass under ``name``.
+
+    Sets ``cls.modality`` and ``cls.dtype`` (from the modality record).
+
+    Raises:
+        ValueError: ``name`` is not a declared modality, or is registered twice.
+    """
 
     def deco(cls: type[Featurizer]) -> type[Featurizer]:
-        if name in FEATURIZERS and FEATURIZERS[name] is not cls:
+        record = check_registered("featurizers", name)
+        if name in FEATURIZERS and FEATURIZERS[name].__qualname__ != cls.__qualname__:
             raise ValueError(f"featurizer {name!r} registered twice")
         cls.modality = name
+        cls.dtype = record.np_dtype
         FEATURIZERS[name] = cls
         return cls
 
@@ -49,9 +58,10 @@ def get_featurizer(name: str, config: FeatureConfig | None = None, **kwargs: Any
     """Builds the featurizer registered as ``name``.
 
     Args:
-        name: Modality name, e.g. ``"image"``.
+        name: Modality name.
         config: Feature sizes; defaults to :class:`FeatureConfig` defaults.
-        **kwargs: Modality-specific arguments (``tokenizer_dir`` for text).
+        **kwargs: Featurizer-specific arguments (``tokenizer_dir`` / ``tokenizer`` for a
+            ``tokenized`` featurizer).
 
     Raises:
         KeyError: For an unknown modality (the message lists the known ones).

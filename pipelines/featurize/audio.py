@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 from functools import lru_cache
 from math import gcd
 from typing import Any
@@ -88,11 +89,71 @@ def wav_truncation(data: bytes) -> str | None:
 class AudioFeaturizer(Featurizer):
     """Audio -> float16 (T, F), T <= ``max_frames``, F = n_mels (logmel) or n_mfcc."""
 
+    @dataclass
+    class Config:
+        """Audio -> float16 (T, F) log-mel (or MFCC) frames.
+
+        Attributes:
+            sample_rate: Rate everything is resampled to (Hz).
+            features: ``logmel`` or ``mfcc``.
+            n_mels: Mel bins (F for ``logmel``).
+            n_mfcc: Cepstral coefficients kept (F for ``mfcc``).
+            win_ms: Analysis window length in milliseconds.
+            hop_ms: Hop between frames in milliseconds.
+            max_frames: T is at most this; longer clips are centre-cropped.
+            max_seconds: Clips longer than this are ``too_large`` (checked from the header).
+            normalize: Per-utterance mean/variance normalization of each feature bin.
+        """
+
+        sample_rate: int = 16_000
+        features: str = "logmel"
+        n_mels: int = 40
+        n_mfcc: int = 20
+        win_ms: float = 25.0
+        hop_ms: float = 10.0
+        max_frames: int = 128
+        max_seconds: float = 600.0
+        normalize: bool = True
+
+        def __post_init__(self) -> None:
+            if self.features not in ("logmel", "mfcc"):
+                raise ValueError(f"features must be 'logmel' or 'mfcc', got {self.features!r}")
+
+        @property
+        def num_features(self) -> int:
+            return self.n_mels if self.features == "logmel" else self.n_mfcc
+
     suffixes = (".wav", ".flac", ".ogg", ".aiff", ".aif")
-    dtype = np.dtype(np.float16)
 
     def output_shape(self) -> tuple[int | None, int]:
-        return (None, self.config.audio.num_features)
+        return (None, self.section.num_features)
+
+    def max_output_shape(self) -> tuple[int, int]:
+        return (self.section.max_frames, self.section.num_features)
+
+    @classmethod
+    def sniff(cls, data: bytes) -> str | None:
+        if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+            return ".wav"
+        if data[:4] == b"fLaC":
+            return ".flac"
+        if data[:4] == b"OggS":
+            return ".ogg"
+        if data[:4] == b"FORM" and data[8:12] in (b"AIFF", b"AIFC"):
+            return ".aiff"
+        return None
+
+    def example(self, rng: np.random.Generator, label: int = 0) -> tuple[bytes, str]:
+        """A 0.4 s 16-bit WAV tone whose pitch is set by ``label`` (220 Hz * 2^(label/4))."""
+        sr = 16_000
+        t = np.arange(int(0.4 * sr)) / sr
+        f0 = 220.0 * 2.0 ** ((int(label) % 10) / 4.0) * rng.uniform(0.99, 1.01)
+        x = 0.4 * np.sin(2 * np.pi * f0 * t + rng.uniform(0, 2 * np.pi))
+        x = x * np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.02)  # 20 ms fades
+        x = x + rng.normal(0, 0.01, x.shape)
+        buf = io.BytesIO()
+        sf.write(buf, x.astype(np.float32), sr, format="WAV", subtype="PCM_16")
+        return buf.getvalue(), ".wav"
 
     def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
         """Decodes one audio file and featurizes it.
@@ -103,7 +164,7 @@ class AudioFeaturizer(Featurizer):
         """
         if not data:
             raise SampleError("empty", "zero-byte audio file")
-        cfg = self.config.audio
+        cfg = self.section
         trunc = wav_truncation(data)
         if trunc is not None:
             raise SampleError("truncated", trunc)
@@ -138,7 +199,7 @@ class AudioFeaturizer(Featurizer):
 
         Args:
             array: Samples, time first.
-            sample_rate: Its rate (defaults to ``config.audio.sample_rate``).
+            sample_rate: Its rate (defaults to ``section.sample_rate``).
         """
         a = np.asarray(array)
         if a.dtype.kind == "i":
@@ -154,14 +215,14 @@ class AudioFeaturizer(Featurizer):
             raise SampleError("bad_shape", f"audio array shape {a.shape}")
         if a.shape[0] == 0:
             raise SampleError("empty", "no audio samples")
-        sr = int(sample_rate or self.config.audio.sample_rate)
-        if a.shape[0] / sr > self.config.audio.max_seconds or a.shape[1] > 64:
+        sr = int(sample_rate or self.section.sample_rate)
+        if a.shape[0] / sr > self.section.max_seconds or a.shape[1] > 64:
             raise SampleError("too_large", f"audio array shape {a.shape} at {sr} Hz")
         return self._features(a.astype(np.float32, copy=False), sr)
 
     def _features(self, x: np.ndarray, sr: int) -> np.ndarray:
         """(N, C) float32 waveform at ``sr`` -> float16 (T, F) features."""
-        cfg = self.config.audio
+        cfg = self.section
         check_finite(x, "audio")
         mono = x.mean(axis=1)
         mono = resample(mono, sr, cfg.sample_rate)

@@ -1,18 +1,27 @@
-"""The featurizer contract shared by the pipeline, training and serving.
+"""The featurizer contract shared by the pipeline, training, evaluation and serving.
 
-A featurizer turns one raw item of its modality (file bytes, an array, or a string)
-into the fixed featurized form of INTERFACES §1, raising :class:`SampleError` with a
-machine-readable ``reason`` for anything it refuses. It is also a pure batch function
-(``dict[str, np.ndarray] -> dict[str, np.ndarray]``, Ray Data's ``map_batches`` shape).
+A featurizer turns one raw item of its modality (file bytes, an array, or an inline
+value such as a string) into the fixed featurized form of its modality record
+(:mod:`common.modalities`: dtype and rank), raising :class:`SampleError` with a
+machine-readable ``reason`` for anything it refuses.
+
+Two phases, so that a featurizer may learn statistics from the training split:
+:meth:`Featurizer.decode` (stage 1, per item, in parallel) and :meth:`Featurizer.finalize`
+(stage 2, after the driver called :meth:`Featurizer.fit` on the TRAIN split's decoded
+items and merged the returned section updates into the data config).
+:meth:`Featurizer.featurize` = ``finalize(decode(raw))`` is what serving and evaluation call.
 """
 
 from __future__ import annotations
 
 import io
+import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
+from common.modalities import get_modality
 from pipelines.config import FeatureConfig
 
 #: Reasons a sample can be refused for (others may be added by new featurizers).
@@ -38,6 +47,8 @@ ROW_REASONS: tuple[str, ...] = (
     "no_valid_modality",
 )
 
+_PATHLIKE = re.compile(r"^[^\s]+\.[A-Za-z0-9]{1,8}$")
+
 
 class SampleError(Exception):
     """A sample refused by a featurizer (or the pipeline's reader).
@@ -56,20 +67,105 @@ class SampleError(Exception):
 class Featurizer:
     """Base class: one instance per modality and :class:`FeatureConfig`.
 
-    Subclasses set ``modality``, ``suffixes`` and ``dtype``, implement
-    :meth:`from_bytes` (and :meth:`from_array` where arrays make sense), and register
-    themselves with :func:`pipelines.featurize.register`.
+    A subclass declares its ``Config`` dataclass (its section of ``features:`` in the
+    data YAML), ``suffixes``, :meth:`sniff`, :meth:`example`, :meth:`output_shape`,
+    :meth:`max_output_shape` and :meth:`from_bytes` (and :meth:`from_array` /
+    :meth:`from_value` where those inputs make sense), and registers itself with
+    :func:`pipelines.featurize.register`, which sets ``modality`` and ``dtype`` (from the
+    modality record).
+
+    Attributes:
+        config: The whole :class:`FeatureConfig`.
+        section: This modality's ``Config`` instance (``config.section(modality)``).
     """
 
+    @dataclass
+    class Config:
+        """A featurizer without settings."""
+
     modality: ClassVar[str] = ""
+    #: Set by ``register`` from the modality record; featurized items have this dtype.
+    dtype: ClassVar[np.dtype] = np.dtype(np.float32)
     #: File suffixes (lower case, with dot) this featurizer decodes; first is the default.
     suffixes: ClassVar[tuple[str, ...]] = ()
-    dtype: ClassVar[np.dtype] = np.dtype(np.float32)
+    #: dtype of the stage-1 (decoded) form when it differs from ``dtype``; ``"str"`` for a
+    #: string (stored as a string column between the two stages). ``None``: ``dtype``.
+    decoded_dtype: ClassVar[str | None] = None
+    #: Needs the corpus BPE tokenizer (``tokenizer=`` / ``tokenizer_dir=``); prepare trains
+    #: it on this modality's decoded items (``section.vocab_size``) unless one is given.
+    tokenized: ClassVar[bool] = False
+    #: Near-duplicate method of :mod:`pipelines.dedupe` for this modality (``"phash"`` on
+    #: a uint8 image, ``"minhash"`` on a string), ``None`` when there is none.
+    near_dedupe: ClassVar[str | None] = None
 
     def __init__(self, config: FeatureConfig | None = None, **_: Any) -> None:
         self.config = config or FeatureConfig()
+        self.section = self.config.section(self.modality)
 
-    # -- single items -------------------------------------------------------------
+    # -- declared facts -------------------------------------------------------------
+    def output_shape(self) -> tuple[int | None, ...]:
+        """Shape of one featurized item; ``None`` marks a variable (bounded) axis."""
+        raise NotImplementedError
+
+    def max_output_shape(self) -> tuple[int, ...]:
+        """Upper bound of every axis of :meth:`output_shape` (what encoders size for)."""
+        shape = self.output_shape()
+        if any(s is None for s in shape):
+            raise NotImplementedError(f"{self.modality}: declare max_output_shape()")
+        return tuple(int(s) for s in shape)  # type: ignore[arg-type]
+
+    @classmethod
+    def sniff(cls, data: bytes) -> str | None:
+        """File suffix (``".png"``) from the first bytes; ``None``: not this modality's."""
+        return None
+
+    def example(self, rng: np.random.Generator, label: int = 0) -> tuple[Any, str | None]:
+        """A small real-looking raw input whose content depends on ``label`` (0..9).
+
+        Returns:
+            ``(bytes of a file, suffix)``, or ``(inline value, None)``.
+        """
+        raise NotImplementedError
+
+    def model_args(self) -> dict[str, Any]:
+        """Top-level model config fields this featurizer fixes (default none)."""
+        return {}
+
+    def accepts_inline(self, value: Any) -> bool:
+        """Whether a manifest value is the item itself rather than a path to a file.
+
+        Only modalities whose record is ``inline`` take inline values; a string that looks
+        like a file name with one of :attr:`suffixes` is a path.
+        """
+        if not get_modality(self.modality).inline:
+            return False
+        if isinstance(value, str):
+            v = value.strip()
+            return not (_PATHLIKE.match(v) and v.lower().endswith(self.suffixes))
+        return True
+
+    def exact_key(self, item: Any, data: bytes | None) -> str:
+        """Content hash for exact deduplication: of the cleaned string when the decoded form
+        is one, else of the file's raw bytes (of the decoded array for inline values)."""
+        from pipelines.dedupe import content_hash
+
+        if isinstance(item, str) or self.decoded_dtype == "str":
+            return content_hash(str(item))
+        if data is not None:
+            return content_hash(data)
+        a = np.ascontiguousarray(item)
+        return content_hash(f"{a.dtype}{a.shape}".encode() + a.tobytes())
+
+    def caption_key(self, item: Any) -> str | None:
+        """For a caption-like modality, a key equal for captions differing only in case,
+        spacing and punctuation (``dedupe.drop_captions_of_duplicate_rows``); else None."""
+        return None
+
+    def warm_up(self) -> None:
+        """Loads what the first item would otherwise load lazily (heavy libraries), so a
+        long-lived process (a serving replica) does not make its first request pay for it."""
+
+    # -- stage 1 -------------------------------------------------------------------
     def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
         """Decodes, validates and featurizes one raw file's bytes."""
         raise NotImplementedError
@@ -78,55 +174,53 @@ class Featurizer:
         """Validates and featurizes one already-decoded array."""
         raise SampleError("unsupported_format", f"{self.modality} does not accept arrays")
 
-    def output_shape(self) -> tuple[int | None, ...]:
-        """Shape of one featurized item; ``None`` marks a variable (bounded) axis."""
-        raise NotImplementedError
+    def from_value(self, value: Any) -> np.ndarray:
+        """An inline manifest/request value (a string, a JSON object) -> stage-1 form."""
+        if isinstance(value, str | dict | list):
+            raise SampleError(
+                "unsupported_format", f"{self.modality} takes no inline {type(value).__name__}"
+            )
+        return self.from_array(np.asarray(value))
 
-    def warm_up(self) -> None:
-        """Loads what the first item would otherwise load lazily (heavy libraries), so a
-        long-lived process (a serving replica) does not make its first request pay for it."""
-
-    def featurize(self, item: Any, suffix: str | None = None) -> np.ndarray:
-        """Dispatches one raw item by type: bytes -> :meth:`from_bytes`, else array."""
-        if isinstance(item, bytes | bytearray | memoryview):
-            return self.from_bytes(bytes(item), suffix=suffix)
-        if isinstance(item, io.IOBase):
-            return self.from_bytes(item.read(), suffix=suffix)
-        if item is None:
+    def decode(self, raw: Any, suffix: str | None = None) -> Any:
+        """Stage-1 form of one raw item: bytes -> :meth:`from_bytes`, ndarray ->
+        :meth:`from_array`, anything else -> :meth:`from_value`."""
+        if raw is None:
             raise SampleError("empty", "no data")
-        return self.from_array(np.asarray(item))
+        if isinstance(raw, bytes | bytearray | memoryview):
+            return self.from_bytes(bytes(raw), suffix=suffix)
+        if isinstance(raw, io.IOBase):
+            return self.from_bytes(raw.read(), suffix=suffix)
+        if isinstance(raw, np.ndarray):
+            return self.from_array(raw)
+        return self.from_value(raw)
 
-    # -- batches ------------------------------------------------------------------
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Featurizes a batch column; pure (the input batch is not modified).
+    # -- statistics from the training split, and stage 2 -----------------------------
+    def fit(self, items: list[Any]) -> dict[str, Any] | None:
+        """Statistics from the TRAIN split's decoded items -> updates of this section.
 
-        Args:
-            batch: ``batch[modality]``: object array (B,) of raw items (bytes, arrays,
-                or strings for text; ``None`` = absent). Optional
-                ``batch[f"{modality}_suffix"]`` (B,) gives each item's file suffix.
-
-        Returns:
-            A new dict with every input key, ``modality`` replaced by an object array (B,)
-            of featurized ndarrays (``None`` where absent or refused) and
-            ``f"{modality}_error"`` (B,) holding ``"reason: detail"`` or ``None``.
+        Prepare calls it only for featurizers that override it, and writes the merged
+        section into ``data_config.yaml``; the default fits nothing.
         """
-        m = self.modality
-        items = batch[m]
-        suffixes = batch.get(f"{m}_suffix")
-        out_items = np.empty(len(items), dtype=object)
-        errors = np.empty(len(items), dtype=object)
-        for i, item in enumerate(items):
-            if item is None:
-                continue
-            suffix = None if suffixes is None else suffixes[i]
-            try:
-                out_items[i] = self.featurize(item, suffix=suffix)
-            except SampleError as e:
-                errors[i] = str(e)
-        out = dict(batch)
-        out[m] = out_items
-        out[f"{m}_error"] = errors
-        return out
+        return None
+
+    def finalize(self, item: Any) -> np.ndarray:
+        """Stage-1 form -> featurized item (applies fitted statistics); default identity."""
+        return item
+
+    def featurize(self, raw: Any, suffix: str | None = None) -> np.ndarray:
+        """``finalize(decode(raw, suffix))``: what serving and evaluation call."""
+        return self.finalize(self.decode(raw, suffix))
+
+    @classmethod
+    def has_stage2(cls) -> bool:
+        """Whether stage 2 must transform this modality's stage-1 form (finalize or fit)."""
+        return cls.finalize is not Featurizer.finalize or cls.fit is not Featurizer.fit
+
+    @classmethod
+    def is_fitted(cls) -> bool:
+        """Whether prepare must call :meth:`fit` on the training split."""
+        return cls.fit is not Featurizer.fit
 
 
 def check_finite(x: np.ndarray, what: str) -> None:

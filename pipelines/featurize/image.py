@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,14 +37,72 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 @register("image")
 class ImageFeaturizer(Featurizer):
-    """Images -> uint8 (H, W, 3) with H = W = ``config.image.size``."""
+    """Images -> uint8 (H, W, 3) with H = W = ``section.size``."""
+
+    @dataclass
+    class Config:
+        """Images -> uint8 (size, size, 3): shorter side resized to ``size``, centre crop.
+
+        Attributes:
+            size: Output height and width.
+            max_pixels: Decoded width*height above this is a decompression bomb
+                (``too_large``).
+        """
+
+        size: int = 32
+        max_pixels: int = 40_000_000
 
     suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-    dtype = np.dtype(np.uint8)
+    near_dedupe = "phash"
 
     def output_shape(self) -> tuple[int, int, int]:
-        s = self.config.image.size
+        s = self.section.size
         return (s, s, 3)
+
+    @classmethod
+    def sniff(cls, data: bytes) -> str | None:
+        if data.startswith(b"\x89PNG"):
+            return ".png"
+        if data.startswith(b"\xff\xd8\xff"):
+            return ".jpg"
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return ".gif"
+        if data.startswith(b"BM"):
+            return ".bmp"
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return ".webp"
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return ".tif"
+        return None
+
+    def example(self, rng: np.random.Generator, label: int = 0) -> tuple[bytes, str]:
+        """A PNG (40x48) of one of ten shapes (``label``) in a random colour and place."""
+        from PIL import ImageDraw
+
+        h, w = 40, 48
+        bg = tuple(int(c) for c in rng.integers(200, 256, 3))
+        ink = tuple(int(c) for c in rng.integers(0, 90, 3))
+        img = Image.new("RGB", (w, h), bg)
+        d = ImageDraw.Draw(img)
+        cx, cy = w / 2 + rng.uniform(-4, 4), h / 2 + rng.uniform(-3, 3)
+        r = rng.uniform(11, 15)
+        k = int(label) % 10
+        if k == 0:
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=ink)
+        elif k == 1:
+            d.rectangle([cx - 2, cy - r, cx + 2, cy + r], fill=ink)
+        elif k == 2:
+            d.rectangle([cx - r, cy - 2, cx + r, cy + 2], fill=ink)
+        elif k == 3:
+            d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=ink)
+        else:  # regular polygons with 3..8 corners
+            n = k if k < 9 else 3
+            ang = np.pi / 2 * (k == 9) + np.arange(n) * 2 * np.pi / n
+            d.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a in ang], fill=ink)
+        a = np.asarray(img, np.int16) + rng.integers(-6, 7, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(buf, "PNG")
+        return buf.getvalue(), ".png"
 
     def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
         """Decodes and featurizes one image file.
@@ -53,7 +112,7 @@ class ImageFeaturizer(Featurizer):
         """
         if not data:
             raise SampleError("empty", "zero-byte image")
-        cfg = self.config.image
+        cfg = self.section
         with warnings.catch_warnings():
             # PIL warns (not raises) between MAX_IMAGE_PIXELS and 2x; we check ourselves.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -102,7 +161,7 @@ class ImageFeaturizer(Featurizer):
             raise SampleError("bad_shape", f"image array shape {a.shape}")
         if a.size == 0:
             raise SampleError("empty", f"image array shape {a.shape}")
-        if a.shape[0] * a.shape[1] > self.config.image.max_pixels:
+        if a.shape[0] * a.shape[1] > self.section.max_pixels:
             raise SampleError("too_large", f"image array shape {a.shape}")
         check_finite(a, "image")
         if a.dtype.kind == "f":
@@ -110,4 +169,4 @@ class ImageFeaturizer(Featurizer):
         a = np.clip(a, 0, 255).astype(np.uint8)
         # fromarray infers L / RGB / RGBA from the (contiguous uint8) shape.
         img = Image.fromarray(np.ascontiguousarray(a))
-        return resize_center_crop(to_rgb(img), self.config.image.size)
+        return resize_center_crop(to_rgb(img), self.section.size)

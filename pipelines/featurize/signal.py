@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,12 +31,56 @@ def resample_linear(x: np.ndarray, length: int) -> np.ndarray:
 class SignalFeaturizer(Featurizer):
     """Signals -> float16 (channels, length)."""
 
+    @dataclass
+    class Config:
+        """Multichannel signals -> float16 (channels, length), per-channel z-normalized.
+
+        ``.npy`` arrays are read as (C, L) (1-D as (1, L)); CSV columns are channels,
+        rows are time steps.
+
+        Attributes:
+            channels: Required channel count C (``None`` keeps whatever the file has).
+            length: L after linear resampling.
+            max_channels: More channels is ``too_large``.
+            max_length: More time steps is ``too_large``.
+        """
+
+        channels: int | None = 3
+        length: int = 128
+        max_channels: int = 1024
+        max_length: int = 10_000_000
+
     suffixes = (".npy", ".csv")
-    dtype = np.dtype(np.float16)
 
     def output_shape(self) -> tuple[int | None, int]:
-        c = self.config.signal
+        c = self.section
         return (c.channels, c.length)
+
+    def max_output_shape(self) -> tuple[int, int]:
+        c = self.section
+        return (c.channels or c.max_channels, c.length)
+
+    @classmethod
+    def sniff(cls, data: bytes) -> str | None:
+        if data.startswith(b"\x93NUMPY"):
+            return ".npy"
+        try:
+            head = data[:4096].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return ".csv" if "," in head or head.strip().replace(".", "").isdigit() else None
+
+    def example(self, rng: np.random.Generator, label: int = 0) -> tuple[bytes, str]:
+        """A ``.npy`` float32 (C, 200) of sines whose frequency is ``label`` + 1 cycles."""
+        c = self.section.channels or 3
+        t = np.linspace(0.0, 1.0, 200)
+        k = int(label) % 10 + 1
+        phase = rng.uniform(0, 2 * np.pi, (c, 1))
+        x = np.sin(2 * np.pi * k * t[None, :] * np.arange(1, c + 1)[:, None] + phase)
+        x = x + rng.normal(0, 0.05, x.shape)
+        buf = io.BytesIO()
+        np.save(buf, x.astype(np.float32), allow_pickle=False)
+        return buf.getvalue(), ".npy"
 
     def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
         """Parses one ``.npy`` or CSV file and featurizes it.
@@ -46,7 +91,7 @@ class SignalFeaturizer(Featurizer):
         """
         if not data:
             raise SampleError("empty", "zero-byte signal file")
-        suffix = normalize_suffix(suffix, ".npy" if data[:6] == b"\x93NUMPY" else ".csv")
+        suffix = normalize_suffix(suffix, self.sniff(data) or ".csv")
         if suffix == ".npy":
             arr = self._load_npy(data)
         elif suffix == ".csv":
@@ -56,7 +101,7 @@ class SignalFeaturizer(Featurizer):
         return self.from_array(arr)
 
     def _load_npy(self, data: bytes) -> np.ndarray:
-        cfg = self.config.signal
+        cfg = self.section
         f = io.BytesIO(data)
         try:
             version = np.lib.format.read_magic(f)
@@ -84,7 +129,7 @@ class SignalFeaturizer(Featurizer):
             raise SampleError("decode_error", f"{type(e).__name__}: {e}") from e
 
     def _load_csv(self, data: bytes) -> np.ndarray:
-        cfg = self.config.signal
+        cfg = self.section
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -107,7 +152,7 @@ class SignalFeaturizer(Featurizer):
 
     def from_array(self, array: np.ndarray, **_: Any) -> np.ndarray:
         """Featurizes a numeric (L,) or (C, L) array."""
-        cfg = self.config.signal
+        cfg = self.section
         a = np.asarray(array)
         if a.dtype.hasobject or a.dtype.kind not in "biuf":
             raise SampleError("bad_dtype", f"signal dtype {a.dtype} (only numeric arrays)")

@@ -1,6 +1,8 @@
 """Text featurizer: string or UTF-8 ``.txt`` -> int32 (L,) BPE ids ``<bos> ... <eos>``.
 
-Cleaning (also used before tokenizer training): Unicode NFC, control characters
+Two phases: :meth:`TextFeaturizer.decode` cleans (stage 1; the cleaned string is what
+deduplication and tokenizer training see), :meth:`TextFeaturizer.finalize` tokenizes.
+Cleaning: Unicode NFC, control characters
 removed (tabs/newlines become spaces), whitespace collapsed, optional lower-casing, and
 length bounds. Text that is mostly control characters is refused as ``control_chars``.
 """
@@ -9,11 +11,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipelines.dedupe import normalize_text_key
 from pipelines.featurize import register
 from pipelines.featurize.base import Featurizer, SampleError
 from pipelines.tokenizer import BOS_ID, EOS_ID, load_tokenizer
@@ -23,17 +27,41 @@ _WS = re.compile(r"\s+")
 
 @register("text")
 class TextFeaturizer(Featurizer):
-    """Text -> int32 (L,), 2 <= L <= ``config.text.max_len``.
+    """Text -> int32 (L,), 2 <= L <= ``section.max_len``.
 
     Args:
         config: Feature config.
         tokenizer_dir: Directory (or ``tokenizer.json``) of the BPE tokenizer; only
-            :meth:`clean` works without one.
+            :meth:`clean` / :meth:`decode` work without one.
         tokenizer: An already loaded ``tokenizers.Tokenizer`` (instead of the dir).
     """
 
+    @dataclass
+    class Config:
+        """Text cleaning and tokenization.
+
+        Attributes:
+            max_len: Token ids per sample, ``<bos>`` and ``<eos>`` included (longer is cut).
+            vocab_size: Target BPE vocabulary size when a tokenizer is trained.
+            min_chars: Cleaned text shorter than this is quarantined as ``empty``.
+            max_chars: Cleaned text longer than this is quarantined as ``too_large``.
+            max_control_fraction: Raw text whose share of control characters exceeds
+                this is quarantined as ``control_chars`` (binary junk); below it they are
+                stripped.
+            lowercase: Lower-case after Unicode NFC normalization.
+        """
+
+        max_len: int = 32
+        vocab_size: int = 1024
+        min_chars: int = 1
+        max_chars: int = 10_000
+        max_control_fraction: float = 0.1
+        lowercase: bool = False
+
     suffixes = (".txt",)
-    dtype = np.dtype(np.int32)
+    decoded_dtype = "str"
+    tokenized = True
+    near_dedupe = "minhash"
 
     def __init__(
         self,
@@ -50,9 +78,33 @@ class TextFeaturizer(Featurizer):
     def output_shape(self) -> tuple[None]:
         return (None,)
 
+    def max_output_shape(self) -> tuple[int]:
+        return (self.section.max_len,)
+
+    @classmethod
+    def sniff(cls, data: bytes) -> str | None:
+        try:
+            data[:4096].decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            if e.start < 4092:  # not a multi-byte character cut by the 4 KiB window
+                return None
+        return ".txt"
+
+    def example(self, rng: np.random.Generator, label: int = 0) -> tuple[str, None]:
+        """The inline string ``"item {label}"``."""
+        return f"item {int(label)}", None
+
+    def model_args(self) -> dict[str, Any]:
+        """``vocab_size`` (of the tokenizer when one is loaded) and ``max_text_len``."""
+        vocab = self.tokenizer.get_vocab_size() if self.tokenizer is not None else None
+        return {
+            "vocab_size": vocab or self.section.vocab_size,
+            "max_text_len": self.section.max_len,
+        }
+
     def clean(self, text: str) -> str:
         """Normalizes one string; raises ``control_chars``, ``empty`` or ``too_large``."""
-        cfg = self.config.text
+        cfg = self.section
         if not isinstance(text, str):
             raise SampleError("bad_dtype", f"text must be a string, got {type(text).__name__}")
         if not text:
@@ -84,7 +136,7 @@ class TextFeaturizer(Featurizer):
         """Strict UTF-8 (BOM allowed) -> cleaned text; invalid UTF-8 is ``decode_error``."""
         if not data:
             raise SampleError("empty", "zero-byte text file")
-        if len(data) > 4 * self.config.text.max_chars + 16:
+        if len(data) > 4 * self.section.max_chars + 16:
             raise SampleError("too_large", f"{len(data)} bytes of text")
         try:
             text = data.decode("utf-8-sig")
@@ -97,30 +149,46 @@ class TextFeaturizer(Featurizer):
         if self.tokenizer is None:
             raise RuntimeError("text featurizer has no tokenizer; pass tokenizer_dir=")
         ids = self.tokenizer.encode(clean_text, add_special_tokens=False).ids
-        ids = ids[: max(self.config.text.max_len - 2, 0)]
+        ids = ids[: max(self.section.max_len - 2, 0)]
         return np.asarray([BOS_ID, *ids, EOS_ID], dtype=np.int32)
+
+    # -- the two phases ---------------------------------------------------------------
+    def decode(self, raw: Any, suffix: str | None = None) -> str:
+        """Stage 1: a string, UTF-8 bytes or a 0-d string array -> the cleaned string."""
+        if raw is None:
+            raise SampleError("empty", "no data")
+        if isinstance(raw, str):
+            return self.clean(raw)
+        if isinstance(raw, bytes | bytearray | memoryview):
+            return self.decode_bytes(bytes(raw))
+        a = np.asarray(raw)
+        if a.ndim == 0 and isinstance(a.item(), str):
+            return self.clean(a.item())
+        raise SampleError("bad_dtype", f"text must be a string, got {type(raw).__name__}")
+
+    def finalize(self, item: Any) -> np.ndarray:
+        """Stage 2: the cleaned string -> int32 token ids."""
+        return self.tokenize(str(item))
+
+    def caption_key(self, item: Any) -> str | None:
+        return normalize_text_key(str(item))
 
     def from_text(self, text: str) -> np.ndarray:
         """Cleans and tokenizes one string -> int32 (L,)."""
-        return self.tokenize(self.clean(text))
+        return self.featurize(text)
 
     def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
         """Decodes a UTF-8 ``.txt`` file and tokenizes it."""
-        return self.tokenize(self.decode_bytes(data))
+        return self.featurize(data, suffix)
 
     def from_array(self, array: np.ndarray, **_: Any) -> np.ndarray:
         """A 0-d string array (how Ray Data batches hold strings) -> ids."""
-        a = np.asarray(array)
-        if a.ndim == 0 and isinstance(a.item(), str):
-            return self.from_text(a.item())
-        raise SampleError("bad_dtype", f"text must be a string, got array {a.dtype}{a.shape}")
+        return self.featurize(array)
 
-    def featurize(self, item: Any, suffix: str | None = None) -> np.ndarray:
-        if isinstance(item, str):
-            return self.from_text(item)
-        return super().featurize(item, suffix=suffix)
+    def from_value(self, value: Any) -> np.ndarray:
+        return self.featurize(value)
 
-    def decode(self, ids: np.ndarray | list[int]) -> str:
+    def detokenize(self, ids: np.ndarray | list[int]) -> str:
         """Token ids -> text (special tokens dropped)."""
         if self.tokenizer is None:
             raise RuntimeError("text featurizer has no tokenizer; pass tokenizer_dir=")

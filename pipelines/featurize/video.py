@@ -7,7 +7,13 @@ is resized (shorter side) and centre-cropped like images.
 from __future__ import annotations
 
 import io
+import shutil
 import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,15 +94,49 @@ def mp4_frame_size(data: bytes) -> tuple[int, int] | None:
 class VideoFeaturizer(Featurizer):
     """Video -> uint8 (num_frames, size, size, 3)."""
 
+    @dataclass
+    class Config:
+        """Video -> uint8 (num_frames, size, size, 3), frames sampled uniformly.
+
+        Attributes:
+            num_frames: Frames sampled uniformly over the clip.
+            size: Output height and width (shorter side resize + centre crop).
+            max_frames: Clips with more frames are ``too_large``.
+            max_pixels: Frames with more pixels are ``too_large``.
+        """
+
+        num_frames: int = 8
+        size: int = 32
+        max_frames: int = 100_000
+        max_pixels: int = 8_300_000
+
     suffixes = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
-    dtype = np.dtype(np.uint8)
 
     def warm_up(self) -> None:
         import decord  # noqa: F401 - loads the ffmpeg libraries
 
     def output_shape(self) -> tuple[int, int, int, int]:
-        c = self.config.video
+        c = self.section
         return (c.num_frames, c.size, c.size, 3)
+
+    @classmethod
+    def sniff(cls, data: bytes) -> str | None:
+        if data[4:8] == b"ftyp":
+            return ".mov" if data[8:10] == b"qt" else ".mp4"
+        if data.startswith(b"\x1aE\xdf\xa3"):
+            return ".webm" if b"webm" in data[:64] else ".mkv"
+        if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+            return ".avi"
+        return None
+
+    def example(self, rng: np.random.Generator, label: int = 0) -> tuple[Any, str | None]:
+        """An H.264 MP4 (10 frames, 32x32) of a square moving in the direction ``label``
+        (one of 10 angles) from one of four start points drawn from ``rng``.
+
+        Encoded with the ffmpeg CLI like the demo corpus, and cached per (label, start);
+        without ffmpeg the frames themselves are returned (``(array, None)``).
+        """
+        return _example_clip(int(label) % 10, int(rng.integers(0, 4)))
 
     def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
         """Decodes one video file and samples its frames.
@@ -108,7 +148,7 @@ class VideoFeaturizer(Featurizer):
             raise SampleError("empty", "zero-byte video")
         import decord  # lazy: decord loads ffmpeg libraries
 
-        cfg = self.config.video
+        cfg = self.section
         trunc = isobmff_truncation(data)
         if trunc is not None:
             raise SampleError("truncated", trunc)
@@ -145,7 +185,7 @@ class VideoFeaturizer(Featurizer):
             raise SampleError("bad_shape", f"video array shape {a.shape}, want (N, H, W, 3)")
         if a.shape[0] == 0 or a.size == 0:
             raise SampleError("empty", "no frames")
-        cfg = self.config.video
+        cfg = self.section
         if a.shape[0] > cfg.max_frames or a.shape[1] * a.shape[2] > cfg.max_pixels:
             raise SampleError("too_large", f"video array shape {a.shape}")
         if a.dtype.kind == "f":
@@ -156,8 +196,38 @@ class VideoFeaturizer(Featurizer):
         return self._resize(a[uniform_indices(a.shape[0], cfg.num_frames)])
 
     def _resize(self, frames: np.ndarray) -> np.ndarray:
-        size = self.config.video.size
+        size = self.section.size
         if frames.shape[1] == size and frames.shape[2] == size:
             return np.ascontiguousarray(frames, dtype=np.uint8)
         out = [resize_center_crop(Image.fromarray(np.ascontiguousarray(f)), size) for f in frames]
         return np.stack(out).astype(np.uint8)  # (F, size, size, 3)
+
+
+def _example_frames(label: int, start: int) -> np.ndarray:
+    """uint8 (10, 32, 32, 3): a dark 8x8 square moving at angle ``label * 36`` degrees."""
+    ang = np.deg2rad(36.0 * label)
+    x0, y0 = 12.0 + 4.0 * (start % 2) - 2.0, 12.0 + 4.0 * (start // 2) - 2.0
+    frames = np.full((10, 32, 32, 3), 235, np.uint8)
+    for k in range(10):
+        x = int(round(x0 + 1.2 * k * np.cos(ang)))
+        y = int(round(y0 + 1.2 * k * np.sin(ang)))
+        frames[k, max(y, 0) : y + 8, max(x, 0) : x + 8] = (30, 60, 150)
+    return frames
+
+
+@lru_cache(maxsize=64)
+def _example_clip(label: int, start: int) -> tuple[Any, str | None]:
+    frames = _example_frames(label, start)
+    if shutil.which("ffmpeg") is None:
+        return frames, None
+    with tempfile.TemporaryDirectory(prefix="omniray_video_") as tmp:
+        out = Path(tmp) / "clip.mp4"
+        cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "32x32", "-r", "10", "-i", "-",
+               "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+               "-threads", "1", "-fflags", "+bitexact", "-flags:v", "+bitexact",
+               "-map_metadata", "-1", str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, input=frames.tobytes(), capture_output=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ffmpeg failed: {proc.stderr.decode(errors='replace')[-500:]}")
+        return out.read_bytes(), ".mp4"

@@ -1,19 +1,29 @@
-"""What the service needs to know about one modality, and the registry of them.
+"""What the service needs to know about one modality, and the registry of serve specs.
 
-A :class:`ModalitySpec` has three jobs, split between the two sides of the service:
+One generic :class:`ModalitySpec`, driven by the modality record
+(``common.modalities.get_modality(m)``), does the work for every modality:
 
 * router side, :meth:`ModalitySpec.parse`: validate the JSON value of a request field and turn
-  it into a :class:`RawInput` (base64 decoded, byte size checked, nested lists turned into an
-  array) — cheap, no media decoding;
-* replica side, :meth:`ModalitySpec.check_limits` then :meth:`ModalitySpec.featurize`: read
-  the media header to enforce the configured limits (pixels, seconds, frames, points)
-  *before* decoding, then featurize with the shared ``pipelines.featurize`` featurizer so the
-  service preprocesses exactly as training did;
-* batching, :meth:`ModalitySpec.cost`: the cost of one featurized item, summed by
-  ``@serve.batch``'s ``batch_size_fn`` so batches are bounded by work, not only by count.
+  it into a :class:`RawInput` — cheap, no media decoding. An *inline* modality (record
+  ``inline=True``: text, a tabular record) carries the value itself; any other modality takes
+  a base64 file (or a ``data:`` URL; remote URLs are refused) or a JSON array handed to the
+  featurizer's ``from_array``;
+* replica side, :meth:`ModalitySpec.featurize`: the file type is sniffed by the featurizer
+  (``Featurizer.sniff``), then the shared featurizer of ``pipelines.featurize`` decodes it,
+  refusing oversized input from the headers (``SampleError("too_large")`` → 413), so the
+  service preprocesses exactly as training did, with one set of limits (the featurizer
+  config, which the serve args may tighten: ``OmniServeArgs.features``);
+* batching, :meth:`ModalitySpec.cost`: the length of the item's variable axis (tokens,
+  frames, points), 1 for a fixed-shape item; summed by ``@serve.batch``'s ``batch_size_fn``.
 
-Adding a modality to the service = one file in this package defining a spec and calling
-:func:`register` (plus its featurizer and encoder in their own layers).
+A per-modality file in this package only says what differs, e.g.::
+
+    @register_spec("image")
+    class ImageSpec(ModalitySpec):
+        \"\"\"Image: a base64 PNG/JPEG/... file.\"\"\"
+
+Every module of this package is imported on first use of the registry (no import line to
+add); the name must be declared in ``common/modalities.py``.
 """
 
 from __future__ import annotations
@@ -22,12 +32,18 @@ import base64
 import binascii
 import dataclasses
 import re
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from serve.config import Limits
+from common.modalities import Modality, check_registered, get_modality
 from serve.errors import ApiError
+
+if TYPE_CHECKING:
+    from serve.config import Limits
+
+#: ``RawInput.kind`` values.
+KINDS: tuple[str, ...] = ("value", "bytes", "array")
 
 
 @dataclasses.dataclass
@@ -36,18 +52,16 @@ class RawInput:
 
     Attributes:
         modality: Modality name.
-        kind: ``"text"`` (``data`` is a str), ``"bytes"`` (an encoded file) or ``"array"``
-            (a numeric ndarray given inline as nested lists).
+        kind: ``"value"`` (the inline value of an inline modality: a str, a JSON object),
+            ``"bytes"`` (an encoded file) or ``"array"`` (a float32 ndarray given as nested
+            JSON lists).
         data: The payload.
-        suffix: File suffix sniffed from the bytes (``".png"``, ``".wav"``, ...), for
-            ``kind == "bytes"``.
         param: Request field it came from, for error messages (e.g. ``input[3].image``).
     """
 
     modality: str
     kind: str
     data: Any
-    suffix: str = ""
     param: str | None = None
 
     def nbytes(self) -> int:
@@ -55,7 +69,7 @@ class RawInput:
             return len(self.data)
         if self.kind == "array":
             return int(self.data.nbytes)
-        return len(self.data.encode("utf-8", "replace"))
+        return len(str(self.data).encode("utf-8", "replace"))
 
 
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -97,41 +111,39 @@ def decode_base64(value: Any, limits: Limits, param: str) -> bytes:
     return raw
 
 
-def numeric_array(value: Any, param: str, ndim: int, max_elems: int) -> np.ndarray:
-    """Nested JSON lists -> float32 array of rank ``ndim``, validated without blowing up.
+def numeric_array(value: Any, param: str, max_rank: int, max_elems: int) -> np.ndarray:
+    """Nested JSON lists -> float32 array of rank 1..``max_rank``, validated without blowing up.
 
     Raises:
-        ApiError: 422 for a wrong type or ragged/wrong-rank nesting, 413 for too many
-            elements, 400 for non-finite values.
+        ApiError: 422 for a wrong type, ragged nesting or a rank above ``max_rank``, 413 for
+            more than ``max_elems`` values, 400 for non-finite values.
     """
     if not isinstance(value, list) or not value:
         raise ApiError(
             422, f"{param} must be a non-empty nested list of numbers", "wrong_type", param
         )
-    # Count elements before numpy materializes anything large.
+    # Walk the nesting (bounded by max_rank) and count values before numpy allocates.
     n = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        if depth == ndim:
-            if not isinstance(node, list):
-                raise ApiError(422, f"{param} must have rank {ndim}", "wrong_shape", param)
-            n += len(node)
-            if n > max_elems:
-                raise ApiError(413, f"{param}: more than {max_elems} values", "too_large", param)
-        else:
-            if not isinstance(node, list):
-                raise ApiError(422, f"{param} must have rank {ndim}", "wrong_shape", param)
-            stack.extend((c, depth + 1) for c in node)
+        if not isinstance(node, list):
+            continue
+        if depth > max_rank:
+            raise ApiError(422, f"{param} has rank above {max_rank}", "wrong_shape", param)
+        n += len(node)
+        if n > max_elems:
+            raise ApiError(413, f"{param}: more than {max_elems} values", "too_large", param)
+        stack.extend((c, depth + 1) for c in node)
     try:
         arr = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError):
         raise ApiError(
             422, f"{param} must be a rectangular nested list of numbers", "wrong_shape", param
         ) from None
-    if arr.ndim != ndim or arr.size == 0:
+    if arr.size == 0:
         raise ApiError(
-            422, f"{param} must have rank {ndim}, got shape {list(arr.shape)}", "wrong_shape", param
+            422, f"{param} has no values (shape {list(arr.shape)})", "wrong_shape", param
         )
     if not np.isfinite(arr).all():
         raise ApiError(400, f"{param} contains NaN or infinite values", "non_finite", param)
@@ -139,52 +151,124 @@ def numeric_array(value: Any, param: str, ndim: int, max_elems: int) -> np.ndarr
 
 
 class ModalitySpec:
-    """Base class: one subclass per modality, registered with :func:`register`."""
+    """The generic spec; a subclass per modality, registered with :func:`register_spec`.
 
-    #: Modality name (a key of ``pipelines.schema.MODALITIES``).
-    name: ClassVar[str] = ""
+    Subclasses override only what differs from the record-driven default, e.g.
+    :attr:`inline_types` or :meth:`parse`.
+    """
 
+    #: Modality name, set by :func:`register_spec`.
+    modality: ClassVar[str] = ""
+    #: JSON types an inline modality accepts (None: any JSON value but null).
+    inline_types: ClassVar[tuple[type, ...] | None] = None
+    #: This modality is natural language: a bare JSON string in ``/v1/embeddings`` is one of
+    #: its inputs, zero-shot label prompts are embedded with it, its ``cost`` is reported
+    #: as OpenAI ``usage`` tokens. At most one spec sets it.
+    language: ClassVar[bool] = False
+
+    @property
+    def record(self) -> Modality:
+        """The modality's record in the table."""
+        return get_modality(self.modality)
+
+    # -- router side ------------------------------------------------------------------
     def parse(self, value: Any, limits: Limits, param: str) -> RawInput:
-        """Router side: JSON value -> :class:`RawInput` (default: base64-encoded file)."""
-        raw = decode_base64(value, limits, param)
-        return RawInput(self.name, "bytes", raw, self.sniff_suffix(raw), param)
+        """JSON value -> :class:`RawInput`; no media decoding.
 
-    def sniff_suffix(self, raw: bytes) -> str:
-        """File suffix from the first bytes (featurizers dispatch on it)."""
-        return ""
+        Raises:
+            ApiError: 422 for a wrong JSON type or shape, 400 for an empty value, invalid
+                base64 or a remote URL, 413 over the body limit.
+        """
+        if self.record.inline:
+            return self.parse_inline(value, param)
+        if isinstance(value, list):
+            # Every JSON number takes >= 2 bytes of the body, which limits already bound.
+            arr = numeric_array(value, param, self.record.rank, limits.max_body_bytes // 2)
+            return RawInput(self.modality, "array", arr, param)
+        return RawInput(self.modality, "bytes", decode_base64(value, limits, param), param)
 
-    def check_limits(self, item: RawInput, limits: Limits) -> None:
-        """Replica side: refuses (413) inputs over the limits, reading headers only."""
+    def parse_inline(self, value: Any, param: str) -> RawInput:
+        """The inline value of an inline modality, type-checked (contents: the featurizer)."""
+        types = self.inline_types
+        if value is None or (types is not None and not isinstance(value, types)):
+            want = " or ".join(t.__name__ for t in types) if types else "a JSON value"
+            raise ApiError(
+                422, f"{param} must be {want}, got {type(value).__name__}", "wrong_type", param
+            )
+        if (isinstance(value, str) and not value.strip()) or value in ({}, []):
+            raise ApiError(400, f"{param} is empty", "empty", param)
+        return RawInput(self.modality, "value", value, param)
+
+    # -- replica side -----------------------------------------------------------------
+    def sniff(self, featurizer: Any, data: bytes) -> str | None:
+        """The file suffix of ``data`` (``".png"``), from the featurizer's magic bytes;
+        None when it does not recognize them (the featurizer then decides)."""
+        return type(featurizer).sniff(data)
 
     def featurize(self, featurizer: Any, item: RawInput) -> np.ndarray:
-        """Replica side: the featurized array (Contract 2 form) of one input."""
+        """The featurized array of one input, exactly as the pipeline featurizes it.
+
+        Raises:
+            pipelines.featurize.SampleError: Refused input (``too_large`` → 413, else 400).
+        """
         if item.kind == "bytes":
-            return featurizer.from_bytes(item.data, suffix=item.suffix)
-        return featurizer.from_array(item.data)
+            return featurizer.featurize(item.data, suffix=self.sniff(featurizer, item.data))
+        return featurizer.featurize(item.data)
 
-    def featurizer_kwargs(self, export_dir: str) -> dict[str, Any]:
-        """Extra keyword arguments of ``get_featurizer`` for this modality."""
-        return {}
-
+    # -- batching ---------------------------------------------------------------------
     def cost(self, arr: np.ndarray) -> int:
-        """Batching cost of one featurized item (default: 1 per item)."""
-        return 1
+        """Batching cost of one featurized item: the length of its variable axis (tokens,
+        frames, points: the encoder's work grows with it), 1 for a fixed-shape item."""
+        axis = self.record.var_axis
+        return 1 if axis is None else max(1, int(arr.shape[axis]))
 
 
-SPECS: dict[str, ModalitySpec] = {}
+#: modality name -> spec class (filled by the modules of this package).
+SPECS: dict[str, type[ModalitySpec]] = {}
+_INSTANCES: dict[str, ModalitySpec] = {}
 
 
-def register(spec_cls: type[ModalitySpec]) -> type[ModalitySpec]:
-    """Class decorator adding a spec to :data:`SPECS` under ``spec_cls.name``."""
-    if not spec_cls.name:
-        raise ValueError(f"{spec_cls.__name__} has no name")
-    SPECS[spec_cls.name] = spec_cls()
-    return spec_cls
+def register_spec(name: str):
+    """Class decorator registering a :class:`ModalitySpec` subclass under ``name``.
+
+    Raises:
+        ValueError: ``name`` is not in the modality table, or registered twice.
+    """
+
+    def deco(cls: type[ModalitySpec]) -> type[ModalitySpec]:
+        check_registered("serve specs", name)
+        if name in SPECS and SPECS[name] is not cls:
+            raise ValueError(f"serve spec {name!r} registered twice")
+        cls.modality = name
+        SPECS[name] = cls
+        _INSTANCES.pop(name, None)
+        return cls
+
+    return deco
+
+
+def language_modality() -> str | None:
+    """The modality whose spec sets :attr:`ModalitySpec.language` (None when none does)."""
+    return next((m for m, cls in SPECS.items() if cls.language), None)
+
+
+def unregister_spec(name: str) -> None:
+    """Removes a spec (tests that register a throwaway modality clean up with it)."""
+    SPECS.pop(name, None)
+    _INSTANCES.pop(name, None)
 
 
 def get_spec(modality: str) -> ModalitySpec:
-    """The registered spec of ``modality`` (KeyError lists the known ones)."""
-    try:
-        return SPECS[modality]
-    except KeyError:
-        raise KeyError(f"no serve spec for modality {modality!r}; known: {sorted(SPECS)}") from None
+    """The (stateless, shared) spec instance of ``modality``.
+
+    Raises:
+        KeyError: No spec is registered (the message lists the known ones).
+    """
+    if modality not in _INSTANCES:
+        try:
+            _INSTANCES[modality] = SPECS[modality]()
+        except KeyError:
+            raise KeyError(
+                f"no serve spec for modality {modality!r}; known: {sorted(SPECS)}"
+            ) from None
+    return _INSTANCES[modality]

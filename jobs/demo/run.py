@@ -5,11 +5,14 @@ evaluation → export → Ray Serve app → real requests to every endpoint → 
     python -m jobs.demo --fresh         # redo every step
     python -m jobs.demo --profile tiny  # the same orchestration at test size (minutes)
 
-Every step runs the project's own entry point (``python -m pipelines.demo_corpus``,
+Every step runs the project's own entry point (``python -m jobs.demo.corpus``,
 ``jobs.prepare``, ``jobs.train``, ``jobs.evaluate``) as a subprocess, so the demo exercises
 exactly what a user runs by hand or under ``ray job submit``. A step is skipped when its
 outputs exist and its inputs (command, config files, upstream results) are unchanged since it
 last succeeded; the fingerprints live in ``<work>/demo_state.json``.
+
+The demo package: this orchestrator, :mod:`jobs.demo.corpus` (the OmniDigits generator) and
+:mod:`jobs.demo.serve_exercise` (the requests sent to the running service).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +212,7 @@ class LocalHead:
     def stop(self) -> None:
         import signal
 
-        from jobs.demo_serve import stop_process_group
+        from jobs.demo.serve_exercise import stop_process_group
 
         stop_process_group(self.proc, ((signal.SIGTERM, 60), (signal.SIGKILL, 10)))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -267,7 +270,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             [
                 py,
                 "-m",
-                "pipelines.demo_corpus",
+                "jobs.demo.corpus",
                 "--out",
                 str(paths.corpus),
                 "--n",
@@ -278,7 +281,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
                 str(prof.corpus_workers),
                 "--overwrite",
             ],
-            inputs=[ROOT / "pipelines" / "demo_corpus.py"],
+            inputs=[ROOT / "jobs" / "demo" / "corpus"],
             outputs=[paths.corpus / "manifest.jsonl"],
         ),
         Step(
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             orch.run(step)
         _collect_plots(paths)
         if not args.no_serve:
-            from jobs.demo_serve import exercise_service
+            from jobs.demo.serve_exercise import exercise_service
 
             if head is None:
                 head = LocalHead(args.num_cpus)
@@ -476,7 +479,3 @@ def format_report(report: dict) -> str:
     lines.append(f"export: {report['paths']['export']}")
     lines.append(f"reports: {report['paths']['reports']} ({len(report['paths']['plots'])} plots)")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

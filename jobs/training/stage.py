@@ -1,4 +1,7 @@
-"""Stage objectives: which forward each stage runs and how its loss terms combine.
+"""Stage selection: which forward each stage runs and which losses it combines.
+
+The loss math lives in :mod:`models.objectives`; this module picks the terms, their weights
+(``<stage>.loss_weights``) and injects the cross-rank gather (:func:`gather_with_grad`).
 
 * ``pretrain``: unimodal masked token/patch modelling (``recon_cross=False``) + MoE aux.
 * ``align``: InfoNCE over ``align.pairs`` with features gathered across ranks *with*
@@ -23,135 +26,20 @@ import torch.nn.functional as F
 
 from jobs.training.config import StageSection
 from jobs.training.engine import gather_with_grad
-
-IGNORE = -100
-
-
-def build_model_from_kwargs(
-    kwargs: dict[str, Any], init_from: str | None = None
-) -> torch.nn.Module:
-    """``{"size": name, **OmniConfig overrides}`` -> model, optionally with earlier weights.
-
-    Args:
-        kwargs: ``size`` plus ``OmniConfig.from_name`` overrides.
-        init_from: Dir with ``model.safetensors`` of the previous stage (strictly loaded).
-    """
-    from models import OmniConfig, build_model
-
-    kw = dict(kwargs)
-    cfg = OmniConfig.from_name(kw.pop("size"), **kw)
-    model = build_model(cfg)
-    if init_from:
-        from safetensors.torch import load_file
-
-        state = load_file(f"{init_from}/model.safetensors")
-        model.load_state_dict(state, strict=True)
-    return model
+from models.objectives import (
+    IGNORE_INDEX,
+    caption_loss,
+    info_nce,
+    masked_cross_entropy,
+    moe_aux_terms,
+    recon_loss,
+)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cpu":
         return batch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def recon_loss(r: Any) -> torch.Tensor:
-    """Masked-modelling loss of one ``ReconOutput``: CE (tokens), MSE (patches), Chamfer
-    (points); 0 (with a graph) when nothing is masked."""
-    m = r.mask
-    if not bool(m.any()):
-        return r.pred.sum() * 0.0
-    pred, tgt = r.pred[m], r.target[m]
-    if r.kind == "tokens":
-        return F.cross_entropy(pred.float(), tgt.long())
-    if r.kind == "points":
-        p = pred.float().reshape(pred.shape[0], -1, 3)
-        t = tgt.float().reshape(tgt.shape[0], -1, 3)
-        d = torch.cdist(p, t)  # (G, K, K)
-        return d.min(2).values.pow(2).mean() + d.min(1).values.pow(2).mean()
-    return F.mse_loss(pred.float(), tgt.float())
-
-
-def contrastive_loss(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    pa: torch.Tensor,
-    pb: torch.Tensor,
-    logit_scale: torch.Tensor,
-    *,
-    max_scale: float,
-    labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Symmetric InfoNCE between modalities a and b, local queries vs gathered keys.
-
-    Args:
-        a, b: ``(B, E)`` L2-normalized embeddings of this rank.
-        pa, pb: ``(B,)`` bool presence; only rows with both are queries, only present
-            rows are keys.
-        logit_scale: Learnable log inverse temperature.
-        max_scale: Clamp of ``logit_scale.exp()``.
-        labels: ``(B,)`` class ids: when given, every key of the query's class is a
-            positive (multi-positive, supervised-contrastive targets); else the same row.
-
-    Returns:
-        Scalar loss (0 with a graph when no row has both modalities).
-    """
-    bsz = a.shape[0]
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    # Every collective runs on every rank, in the same order, whatever this rank's rows hold:
-    # an early return on one rank would leave the others waiting in all_gather (or in its
-    # backward), so empty cases are handled by masks, never by skipping.
-    ga, gb = gather_with_grad(a), gather_with_grad(b)  # (W*B, E)
-    gpa, gpb = _gather_plain(pa), _gather_plain(pb)
-    gl = _gather_plain(labels) if labels is not None else None
-    scale = logit_scale.exp().clamp(max=max_scale)
-    both = pa & pb
-    # Zero that still touches every input, so each rank's graph has the same parameters.
-    zero = (ga.sum() + gb.sum() + scale.sum()) * 0.0
-    if not bool(both.any()):
-        return zero
-    rows = torch.arange(bsz, device=a.device)
-    if gl is not None:
-        tgt = (labels[:, None] == gl[None, :]) & (labels[:, None] != IGNORE)
-    else:
-        tgt = torch.zeros(bsz, ga.shape[0], dtype=torch.bool, device=a.device)
-    tgt[rows, rows + rank * bsz] = True  # each row's own pair in the gathered keys
-    loss = zero
-    for q, keys, key_present in ((a, gb, gpb), (b, ga, gpa)):
-        logits = scale * q @ keys.t()  # (B, W*B)
-        logits = logits.masked_fill(~key_present[None, :], float("-inf"))
-        t = (tgt & key_present[None, :]).float()
-        t = t / t.sum(1, keepdim=True).clamp_min(1.0)
-        logp = logits.float().log_softmax(1).masked_fill(~key_present[None, :], 0.0)
-        loss = loss + (-(t * logp).sum(1))[both].mean()
-    return loss / 2
-
-
-def caption_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], m: str) -> torch.Tensor:
-    """Teacher-forced modality -> text CE over real text tokens of rows having both."""
-    ids = batch["text"].long()[:, 1:]
-    mask = batch.get("text_mask")
-    mask = (ids != 0) if mask is None else mask.bool()[:, 1:]
-    rows = batch[f"{m}_present"].bool() & batch["text_present"].bool()
-    mask = mask & rows[:, None]
-    if not bool(mask.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[mask].float(), ids[mask])
-
-
-def _masked_ce(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over ``rows`` (0 with a graph when there is none)."""
-    if not bool(rows.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[rows].float(), labels[rows])
-
-
-def _gather_plain(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
 
 
 class StageObjective:
@@ -310,7 +198,7 @@ class StageObjective:
                 parts=self.forward_parts(),
             )
             for m, r in out.recon.items():
-                terms[f"recon_{m}"] = self.w("recon") * recon_loss(r)
+                terms[f"recon_{m}"] = self.w("recon") * self._recon(r)
         elif self.stage == "align":
             # One modality masked per step (rotating, identical on all ranks) is rebuilt from
             # the others; its masked embedding is kept out of that step's InfoNCE terms.
@@ -326,19 +214,12 @@ class StageObjective:
             )
             for a, b in self.pairs:
                 if a in out.embeds and b in out.embeds and masked not in (a, b):
-                    terms[f"nce_{a}_{b}"] = self.w("nce") * contrastive_loss(
-                        out.embeds[a],
-                        out.embeds[b],
-                        out.present[a],
-                        out.present[b],
-                        out.logit_scale,
-                        max_scale=cfg.max_logit_scale,
-                        labels=batch["label"] if self.st.label_positives else None,
-                    )
+                    labels = batch["label"] if self.st.label_positives else None
+                    terms[f"nce_{a}_{b}"] = self.w("nce") * self._nce(out, a, b, cfg, labels)
             for m, r in out.recon.items():
-                terms[f"xrecon_{m}"] = self.w("recon") * recon_loss(r)
+                terms[f"xrecon_{m}"] = self.w("recon") * self._recon(r)
             for m, lg in out.caption_logits.items():
-                terms[f"caption_{m}"] = self.w("caption") * caption_loss(lg, batch, m)
+                terms[f"caption_{m}"] = self.w("caption") * self._caption(lg, batch, m)
         elif self.stage == "finetune":
             tasks = set(self.st.tasks)
             out = engine(
@@ -350,42 +231,59 @@ class StageObjective:
             labels = batch["label"]
             if "classification" in tasks and out.logits is not None:
                 # Zero-with-graph fallbacks keep every rank's graph over the same parameters.
-                valid = labels != IGNORE
-                terms["cls_fused"] = self.w("classification") * _masked_ce(
+                valid = labels != IGNORE_INDEX
+                terms["cls_fused"] = self.w("classification") * masked_cross_entropy(
                     out.logits, labels, valid
                 )
                 n_mod = max(1, len(out.modality_logits))
                 for m, lg in out.modality_logits.items():
                     rows = valid & out.present[m]
                     terms[f"cls_{m}"] = (
-                        self.w("classification") * _masked_ce(lg, labels, rows) / n_mod
+                        self.w("classification") * masked_cross_entropy(lg, labels, rows) / n_mod
                     )
             if "retrieval" in tasks:
                 for a, b in self.pairs:
                     if a in out.embeds and b in out.embeds:
-                        terms[f"nce_{a}_{b}"] = self.w("retrieval") * contrastive_loss(
-                            out.embeds[a],
-                            out.embeds[b],
-                            out.present[a],
-                            out.present[b],
-                            out.logit_scale,
-                            max_scale=cfg.max_logit_scale,
-                            labels=labels,
+                        terms[f"nce_{a}_{b}"] = self.w("retrieval") * self._nce(
+                            out, a, b, cfg, labels
                         )
             if "description" in tasks:
                 for m, lg in out.caption_logits.items():
-                    terms[f"caption_{m}"] = self.w("description") * caption_loss(lg, batch, m)
+                    terms[f"caption_{m}"] = self.w("description") * self._caption(lg, batch, m)
         else:
             raise ValueError(f"unknown stage {self.stage!r}")
-        if out.aux:
-            terms["moe_aux"] = cfg.aux_loss_weight * out.aux["moe_aux"]
-            terms["moe_z"] = cfg.z_loss_weight * out.aux["moe_z"]
+        terms.update(moe_aux_terms(out.aux, cfg.aux_loss_weight, cfg.z_loss_weight))
         if not terms:
             raise RuntimeError(
                 f"{self.stage}: the batch produced no loss term (modalities {active})"
             )
         total = sum(terms.values())
         return {"loss": total, **terms}, out
+
+    # ----------------------------------------------------------------- loss terms
+    def _recon(self, r: Any) -> torch.Tensor:
+        return recon_loss(r, norm_pix_targets=self.st.norm_pix_targets)
+
+    @staticmethod
+    def _caption(logits: torch.Tensor, batch: dict[str, Any], m: str) -> torch.Tensor:
+        rows = batch[f"{m}_present"].bool() & batch["text_present"].bool()
+        return caption_loss(logits, batch["text"], rows, batch.get("text_mask"))
+
+    @staticmethod
+    def _nce(out: Any, a: str, b: str, cfg: Any, labels: torch.Tensor | None) -> torch.Tensor:
+        """InfoNCE of pair ``(a, b)``, negatives gathered from every rank (with gradients)."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return info_nce(
+            out.embeds[a],
+            out.embeds[b],
+            out.present[a],
+            out.present[b],
+            out.logit_scale,
+            max_scale=cfg.max_logit_scale,
+            labels=labels,
+            gather=gather_with_grad,
+            rank=rank,
+        )
 
     @staticmethod
     def token_counts(out: Any) -> dict[str, torch.Tensor]:

@@ -1,0 +1,295 @@
+"""One evaluation of an export on a prepared split: the library behind ``jobs.evaluate``.
+
+:func:`run_evaluation` loads the export through :func:`jobs.exports.load_export` (the
+loader serving uses too), reads the split, embeds every row once, and measures cross-modal
+retrieval, zero-shot classification (:mod:`models.zeroshot`, the classifier the service
+runs, with the export's templates unless the config overrides them), the fusion gain and
+emergent alignment. It writes ``metrics.json`` and the figures (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.evaluation import metrics as M
+from jobs.evaluation.config import EvalConfig
+from jobs.evaluation.data import EvaluationError, SplitData, load_split, read_training_info
+from jobs.evaluation.fusion import fusion_pairs, fusion_plan, fusion_result
+from jobs.evaluation.metrics import headline_r1, pair_key
+from jobs.evaluation.report import draw_plots, merge_into_export_metrics, write_json
+
+Embeds = dict[str, tuple[np.ndarray, np.ndarray]]  # modality -> (rows (n,), embeddings (n, E))
+
+
+def run_evaluation(
+    export_dir: str | Path,
+    data_dir: str | Path,
+    cfg: EvalConfig,
+    out_dir: str | Path | None = None,
+    aligned_pairs: list[str] | None = None,
+) -> dict[str, Any]:
+    """Evaluates an export on one split and writes metrics.json and the plots.
+
+    Args:
+        export_dir: export of Contract 3.
+        data_dir: shards dir of Contract 2 (a local path or a URI read through pyarrow.fs).
+        cfg: evaluation config (``cfg.split`` picks the split).
+        out_dir: where metrics.json and PNGs go (default ``<export>/eval/<split>``).
+        aligned_pairs: overrides the export's training info, e.g. ``["text-image"]``.
+
+    Returns:
+        The metrics dict written to ``<out>/metrics.json``.
+
+    Raises:
+        EvaluationError: user errors (bad paths, split, export).
+    """
+    from jobs.evaluation.encode import head_logits
+    from jobs.exports import ExportError, check_export, load_export
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 4)
+        return now
+
+    try:
+        export_dir = check_export(export_dir)
+    except ExportError as e:
+        raise EvaluationError(str(e)) from e
+    data_loc = str(data_dir)
+    out_dir = Path(out_dir) if out_dir else export_dir / "eval" / cfg.split
+    info = read_training_info(export_dir)
+    # Resolve user-given pairs before any heavy work so that a typo fails fast.
+    if aligned_pairs is not None:
+        aligned, source = _parse_pairs(aligned_pairs), "command line"
+    elif cfg.aligned_pairs is not None:
+        aligned, source = _parse_pairs(cfg.aligned_pairs), "config"
+    else:
+        aligned, source = info.aligned_pairs, info.source.get("aligned_pairs", "")
+    data = load_split(data_loc, cfg.split, cfg.max_rows)
+    t = lap("load_split", t0)
+    try:
+        export = load_export(export_dir, device=cfg.device)
+    except ExportError as e:
+        raise EvaluationError(str(e)) from e
+    model = export.model
+    t = lap("load_model", t)
+
+    model_mods = list(model.modalities)
+    split_mods = data.modalities
+    mods = [m for m in split_mods if m in model_mods]
+    skipped: dict[str, str] = {}
+    for m in split_mods:
+        if m not in model_mods:
+            skipped[f"modality:{m}"] = "in the split but the model has no branch for it"
+    for m in model_mods:
+        if m not in split_mods:
+            skipped[f"modality:{m}"] = f"the model has it but split {cfg.split!r} has no rows"
+    if not mods:
+        raise EvaluationError(
+            f"no modality in common between split {cfg.split!r} ({split_mods}) "
+            f"and the model ({model_mods})"
+        )
+
+    # One pass over the fusion rows gives their per-modality embeddings and the head's
+    # fused and single-modality logits; a second pass embeds the remaining rows only, so
+    # no row is encoded twice.
+    plan = fusion_plan(model, data, mods, info, cfg)
+    done: Embeds = {}
+    fusion: dict[str, Any] = {k: v for k, v in plan.items() if k == "skipped"}
+    if "skipped" not in plan:
+        f_emb, f_logits, s_logits = head_logits(
+            model, data, plan["modalities"], plan["rows"], cfg.batch_size
+        )
+        done = {m: (plan["rows"], e) for m, e in f_emb.items()}
+        fusion = fusion_result(plan, f_logits, s_logits, cfg)
+        fusion["pairwise"] = fusion_pairs(model, data, mods, info, cfg)
+    t = lap("fusion", t)
+    embeds = _embed_all(model, data, mods, done, cfg.batch_size)
+    t = lap("embed", t)
+
+    has_labels = any(x is not None for x in data.labels)
+    retrieval = _retrieval(data, mods, embeds, has_labels, cfg)
+    t = lap("retrieval", t)
+    class_names = (
+        cfg.label_names or info.label_names or sorted({x for x in data.labels if x is not None})
+    )
+    zero_shot = _zero_shot(export, data, embeds, class_names, cfg)
+    t = lap("zero_shot", t)
+    emergent = _emergent(retrieval, mods, aligned, source)
+    r1 = {k: round(headline_r1(v), 4) for k, v in retrieval.items() if "skipped" not in v}
+    mean_r1 = float(np.mean(list(r1.values()))) if r1 else None
+
+    level = "category" if has_labels else "instance"
+    result: dict[str, Any] = {
+        "split": cfg.split,
+        "export": str(export_dir),
+        "data": data_loc,
+        "n_rows": len(data),
+        "modalities": mods,
+        "rows_per_modality": {m: int(len(embeds[m][0])) for m in mods},
+        "retrieval_level": level,
+        "retrieval": retrieval,
+        "zero_shot": zero_shot,
+        "fusion": fusion,
+        "emergent_alignment": emergent,
+        # Compact headline views (reports, jobs.demo); the full numbers are above.
+        "mean_R@1": mean_r1,
+        "retrieval_summary": {"level": level, "R@1": r1},
+        "emergent": {
+            k: emergent[k] for k in ("mean_R@1", "mean_R@1_aligned", "skipped") if k in emergent
+        },
+        "skipped": skipped,
+        "config": cfg.to_dict(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.plots:
+        result["plots"] = draw_plots(result, data, embeds, out_dir, cfg)
+        lap("plots", t)
+    result["timings_s"] = timings
+    result["wall_time_s"] = round(time.perf_counter() - t0, 3)
+    write_json(out_dir / "metrics.json", result)
+    if cfg.merge_into_export:
+        merge_into_export_metrics(export_dir / "metrics.json", cfg.split, result)
+    return result
+
+
+def _embed_all(model, data: SplitData, mods: list[str], done: Embeds, batch_size: int) -> Embeds:
+    """Per-modality embeddings of every row having the modality, reusing ``done``."""
+    from jobs.evaluation.encode import embed_rows
+
+    embeds: Embeds = {}
+    for m in mods:
+        rows = data.rows_with([m])
+        have_rows, have_emb = done.get(m, (np.zeros(0, np.int64), None))
+        todo = np.setdiff1d(rows, have_rows)
+        new = embed_rows(model, data, m, todo, batch_size) if len(todo) else None
+        parts = [(r, e) for r, e in ((have_rows, have_emb), (todo, new)) if e is not None]
+        all_rows = np.concatenate([r for r, _ in parts])
+        order = np.argsort(all_rows, kind="stable")
+        embeds[m] = (all_rows[order], np.concatenate([e for _, e in parts])[order])
+    return embeds
+
+
+def _retrieval(
+    data: SplitData, mods: list[str], embeds: Embeds, has_labels: bool, cfg: EvalConfig
+) -> dict[str, Any]:
+    """R@K of every ordered (query, gallery) pair on the rows that have both."""
+    retrieval: dict[str, Any] = {}
+    for a, b in M.ordered_pairs(mods):
+        rows = data.rows_with([a, b])
+        key = pair_key(a, b)
+        if len(rows) < cfg.min_retrieval_rows:
+            retrieval[key] = {"skipped": f"only {len(rows)} rows have both {a} and {b}"}
+            continue
+        pos_a = np.searchsorted(embeds[a][0], rows)
+        pos_b = np.searchsorted(embeds[b][0], rows)
+        retrieval[key] = M.retrieval_metrics(
+            embeds[a][1][pos_a],
+            embeds[b][1][pos_b],
+            [data.labels[i] for i in rows] if has_labels else None,
+            ks=cfg.ks,
+            tie_decimals=cfg.tie_decimals,
+        )
+    return retrieval
+
+
+def _zero_shot(
+    export: Any, data: SplitData, embeds: Embeds, class_names: list[str], cfg: EvalConfig
+) -> dict[str, Any]:
+    """Zero-shot accuracy per modality with :mod:`models.zeroshot` (the service's classifier).
+
+    The templates are the export's (``zero_shot.yaml``) unless ``cfg.prompt_templates``
+    overrides them; ``cfg.label_text`` maps a class name to the text put into ``{label}``.
+    """
+    from jobs.evaluation.encode import embed_arrays
+    from models import zeroshot as Z
+    from pipelines.featurize import SampleError
+
+    prompt_mod = cfg.prompt_modality
+    if prompt_mod not in export.featurizers:
+        return {"skipped": f"the model has no {prompt_mod} branch to embed label prompts"}
+    if not class_names:
+        return {"skipped": "no label names (split has no labels and export has none)"}
+    templates = list(cfg.prompt_templates or export.templates)
+    source = "config" if cfg.prompt_templates else "export"
+    texts = [cfg.label_text.get(c, c) for c in class_names]
+    featurizer = export.featurizers[prompt_mod]
+
+    def embed_texts(prompts: list[str]) -> np.ndarray:
+        ids = [np.asarray(featurizer.featurize(p)) for p in prompts]
+        return embed_arrays(export.model, prompt_mod, ids, cfg.batch_size)  # (n, E)
+
+    try:
+        classifier = Z.zero_shot_classifier(embed_texts, texts, templates)  # (C, E)
+    except SampleError as e:
+        return {"skipped": f"a label prompt cannot be tokenized ({e}); check prompt_templates"}
+    per_mod: dict[str, Any] = {}
+    for m, (rows, e) in embeds.items():
+        labels = [data.labels[i] for i in rows]
+        scores = Z.zero_shot_scores(e, classifier).double().numpy()  # (n, C) cosine
+        res = M.class_score_accuracy(scores, labels, class_names, tie_decimals=cfg.tie_decimals)
+        per_mod[m] = res if res["n"] else {"skipped": "no rows with a known class label"}
+    if "accuracy" in per_mod.get(prompt_mod, {}):
+        # Those rows go through the same encoder as the prompts: not a cross-modal measure.
+        per_mod[prompt_mod]["note"] = (
+            f"{prompt_mod} vs {prompt_mod} prompts: caption/prompt agreement, not cross-modal"
+        )
+    return {
+        "per_modality": per_mod,
+        "class_names": class_names,
+        "templates": templates,
+        "templates_source": source,
+        "example_prompts": Z.template_prompts(texts[:1], templates),
+    }
+
+
+def _emergent(
+    retrieval: dict[str, Any], mods: list[str], aligned: list[list[str]] | None, source: str
+) -> dict[str, Any]:
+    """Mean R@1 of the pairs never trained together next to that of the aligned pairs."""
+    if aligned is None:
+        return {
+            "skipped": "the export records no aligned modality pairs "
+            "(pass --aligned-pairs a-b,c-d or aligned_pairs=[...])"
+        }
+    pairs = M.emergent_pairs(mods, aligned)
+    measured = {
+        pair_key(a, b): headline_r1(retrieval[pair_key(a, b)])
+        for a, b in pairs
+        if "skipped" not in retrieval.get(pair_key(a, b), {"skipped": 1})
+    }
+    aligned_set = {frozenset(p) for p in aligned}
+    aligned_r1 = [
+        headline_r1(v)
+        for k, v in retrieval.items()
+        if "skipped" not in v and frozenset(k.split("->")) in aligned_set
+    ]
+    out: dict[str, Any] = {
+        "aligned_pairs": sorted("-".join(sorted(p)) for p in aligned_set),
+        "source": source,
+        "emergent_pairs": [pair_key(a, b) for a, b in pairs],
+        "R@1": measured,
+        "mean_R@1_aligned": float(np.mean(aligned_r1)) if aligned_r1 else None,
+    }
+    if not pairs:
+        out["skipped"] = "every pair of modalities present was aligned in training"
+    elif not measured:
+        out["skipped"] = "no emergent pair has enough rows with both modalities"
+    else:
+        out["mean_R@1"] = float(np.mean(list(measured.values())))
+    return out
+
+
+def _parse_pairs(pairs: list[str] | list[list[str]]) -> list[list[str]]:
+    """Validated unordered pairs from ``["a-b", ...]`` or ``[["a", "b"], ...]``."""
+    try:
+        return [sorted(M.normalize_pair(p)) for p in pairs]
+    except ValueError as e:
+        raise EvaluationError(str(e)) from e

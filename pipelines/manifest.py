@@ -1,0 +1,142 @@
+"""Reading a ``prepare`` manifest: format, existence, size estimate, the Ray dataset.
+
+A manifest is JSONL (one object per line; values may be JSON objects for inline
+modalities), CSV/TSV or Parquet, on any pyarrow filesystem. Columns: ``id``, ``label``,
+``group`` and one per modality (:func:`pipelines.stages.known_columns`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipelines.config import DataConfig
+from pipelines.stages import ManifestError, known_columns
+
+__all__ = [
+    "check_columns",
+    "check_exists",
+    "estimate_rows",
+    "manifest_format",
+    "read_manifest",
+    "unwrap_error",
+]
+
+
+def manifest_format(manifest: str) -> str:
+    """``jsonl``, ``csv`` or ``parquet`` from the manifest's suffix."""
+    name = manifest.lower().rstrip("/")
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith((".csv", ".tsv")):
+        return "csv"
+    if name.endswith((".parquet", ".pq")) or not os.path.splitext(name)[1]:
+        return "parquet"
+    raise ManifestError(f"{manifest}: unknown manifest format (use .jsonl, .csv or .parquet)")
+
+
+def check_exists(manifest: str) -> None:
+    fs, path = _filesystem(manifest)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ManifestError(f"manifest not found: {manifest}")
+
+
+def _filesystem(manifest: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in manifest:
+        return pafs.FileSystem.from_uri(manifest)
+    return pafs.LocalFileSystem(), os.path.abspath(manifest)
+
+
+#: Bytes of a text manifest the driver reads to estimate its bytes per row.
+_PEEK_BYTES = 64 * 1024
+
+
+def estimate_rows(manifest: str) -> int | None:
+    """Rows of a manifest, estimated without reading it (``None``: unknown).
+
+    Text formats: the file size over the mean line length of its first 64 KiB (exact
+    for small files); Parquet: the row counts in the footers. Used only to size the
+    read's blocks, so an estimate off by a factor changes block sizes, nothing else.
+    """
+    try:
+        fs, path = _filesystem(manifest)
+        if manifest_format(manifest) == "parquet":
+            import pyarrow.dataset as pads
+
+            return int(pads.dataset(path, format="parquet", filesystem=fs).count_rows())
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File or not info.size:
+            return None
+        with fs.open_input_stream(path) as f:
+            head = f.read(min(info.size, _PEEK_BYTES))
+        lines = head.count(b"\n") + (not head.endswith(b"\n"))
+        return max(1, round(info.size * lines / max(1, len(head))))
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def read_manifest(manifest: str, config: DataConfig, num_blocks: int | None = None):
+    """The manifest as a Ray dataset (files are read by Ray Data tasks, not the driver).
+
+    ``num_blocks`` (``override_num_blocks``): the read task itself splits what it reads
+    into that many blocks, so no separate repartition step (with its own tasks and
+    scheduling rounds) stands between the read and the first decode task.
+    """
+    import pyarrow.csv as pacsv
+    import ray.data
+
+    fmt = manifest_format(manifest)
+    if fmt == "jsonl":
+        # One line per row, parsed in DecodeRows: a malformed line is quarantined as
+        # ``parse_error`` instead of failing the whole file.
+        return (
+            ray.data.read_text(manifest, drop_empty_lines=True, override_num_blocks=num_blocks),
+            True,
+        )
+    if fmt == "csv":
+        delim = "\t" if manifest.lower().endswith(".tsv") else ","
+        # Every known column as string: ids like "000123" must keep their zeros.
+        convert = pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in known_columns()}, strings_can_be_null=True
+        )
+        return (
+            ray.data.read_csv(
+                manifest,
+                parse_options=pacsv.ParseOptions(delimiter=delim),
+                convert_options=convert,
+                override_num_blocks=num_blocks,
+            ),
+            False,
+        )
+    return ray.data.read_parquet(manifest, override_num_blocks=num_blocks), False
+
+
+def unwrap_error(e: BaseException) -> BaseException:
+    """The ManifestError / Arrow error inside a Ray task failure, if any."""
+    cause: BaseException | None = e
+    for _ in range(6):
+        if cause is None:
+            break
+        if isinstance(cause, ManifestError | pa.ArrowInvalid):
+            return cause
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    text = str(e)
+    for marker in ("ManifestError: ", "ArrowInvalid: ", "JSONDecodeError: "):
+        if marker in text:
+            return ManifestError(text.split(marker, 1)[1].strip().splitlines()[0][:2000])
+    return e
+
+
+def check_columns(names: list[str], config: DataConfig, manifest: str) -> list[str]:
+    """Unknown manifest columns: raises in ``error`` mode, returns them in ``warn`` mode."""
+    known = known_columns()
+    unknown = sorted(set(names) - known)
+    if unknown and config.unknown_columns == "error":
+        raise ManifestError(
+            f"{manifest}: unknown column(s) {unknown}; known: {sorted(known)}."
+            " Rename them, or pass unknown_columns=warn to ignore them."
+        )
+    return unknown
