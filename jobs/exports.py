@@ -19,7 +19,6 @@ default templates and a logged warning.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -237,18 +236,35 @@ def load_featurizers(
                 f"{d / MODEL_CONFIG_FILE}: modality {m!r} has no registered featurizer "
                 f"(registered: {sorted(FEATURIZERS)})"
             )
-        kwargs: dict[str, Any] = {}
-        if "tokenizer_dir" in inspect.signature(FEATURIZERS[m]).parameters:
-            tok = d / TOKENIZER_DIR
-            if not tok.is_dir():
-                raise ExportError(f"{tok} not found: the {m} featurizer needs the tokenizer")
-            kwargs["tokenizer_dir"] = tok
+        if FEATURIZERS[m].tokenized and not (d / TOKENIZER_DIR).is_dir():
+            raise ExportError(
+                f"{d / TOKENIZER_DIR} not found: the {m} featurizer needs the tokenizer"
+            )
         try:
-            featurizers[m] = get_featurizer(m, features, **kwargs)
+            featurizers[m] = get_featurizer(m, features, assets_dir=d)
         except (OSError, ValueError, KeyError, ImportError) as e:
             raise ExportError(f"cannot build the {m} featurizer from {d}: {e}") from e
     check_sizes(config, featurizers, where=str(d))
     return features, featurizers
+
+
+def model_sizes(featurizers: dict[str, Any]) -> dict[str, Any]:
+    """``OmniConfig`` fields fixed by the featurizers: each branch's input sizes
+    (``encoders[m] = ENCODERS[m].sizes_for(featurizer.max_output_shape())``) and the
+    top-level fields a featurizer fixes (``model_args()``: the text vocabulary, length).
+
+    The one place model sizes are derived from data (training's driver, dev exports, and
+    the size check of :func:`load_export` all use it).
+    """
+    from models.encoders import ENCODERS
+
+    out: dict[str, Any] = {"encoders": {}}
+    for m, feat in featurizers.items():
+        if m not in ENCODERS:
+            raise ExportError(f"no encoder registered for {m!r} (known: {sorted(ENCODERS)})")
+        out["encoders"][m] = ENCODERS[m].sizes_for(tuple(feat.max_output_shape()))
+        out.update(feat.model_args())
+    return out
 
 
 def check_sizes(config: Any, featurizers: dict[str, Any], where: str = "export") -> None:
@@ -260,12 +276,8 @@ def check_sizes(config: Any, featurizers: dict[str, Any], where: str = "export")
     Raises:
         ExportError: naming the modality, the field and both values.
     """
-    from models.encoders import ENCODERS
-
-    for m, feat in featurizers.items():
-        if m not in ENCODERS:
-            raise ExportError(f"{where}: no encoder registered for {m!r}")
-        want = ENCODERS[m].sizes_for(tuple(feat.max_output_shape()))
+    wanted = model_sizes(featurizers)["encoders"]
+    for m, want in wanted.items():
         section = config.encoder_section(m)
         bad = {
             k: (getattr(section, k, None), v)

@@ -58,11 +58,11 @@ def make_untrained_export(
 
     from common.config import save_yaml
     from common.modalities import modality_names
-    from jobs.exports import DATA_CONFIG_FILE, TOKENIZER_DIR, write_export
-    from models import ENCODERS, OmniConfig
+    from jobs.exports import DATA_CONFIG_FILE, TOKENIZER_DIR, model_sizes, write_export
+    from models import OmniConfig
     from models.model import build_model
     from pipelines.config import DataConfig
-    from pipelines.featurize import FEATURIZERS, get_featurizer
+    from pipelines.featurize import build_featurizers
     from pipelines.tokenizer import train_tokenizer
 
     mods = list(modality_names() if modalities is None else modalities)
@@ -72,16 +72,8 @@ def make_untrained_export(
         train_tokenizer(list(texts), shards / TOKENIZER_DIR, vocab_size=vocab_size)
         data_cfg = DataConfig(name=f"untrained-{size}")
         save_yaml(data_cfg, shards / DATA_CONFIG_FILE)
-        kw: dict[str, Any] = {}
-        encoders: dict[str, dict[str, Any]] = {}
-        for m in mods:
-            extra = {"tokenizer_dir": shards / TOKENIZER_DIR} if FEATURIZERS[m].tokenized else {}
-            featurizer = get_featurizer(m, data_cfg.features, **extra)
-            encoders[m] = ENCODERS[m].sizes_for(featurizer.max_output_shape())
-            kw.update(featurizer.model_args())
-        cfg = OmniConfig.from_name(
-            size, modalities=mods, num_classes=num_classes, encoders=encoders, **kw
-        )
+        sizes = model_sizes(build_featurizers(data_cfg.features, mods, assets_dir=shards))
+        cfg = OmniConfig.from_name(size, modalities=mods, num_classes=num_classes, **sizes)
         torch.manual_seed(seed)
         build_model(cfg).eval().save_pretrained(weights)
         return write_export(

@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
+from common.modalities import get_modality, modality_names
+
 ROOT = Path(__file__).resolve().parents[2]
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -68,9 +70,9 @@ def _signal_list(corpus_dir: Path, rel: str) -> list[list[float]]:
 
 
 def _input_for(row: dict[str, Any], modality: str, corpus_dir: Path) -> dict[str, Any]:
-    if modality == "text":
-        return {"text": row["text"]}
-    if modality == "signal":
+    if get_modality(modality).inline:  # a caption, a tabular record: the value itself
+        return {modality: row[modality]}
+    if modality == "signal":  # shows the JSON-array form of a file modality
         return {"signal": _signal_list(corpus_dir, row["signal"])}
     return {modality: _b64(corpus_dir, row[modality])}
 
@@ -205,7 +207,7 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
         "models", "GET", "/v1/models", summarize=lambda d: ",".join(m["id"] for m in d["data"])
     )
     model_id = listed["data"][0]["id"] if listed and listed.get("data") else "omniray"
-    for m in ("text", "image", "audio", "video", "pointcloud", "signal"):
+    for m in modality_names():
         row = _pick(rows, (m,))
         if row is None:
             reqs[f"embed/{m}"] = {"status": None, "latency_ms": 0.0, "summary": "no test row"}
@@ -217,7 +219,7 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
             {"input": [_input_for(row, m, corpus_dir)], "model": model_id},
             summarize=lambda d: f"dim={len(d['data'][0]['embedding'])}",
         )
-    fuse_mods = ("image", "audio", "signal")
+    fuse_mods = ("image", "audio", "signal", "tabular")
     row = _pick(rows, fuse_mods)
     if row is not None:
         body = {

@@ -69,26 +69,20 @@ def model_config_from_data(
             the encoders.
     """
     from common.config import deep_merge
-    from models import ENCODERS, OmniConfig
+    from jobs.exports import model_sizes
+    from models import OmniConfig
     from models.config import upgrade_legacy
     from pipelines.config import load_feature_config
-    from pipelines.featurize import FEATURIZERS, get_featurizer
+    from pipelines.featurize import build_featurizers
 
     fc = load_feature_config(join_path(shards_dir, "data_config.yaml"))
-    tok_dir = join_path(shards_dir, "tokenizer")
     kw: dict[str, Any] = {
         "modalities": list(modalities),
         "num_classes": len(info.label_names),
         "moe_impl": tc.deepspeed.moe_impl,
         "ep_size": tc.deepspeed.ep_size,
+        **model_sizes(build_featurizers(fc, modalities, assets_dir=shards_dir)),
     }
-    encoders: dict[str, dict[str, Any]] = {}
-    for m in modalities:
-        extra = {"tokenizer_dir": tok_dir} if FEATURIZERS[m].tokenized else {}
-        featurizer = get_featurizer(m, fc, **extra)
-        encoders[m] = ENCODERS[m].sizes_for(featurizer.max_output_shape())
-        kw.update(featurizer.model_args())
-    kw["encoders"] = encoders
     kw = deep_merge(kw, upgrade_legacy(dict(tc.model_overrides)))
     return OmniConfig.from_name(tc.model, **kw)
 

@@ -201,7 +201,8 @@ class StageObjective:
                 terms[f"recon_{m}"] = self.w("recon") * self._recon(r)
         elif self.stage == "align":
             # One modality masked per step (rotating, identical on all ranks) is rebuilt from
-            # the others; its masked embedding is kept out of that step's InfoNCE terms.
+            # the others; its masked embedding is kept out of that step's InfoNCE terms
+            # unless only pairs with it are left.
             masked = active[step % len(active)] if active else None
             ratio = {masked: self.st.mask_ratio} if masked and self.st.mask_ratio > 0 else None
             out = engine(
@@ -212,10 +213,13 @@ class StageObjective:
                 caption="text" in active,
                 parts=self.forward_parts(),
             )
-            for a, b in self.pairs:
-                if a in out.embeds and b in out.embeds and masked not in (a, b):
-                    labels = batch["label"] if self.st.label_positives else None
-                    terms[f"nce_{a}_{b}"] = self.w("nce") * self._nce(out, a, b, cfg, labels)
+            present = [(a, b) for a, b in self.pairs if a in out.embeds and b in out.embeds]
+            # When every pair contains the masked modality (two modalities: one pair), its
+            # masked view is contrasted too, as FLIP does; else no step would align anything.
+            unmasked = [p for p in present if masked not in p]
+            labels = batch["label"] if self.st.label_positives else None
+            for a, b in unmasked or present:
+                terms[f"nce_{a}_{b}"] = self.w("nce") * self._nce(out, a, b, cfg, labels)
             for m, r in out.recon.items():
                 terms[f"xrecon_{m}"] = self.w("recon") * self._recon(r)
             for m, lg in out.caption_logits.items():

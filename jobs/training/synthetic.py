@@ -55,8 +55,7 @@ def _featurized_examples(
         fc = fc.with_overrides(updates)
     out: dict[str, list[list[np.ndarray]]] = {}
     for m in modalities:
-        kw = {"tokenizer_dir": tok_dir} if FEATURIZERS[m].tokenized else {}
-        f = get_featurizer(m, fc, **kw)
+        f = get_featurizer(m, fc, assets_dir=out_dir)
         out[m] = [[f.finalize(x) for x in row] for row in decoded[m]]
     return out, fc
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from common.modalities import check_registered
@@ -54,23 +56,62 @@ def _discover() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-def get_featurizer(name: str, config: FeatureConfig | None = None, **kwargs: Any) -> Featurizer:
+#: Sub-directory of a prepared-shards or export directory holding the BPE tokenizer.
+TOKENIZER_DIR = "tokenizer"
+
+
+def get_featurizer(
+    name: str,
+    config: FeatureConfig | None = None,
+    *,
+    assets_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> Featurizer:
     """Builds the featurizer registered as ``name``.
 
     Args:
         name: Modality name.
         config: Feature sizes; defaults to :class:`FeatureConfig` defaults.
+        assets_dir: A prepared-shards or export directory (local path or URI): a featurizer
+            that needs files finds them there (a ``tokenized`` one its ``tokenizer/``).
         **kwargs: Featurizer-specific arguments (``tokenizer_dir`` / ``tokenizer`` for a
-            ``tokenized`` featurizer).
+            ``tokenized`` featurizer) that win over ``assets_dir``.
 
     Raises:
         KeyError: For an unknown modality (the message lists the known ones).
     """
     if name not in FEATURIZERS:
         raise KeyError(f"unknown modality {name!r}; registered: {sorted(FEATURIZERS)}")
-    return FEATURIZERS[name](config or FeatureConfig(), **kwargs)
+    cls = FEATURIZERS[name]
+    if (
+        assets_dir is not None
+        and cls.tokenized
+        and "tokenizer" not in kwargs
+        and "tokenizer_dir" not in kwargs
+    ):
+        kwargs["tokenizer_dir"] = f"{str(assets_dir).rstrip('/')}/{TOKENIZER_DIR}"
+    return cls(config or FeatureConfig(), **kwargs)
+
+
+def build_featurizers(
+    config: FeatureConfig | None,
+    modalities: Iterable[str],
+    *,
+    assets_dir: str | Path | None = None,
+) -> dict[str, Featurizer]:
+    """One featurizer per modality (see :func:`get_featurizer`), in the given order."""
+    return {m: get_featurizer(m, config, assets_dir=assets_dir) for m in modalities}
 
 
 _discover()
 
-__all__ = ["FEATURIZERS", "REASONS", "Featurizer", "SampleError", "get_featurizer", "register"]
+__all__ = [
+    "FEATURIZERS",
+    "REASONS",
+    "TOKENIZER_DIR",
+    "Featurizer",
+    "SampleError",
+    "build_featurizers",
+    "get_featurizer",
+    "register",
+]
