@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from common.modalities import modality_names
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,7 +67,7 @@ def test_demo_tiny_end_to_end_and_cached_rerun(tmp_path):
         "search audio7->image",
         "classify image",
         "describe image",
-        *(f"embed/{m}" for m in ("text", "image", "audio", "video", "pointcloud", "signal")),
+        *(f"embed/{m}" for m in modality_names()),
     ):
         assert reqs[name]["status"] == 200, (name, reqs[name])
     # The tiny test split holds only a few images: up to 5 results, all labelled.

@@ -219,9 +219,11 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
             {"input": [_input_for(row, m, corpus_dir)], "model": model_id},
             summarize=lambda d: f"dim={len(d['data'][0]['embedding'])}",
         )
-    fuse_mods = ("image", "audio", "signal", "tabular")
-    row = _pick(rows, fuse_mods)
-    if row is not None:
+    # Fusion of as many of these as one test row has (tiny corpora may lack the full set).
+    preferred = ("image", "audio", "signal", "tabular")
+    row = max(rows, key=lambda r: sum(m in r["kept"] for m in preferred), default=None)
+    fuse_mods = tuple(m for m in preferred if row is not None and m in row["kept"])
+    if len(fuse_mods) >= 2:
         body = {
             "input": {k: v for m in fuse_mods for k, v in _input_for(row, m, corpus_dir).items()}
         }
