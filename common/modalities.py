@@ -19,6 +19,9 @@ or a plug-in may add a record at run time with :func:`register_modality`.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +30,7 @@ __all__ = [
     "MODALITIES",
     "Modality",
     "check_registered",
+    "discover_modules",
     "get_modality",
     "modality_names",
     "register_modality",
@@ -142,3 +146,12 @@ def check_registered(registry: str, name: str) -> Modality:
             f"common/modalities.py (declared: {list(MODALITIES)})"
         )
     return MODALITIES[name]
+
+
+def discover_modules(package: str, path: Iterable[str]) -> None:
+    """Imports every module of a per-modality package (``package.__path__``) so that each
+    registers itself; ``base`` and ``_private`` modules are skipped. The three registries call
+    it, so a new modality file needs no import line anywhere."""
+    for info in pkgutil.iter_modules(list(path)):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

@@ -18,11 +18,9 @@ An encoder class declares (see :class:`~models.encoders.base.ModalityEncoder`):
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 
-from common.modalities import check_registered
+from common.modalities import check_registered, discover_modules
 from models.config import OmniConfig
 from models.encoders.base import EncoderOutput, ModalityEncoder, Tokenized, random_token_mask
 
@@ -51,14 +49,7 @@ def build_encoder(name: str, cfg: OmniConfig) -> ModalityEncoder:
     return ENCODERS[name](cfg, cfg.encoder_section(name))
 
 
-def _discover() -> None:
-    # Import every modality module of this package so that each registers itself.
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-_discover()
+discover_modules(__name__, __path__)
 
 __all__ = [
     "ENCODERS",

@@ -14,13 +14,11 @@ module here is imported with the registry.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from common.modalities import check_registered
+from common.modalities import check_registered, discover_modules
 from pipelines.config import FeatureConfig
 from pipelines.featurize.base import REASONS, Featurizer, SampleError
 
@@ -47,13 +45,6 @@ def register(name: str):
         return cls
 
     return deco
-
-
-def _discover() -> None:
-    # Import every modality module of this package so that each registers itself.
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("base",) and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
 
 
 #: Sub-directory of a prepared-shards or export directory holding the BPE tokenizer.
@@ -103,7 +94,7 @@ def build_featurizers(
     return {m: get_featurizer(m, config, assets_dir=assets_dir) for m in modalities}
 
 
-_discover()
+discover_modules(__name__, __path__)
 
 __all__ = [
     "FEATURIZERS",

@@ -7,9 +7,7 @@ this package is imported automatically, as featurizers and encoders are.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from common.modalities import discover_modules
 from serve.modalities.base import (
     SPECS,
     ModalitySpec,
@@ -20,15 +18,7 @@ from serve.modalities.base import (
     unregister_spec,
 )
 
-
-def _discover() -> None:
-    # Import every modality module of this package so that each registers itself.
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-_discover()
+discover_modules(__name__, __path__)
 
 __all__ = [
     "SPECS",
