@@ -92,7 +92,7 @@ MODALITIES: dict[str, Modality] = {
         Modality("audio", "float16", 2, var_axis=0, masked=True),  # log-mel (T, F)
         Modality("video", "uint8", 4),  # (F, H, W, 3)
         Modality("pointcloud", "float16", 2, var_axis=0),  # (N, C)
-        Modality("signal", "float16", 2),  # (C, L)
+        Modality("signal", "float16", 2, var_axis=0, masked=True),  # (C, L), C varies
         Modality("tabular", "float32", 2, inline=True),  # (F, 3): value, present, kind
     )
 }

@@ -1,4 +1,4 @@
-"""Evaluate an export on a prepared split: retrieval, zero-shot, fusion gain, emergent alignment.
+"""Evaluate an export on a prepared split: classification, retrieval, zero-shot, fusion, emergence.
 
     python -m jobs.evaluate --export DIR --data SHARDS_DIR [--split test] [--out DIR]
         [--config configs/eval/default.yaml] [--aligned-pairs text-image,text-audio] [key=value ...]
@@ -8,8 +8,10 @@ test split is small: it is read with pyarrow and encoded in batches on the drive
 
 Writes ``<out>/metrics.json`` (default ``<export>/eval/<split>/``), merges the same results
 under ``"evaluation" → <split>`` into ``<export>/metrics.json``, draws
-``retrieval_r1.png``, ``embeddings_2d.png``, ``zero_shot.png`` and ``fusion.png``, and prints a
-compact summary. A metric that cannot be computed (no text branch, no classification head,
+``retrieval_r1.png``, ``embeddings_2d.png``, ``zero_shot.png``, ``fusion.png`` and the confusion
+matrices ``confusion_classification.png`` (the head, per sample: each row fused over its
+modalities, and each modality alone) and ``confusion_zero_shot.png``, and prints a compact
+summary (accuracy, balanced accuracy and per-class recall of every labelled modality). A metric that cannot be computed (no text branch, no classification head,
 modality absent from the split, ...) is recorded as ``{"skipped": "<reason>"}``; user errors
 (missing export or split, corrupt config) exit with status 2 and a one-line message.
 The library behind this script is :mod:`jobs.evaluation` (:func:`~jobs.evaluation.run.run_evaluation`).
@@ -30,6 +32,11 @@ from jobs.evaluation.run import run_evaluation
 __all__ = ["format_summary", "main", "parse_args", "run_evaluation"]
 
 EXIT_USER_ERROR = 2
+
+
+def one_line(e: BaseException) -> str:
+    """An error message on one line (parser messages quote the input over several)."""
+    return " ".join(str(e).split())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             pairs = [p for p in args.aligned_pairs.split(",") if p.strip()]
         result = run_evaluation(args.export, args.data, cfg, args.out, aligned_pairs=pairs)
     except (EvaluationError, ConfigError) as e:
-        print(f"jobs.evaluate: error: {e}", file=sys.stderr)
+        print(f"jobs.evaluate: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(format_summary(result))
     out = Path(args.out) if args.out else Path(args.export) / "eval" / cfg.split

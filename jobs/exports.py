@@ -6,7 +6,8 @@ An export holds everything needed to embed new inputs exactly as training did:
 * ``data_config.yaml``: the featurizers' config (only its ``features`` section is read);
 * ``tokenizer/``: for the modalities whose featurizer takes a ``tokenizer_dir`` (text);
 * ``zero_shot.yaml``: the prompt templates of the zero-shot classifier, so evaluation and
-  serving build the same classifier (:mod:`models.zeroshot`);
+  serving build the same classifier (:mod:`models.zeroshot`), and optionally ``label_text``
+  (the text written into ``{label}`` per class, read by evaluation);
 * ``metrics.json`` and ``training.yaml`` (aligned pairs, label names, stages).
 
 :func:`write_export` assembles it from consolidated weights and the prepared shards;
@@ -83,6 +84,7 @@ def write_export(
     metrics: dict[str, Any],
     training_info: dict[str, Any],
     templates: list[str] | None = None,
+    label_text: dict[str, str] | None = None,
 ) -> Path:
     """Assembles the export dir: weights + tokenizer + data config + templates + metrics.
 
@@ -95,6 +97,8 @@ def write_export(
         training_info: Written as ``training.yaml`` (``aligned_pairs``, ``label_names``, ...).
         templates: Zero-shot prompt templates written as ``zero_shot.yaml``; default
             :data:`models.zeroshot.DEFAULT_TEMPLATES`.
+        label_text: Optional ``{class name: text put into {label}}`` (also in
+            ``zero_shot.yaml``, for evaluation).
 
     Raises:
         ExportError: ``shards_dir`` lacks ``data_config.yaml`` (the export could not be
@@ -114,7 +118,10 @@ def write_export(
             raise ExportError(f"{sd / DATA_CONFIG_FILE} not found: an export needs the data config")
         shutil.copy2(sd / DATA_CONFIG_FILE, tmp / DATA_CONFIG_FILE)
     with open(tmp / ZERO_SHOT_FILE, "w") as f:
-        yaml.safe_dump({"templates": list(templates)}, f, sort_keys=False, allow_unicode=True)
+        zs: dict[str, Any] = {"templates": list(templates)}
+        if label_text:
+            zs["label_text"] = {str(k): str(v) for k, v in label_text.items()}
+        yaml.safe_dump(zs, f, sort_keys=False, allow_unicode=True)
     with open(tmp / METRICS_FILE, "w") as f:
         json.dump(metrics, f, indent=2, default=str)
     with open(tmp / TRAINING_FILE, "w") as f:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_data_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
     import ray
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         started = True
     try:
         run_prepare(args.manifest, args.out, cfg)
-    except ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ManifestError, ConfigError) as e:  # the data does not fit the config: one line
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     finally:
         if started:

@@ -30,16 +30,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when trained; 2 with a one-line error for a config that does not fit
+    (invalid values, or keys that do not match the prepared data: ``data.shards_dir``,
+    ``data.modalities``, ``align.pairs``, model sizes). Failures while training keep their
+    traceback: they are bugs or infrastructure, not configuration."""
     args = parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
         stages = parse_stages(args.stages, cfg)
+        from jobs.training.runner import resolve_run
+
+        setup = resolve_run(cfg)
     except (ConfigError, ValueError) as e:
-        print(f"jobs.train: {e}", file=sys.stderr)
+        print(f"jobs.train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     from jobs.training.runner import run_training
 
-    result = run_training(cfg, stages)
+    result = run_training(cfg, stages, setup)
     print(json.dumps({"run_dir": result["run_dir"], "export_dir": result["export_dir"]}))
     return 0
 

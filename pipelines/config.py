@@ -151,18 +151,27 @@ def _build_section(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 @dataclass
 class DedupeConfig:
-    """Exact and near-duplicate removal (duplicates -> ``duplicate_of:<id>``).
+    """Duplicate samples out (``duplicate_of:<id>``), repeated captions kept.
 
-    The smallest id of a duplicate cluster survives, so every run keeps the same one.
-    Which near-duplicate method a modality uses is its featurizer's ``near_dedupe``
-    (``phash``: 64-bit DCT perceptual hash of an image; ``minhash``: MinHash over the
-    character shingles of a string).
+    Deduplication is of samples: an exact or near duplicate of a medium (an image, a
+    recording...) is dropped. Modalities whose featurizer is a caption
+    (:meth:`~pipelines.featurize.base.Featurizer.is_caption`: inline text, a metadata record)
+    describe a sample rather than being one: the same caption on different media is
+    legitimate (one caption per class) and is kept unless ``captions`` opts in. The smallest
+    id of a duplicate cluster survives, so every run keeps the same one. Which
+    near-duplicate method a modality uses is its featurizer's ``near_dedupe`` (``phash``:
+    64-bit DCT perceptual hash of an image; ``minhash``: MinHash over the character
+    shingles of a string).
 
     Attributes:
         exact: Modalities deduplicated by content hash (raw bytes; a cleaned inline value).
-            Default: every declared modality.
+            ``None``: every modality (captions only with ``captions``).
         near: Modalities deduplicated by their featurizer's near-duplicate method
-            (``None``: every modality whose featurizer has one).
+            (``None``: every modality whose featurizer has one; captions only with
+            ``captions``).
+        captions: Opt-in filter: also deduplicate caption modalities on their own (exact and
+            near), e.g. scraped alt-texts where a repeated caption is spam. Listing a caption
+            modality in ``exact``/``near`` without it is an error.
         phash_hamming: Max Hamming distance between pHashes counted as duplicates.
         minhash_jaccard: Min estimated Jaccard similarity counted as duplicate.
         minhash_shingle: Character shingle length.
@@ -170,15 +179,14 @@ class DedupeConfig:
         minhash_bands: LSH bands used to find candidate pairs.
         minhash_min_chars: Strings shorter than this skip near-dedupe (too little evidence).
         drop_captions_of_duplicate_rows: When every other modality of a row is a duplicate
-            of the same survivor row and a caption (a modality whose featurizer has a
-            ``caption_key``) equals the survivor's caption up to case, spacing and
-            punctuation, the caption goes too (a whole duplicated row), even when captions
-            are not deduplicated on their own (templated captions repeat). A new caption
-            of duplicated content is kept.
+            of the same survivor row, a caption equal to the survivor's (text: up to case,
+            spacing and punctuation; other captions: exactly) goes too: the whole row is a
+            copy. A new caption of duplicated content is kept.
     """
 
-    exact: list[str] = field(default_factory=lambda: list(modality_names()))
+    exact: list[str] | None = None
     near: list[str] | None = None
+    captions: bool = False
     phash_hamming: int = 4
     minhash_jaccard: float = 0.8
     minhash_shingle: int = 5
@@ -199,24 +207,38 @@ class DedupeConfig:
 
 @dataclass
 class SplitConfig:
-    """Deterministic split by a hash of ``group`` (the id when a row has no group).
+    """Train/val/test assignment (:mod:`pipelines.splits`).
+
+    A manifest ``split`` column (``train``/``val``/``test``) fixes a row's split; the other
+    rows follow their ``group`` (the id when a row has no group): groups are dealt into the
+    splits in the order of a salted hash, per label when rows have labels, so that every
+    class reaches every split it can. An empty split or one without classes that train has
+    is reported in ``stats.json`` ``warnings`` and on the console.
 
     Attributes:
-        train: Share of groups in train.
-        val: Share in val (test gets the rest).
-        test: Share in test.
+        train: Share of rows in train.
+        val: Share in val.
+        test: Share in test (the three sum to 1).
         salt: Mixed into the hash; change it to draw another split.
+        stratify: Deal groups per label (their most common one); off: all groups at once.
     """
 
     train: float = 0.8
     val: float = 0.1
     test: float = 0.1
     salt: str = "omniray"
+    stratify: bool = True
 
     def __post_init__(self) -> None:
+        for key in ("train", "val", "test"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"split.{key} must be >= 0, got {getattr(self, key)}")
         total = self.train + self.val + self.test
-        if min(self.train, self.val, self.test) < 0 or abs(total - 1.0) > 1e-6:
-            raise ValueError(f"split ratios must be >= 0 and sum to 1, got {total}")
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"split.train + split.val + split.test must sum to 1, got "
+                f"{self.train:g} + {self.val:g} + {self.test:g} = {total:g}"
+            )
 
 
 @dataclass
@@ -261,7 +283,7 @@ class DataConfig:
         extra_roots: Roots (local dirs or URIs) besides the manifest folder that paths may
             point into; everything else is ``outside_root``.
         unknown_columns: ``error`` (default) or ``warn`` for manifest columns that are not
-            ``id``, ``label``, ``group`` or a modality.
+            ``id``, ``label``, ``group``, ``split`` or a modality.
     """
 
     name: str = "default"

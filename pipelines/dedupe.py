@@ -182,22 +182,53 @@ def find_duplicates(
 NEAR_METHODS: tuple[str, ...] = ("phash", "minhash")
 
 
+def _checked(cfg: object, key: str, have: list[str]) -> list[str]:
+    """The modalities of ``have`` that ``cfg.<key>`` selects (``None``: all of them)."""
+    from pipelines.featurize import FEATURIZERS
+
+    listed = getattr(cfg, key)
+    if listed is None:
+        return [m for m in have if cfg.captions or not FEATURIZERS[m].is_caption()]
+    caps = sorted(m for m in listed if m in FEATURIZERS and FEATURIZERS[m].is_caption())
+    if caps and not cfg.captions:
+        raise ValueError(
+            f"dedupe.{key}: {caps} are captions (the same caption on different samples is "
+            "kept); remove them, or set dedupe.captions=true to deduplicate captions too"
+        )
+    bad = sorted(set(listed) - set(have))
+    if bad:
+        raise ValueError(f"dedupe.{key}: {bad} cannot be deduplicated so (can: {have})")
+    return [m for m in have if m in listed]
+
+
+def exact_modalities(cfg: object) -> list[str]:
+    """Modalities deduplicated by content hash under ``cfg`` (a DedupeConfig), table order.
+
+    Captions (``Featurizer.is_caption``) only with ``cfg.captions``.
+
+    Raises:
+        ValueError: ``cfg.exact`` lists a caption without ``cfg.captions``.
+    """
+    from common.modalities import modality_names
+    from pipelines.featurize import FEATURIZERS
+
+    return _checked(cfg, "exact", [m for m in modality_names() if m in FEATURIZERS])
+
+
 def near_modalities(cfg: object) -> list[str]:
     """Modalities near-deduplicated under ``cfg`` (a DedupeConfig), in table order.
 
+    Captions (``Featurizer.is_caption``) only with ``cfg.captions``.
+
     Raises:
-        ValueError: ``cfg.near`` lists a modality whose featurizer has no method.
+        ValueError: ``cfg.near`` lists a modality whose featurizer has no method, or a
+            caption without ``cfg.captions``.
     """
     from common.modalities import modality_names
     from pipelines.featurize import FEATURIZERS
 
     have = [m for m in modality_names() if m in FEATURIZERS and FEATURIZERS[m].near_dedupe]
-    if cfg.near is None:
-        return have
-    bad = sorted(set(cfg.near) - set(have))
-    if bad:
-        raise ValueError(f"dedupe.near: {bad} have no near-duplicate method (ones with: {have})")
-    return [m for m in have if m in cfg.near]
+    return _checked(cfg, "near", have)
 
 
 def near_key(method: str, item: object, cfg: object) -> bytes | None:

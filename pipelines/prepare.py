@@ -31,8 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common.config import save_yaml, to_dict
+from common.config import ConfigError, save_yaml, to_dict
 from pipelines.config import DataConfig
+from pipelines.dedupe import exact_modalities, near_modalities
 from pipelines.featurize import FEATURIZERS, get_featurizer
 from pipelines.manifest import (
     check_columns,
@@ -45,6 +46,7 @@ from pipelines.manifest import (
 from pipelines.paths import manifest_root
 from pipelines.plan import plan_rows, split_groups, train_items
 from pipelines.schema import SPLITS
+from pipelines.shards import route_block, write_group
 from pipelines.stages import (
     ManifestError,
     decode_batch,
@@ -52,9 +54,7 @@ from pipelines.stages import (
     finalize_and_route,
     key_columns,
     pipeline_modalities,
-    route_block,
     warm_decoder,
-    write_group,
 )
 from pipelines.stats import build_stats, format_summary, write_json_lines
 from pipelines.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_file, train_tokenizer
@@ -107,6 +107,10 @@ def run_prepare(
 
     t0 = time.perf_counter()
     cfg = config or DataConfig()
+    try:
+        exact_modalities(cfg.dedupe), near_modalities(cfg.dedupe)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     manifest = str(manifest)
     if "://" not in manifest:
         manifest = os.path.abspath(manifest)
@@ -140,7 +144,15 @@ def run_prepare(
     # ---- stage 1: read + decode + featurize (parallel, streaming) ------------------
     rows = estimate_rows(manifest)
     num_blocks = None if rows is None else max(1, math.ceil(rows / cfg.execution.rows_per_block))
-    ds, jsonl = read_manifest(manifest, cfg, num_blocks)
+    # Blocks in manifest order: "first row of a repeated id" means the manifest's first,
+    # and a row's position (its block's offset + its index) identifies it in stage 2. The
+    # dataset keeps a copy of the context it was created with; the global one is restored.
+    preserve_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        ds, jsonl = read_manifest(manifest, cfg, num_blocks)
+    finally:
+        ctx.execution_options.preserve_order = preserve_order
     if not jsonl:
         # Columnar manifests: check the columns up front (JSONL rows are checked per line).
         try:
@@ -174,12 +186,17 @@ def run_prepare(
     # Decoded items the driver needs: the strings a tokenizer is trained on, and the
     # (small) items fitted featurizers learn from.
     tokenized = [m for m in pipeline_modalities() if FEATURIZERS[m].tokenized]
-    fitted = [m for m in pipeline_modalities() if FEATURIZERS[m].is_fitted()]
+    fitted = [m for m in pipeline_modalities() if FEATURIZERS[m].is_fitted(cfg.features.section(m))]
     keys: dict[str, list] = {c: [] for c in cols}
     decoded_items: dict[str, list] = {m: [] for m in dict.fromkeys(tokenized + fitted)}
     # Iterating the materialized blocks needs no new tasks; one block at a time reaches
-    # the driver (bounded memory) and only the small key columns are kept.
-    for b in decoded.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+    # the driver (bounded memory) and only the small key columns are kept. Each block's
+    # offset (position of its first row) goes to stage 2 with it.
+    refs = decoded.to_arrow_refs()
+    offsets: list[int] = []
+    for ref in refs:
+        b = ray.get(ref)
+        offsets.append(len(keys["id"]))
         for c in cols:
             keys[c].extend(b.column(c).to_pylist())
         for m in decoded_items:
@@ -194,7 +211,9 @@ def run_prepare(
             cfg, Path(out) / "tokenizer", keys["id"], decoded_items, tokenized
         )
     if fitted:
-        items = train_items({m: decoded_items[m] for m in fitted}, keys["id"], plan, keys["group"])
+        items = train_items(
+            {m: decoded_items[m] for m in fitted}, keys["id"], plan, keys["group"], keys["split"]
+        )
         cfg = fit_featurizers(cfg, items)
         cfg_dict = to_dict(cfg)
     del keys, decoded_items
@@ -204,10 +223,13 @@ def run_prepare(
     written: list[dict[str, Any]] = []
     if plan["kept"]:
         plan_ref = ray.put(
-            {k: plan[k] for k in ("drop_rows", "drop_mods", "group_split", "num_shards")}
+            {
+                k: plan[k]
+                for k in ("drop_rows", "drop_index", "drop_mods", "group_split", "num_shards")
+            }
         )
         written = shuffle_write(
-            decoded.to_arrow_refs(),
+            refs,
             out,
             plan["num_shards"],
             finalize_args=(
@@ -215,6 +237,7 @@ def run_prepare(
                 plan_ref,
                 None if tokenizer is None else ray.put(tokenizer.to_str()),
             ),
+            offsets=offsets,
         )
     for split in SPLITS:
         (Path(out) / split).mkdir(exist_ok=True)
@@ -292,6 +315,7 @@ def shuffle_write(
     out: str,
     num_shards: dict[str, int],
     finalize_args: tuple[Any, Any, Any] | None = None,
+    offsets: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Writes each ``(split, shard)`` group of the blocks' rows as one shard file.
 
@@ -316,6 +340,8 @@ def shuffle_write(
         out: Output root.
         num_shards: ``{split: n}``.
         finalize_args: ``(config dict, plan, tokenizer JSON)``, values or object refs.
+        offsets: Position of each block's first row among all rows (default: 0 each), for
+            the plan's ``drop_index``.
 
     Returns:
         One ``{split, shard, rows, file}`` record per written shard.
@@ -331,7 +357,11 @@ def shuffle_write(
         pieces = [route.remote(ref, groups) for ref in blocks]
     else:
         route = ray.remote(num_cpus=1)(finalize_and_route).options(num_returns=len(groups))
-        pieces = [route.remote(ref, groups, *finalize_args) for ref in blocks]
+        offsets = offsets if offsets is not None else [0] * len(blocks)
+        pieces = [
+            route.remote(ref, groups, *finalize_args, off)
+            for ref, off in zip(blocks, offsets, strict=True)
+        ]
     if len(groups) == 1:
         pieces = [[p] for p in pieces]
     done = [write.remote(out, num_shards, *[p[g] for p in pieces]) for g in range(len(groups))]

@@ -6,9 +6,10 @@
 2. :class:`FinalizeRows` (via :func:`finalize_batch`): applies the driver's plan
    (duplicates, dropped rows, split and shard), finalizes the two-phase modalities
    (tokenizer, fitted statistics), lists each row's modalities.
-3. :func:`finalize_and_route` (2 + :func:`route_block`) + :func:`write_group`: each block's
-   rows finalized and routed to their ``(split, shard)`` in one task, then one task per
-   group writes it with :func:`write_split_shard`, sorted by id under a deterministic name.
+3. :func:`finalize_and_route` (2 + :func:`pipelines.shards.route_block`) +
+   :func:`pipelines.shards.write_group`: each block's rows finalized and routed to their
+   ``(split, shard)`` in one task, then one task per group writes it, sorted by id under a
+   deterministic name.
 
 No modality is named here: what differs between modalities is a featurizer property
 (``accepts_inline``, ``decoded_dtype``, ``tokenized``, ``near_dedupe``, ``caption_key``...).
@@ -21,21 +22,21 @@ import math
 import traceback
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from common.modalities import modality_names
 from pipelines.config import DataConfig
-from pipelines.dedupe import content_hash, near_key, near_modalities
+from pipelines.dedupe import near_key, near_modalities
 from pipelines.featurize import FEATURIZERS, Featurizer, SampleError, get_featurizer
 from pipelines.paths import PathResolver
 from pipelines.schema import arrow_type, pack_tensors, unpack_column
-from pipelines.schema import write_shard as write_shard_file
+from pipelines.shards import route_block, shard_of
+from pipelines.splits import parse_split
 
-#: Manifest columns that are not modalities.
-META_COLUMNS: tuple[str, ...] = ("id", "label", "group")
+#: Manifest columns that are not modalities (``split``: ``train``/``val``/``test`` fixes the
+#: row's split; empty: prepare assigns one).
+META_COLUMNS: tuple[str, ...] = ("id", "label", "group", "split")
 #: Columns Ray Data may add to what it reads.
 _IGNORED_COLUMNS: frozenset[str] = frozenset({"path"})
 
@@ -46,7 +47,7 @@ def pipeline_modalities() -> tuple[str, ...]:
 
 
 def known_columns() -> frozenset[str]:
-    """Manifest columns prepare understands: ``id``, ``label``, ``group`` and the modalities."""
+    """Manifest columns prepare understands: :data:`META_COLUMNS` and the modalities."""
     return frozenset(META_COLUMNS) | frozenset(pipeline_modalities())
 
 
@@ -62,7 +63,8 @@ def decoded_type(m: str) -> pa.DataType:
 
 def key_columns() -> list[str]:
     """The small per-row stage-1 columns the driver plans from."""
-    cols = ["id", "group", "_row_error", "_quarantine", "_present", "_src", "_unknown"]
+    cols = ["id", "label", "group", "split", "_row_error", "_quarantine", "_present", "_src"]
+    cols += ["_unknown", "_cleaned"]
     for m in pipeline_modalities():
         cols += [f"_hash_{m}", f"_near_{m}", f"_caption_{m}"]
     return cols
@@ -74,11 +76,13 @@ def stage1_schema() -> pa.Schema:
         pa.field("id", pa.string()),
         pa.field("label", pa.string()),
         pa.field("group", pa.string()),
+        pa.field("split", pa.string()),  # the manifest's (validated) split, or null
         pa.field("_row_error", pa.string()),  # JSON quarantine record of a dropped row
         pa.field("_quarantine", pa.string()),  # JSON list of per-modality records
         pa.field("_present", pa.list_(pa.string())),  # modalities that decoded fine
         pa.field("_src", pa.string()),  # JSON {modality: manifest path}
         pa.field("_unknown", pa.list_(pa.string())),  # ignored columns (unknown_columns=warn)
+        pa.field("_cleaned", pa.string()),  # JSON {modality: {repair: count}} (decode_noted)
     ]
     for m in pipeline_modalities():
         fields.append(pa.field(f"_hash_{m}", pa.string()))  # exact-duplicate key
@@ -193,7 +197,13 @@ class DecodeRows:
 
     # -- one row ----------------------------------------------------------------
     def _row(self, raw: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"_quarantine": [], "_present": [], "_src": {}, "_item": {}}
+        out: dict[str, Any] = {
+            "_quarantine": [],
+            "_present": [],
+            "_src": {},
+            "_item": {},
+            "_cleaned": {},
+        }
         if "__error__" in raw:
             out["_row_error"] = raw["__error__"]
             return out
@@ -213,6 +223,19 @@ class DecodeRows:
                 f"row without id (files: {json.dumps(src, default=str)[:200]})",
             )
             return out
+        split = _as_str(raw.get("split"))
+        if split is not None:
+            out["split"] = parse_split(split)
+            if out["split"] is None:
+                out["_row_error"] = record(
+                    rid,
+                    None,
+                    None,
+                    "bad_split",
+                    f"split {split[:50]!r} is not one of train, val, test"
+                    " (leave it empty and prepare assigns one)",
+                )
+                return out
         for m in self.modalities:
             value = raw.get(m)
             if _absent(value):
@@ -244,15 +267,17 @@ class DecodeRows:
         f = self.featurizers[m]
         data: bytes | None = None
         if inline:
-            item = f.decode(value, None)
+            item, notes = f.decode_noted(value, None)
         else:
             if not isinstance(value, str):
                 raise SampleError(
                     "bad_path", f"{m} must be a path string, got {type(value).__name__}"
                 )
             data = self.resolver.read(value, self.cfg.features.max_file_bytes)
-            item = f.decode(data, _suffix(value) or f.sniff(data))
+            item, notes = f.decode_noted(data, _suffix(value) or f.sniff(data))
         out["_item"][m] = item
+        if notes:
+            out["_cleaned"][m] = notes
         out[f"_hash_{m}"] = f.exact_key(item, data)
         if m in self.near:
             out[f"_near_{m}"] = near_key(f.near_dedupe, item, self.cfg.dedupe)
@@ -264,6 +289,7 @@ class DecodeRows:
             "id": [r.get("id") for r in rows],
             "label": [r.get("label") for r in rows],
             "group": [r.get("group") for r in rows],
+            "split": [r.get("split") for r in rows],
             "_row_error": [
                 json.dumps(r["_row_error"]) if r.get("_row_error") else None for r in rows
             ],
@@ -273,6 +299,10 @@ class DecodeRows:
             "_present": [r["_present"] for r in rows],
             "_src": [json.dumps(r["_src"], sort_keys=True) for r in rows],
             "_unknown": [r.get("_unknown") or None for r in rows],
+            "_cleaned": [
+                json.dumps(r["_cleaned"], sort_keys=True) if r.get("_cleaned") else None
+                for r in rows
+            ],
         }
         arrays: dict[str, pa.Array] = {}
         for m in self.modalities:
@@ -335,8 +365,10 @@ class FinalizeRows:
 
     Args:
         config: Resolved :class:`DataConfig` as a dict.
-        plan: ``drop_rows`` (ids), ``drop_mods`` ({id: [modality]}), ``group_split``
-            ({group: split}), ``num_shards`` ({split: n}).
+        plan: ``drop_rows`` (ids), ``drop_index`` (positions of rows dropped although
+            their id is kept: the later rows of a repeated id), ``drop_mods``
+            ({id: [modality]}), ``group_split`` ({group: split} of rows the manifest gives
+            no split), ``num_shards`` ({split: n}).
         tokenizer_json: The tokenizer as a JSON string (no shared filesystem needed), or
             ``None`` when no featurizer is ``tokenized``.
     """
@@ -360,26 +392,35 @@ class FinalizeRows:
                 kw = {"tokenizer": tokenizer} if cls.tokenized else {}
                 self.stage2[m] = get_featurizer(m, cfg.features, **kw)
         self.drop_rows = set(plan["drop_rows"])
+        self.drop_index = set(plan.get("drop_index", ()))
         self.drop_mods = {k: set(v) for k, v in plan["drop_mods"].items()}
         self.group_split = plan["group_split"]
         self.num_shards = plan["num_shards"]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table, offset: int = 0) -> pa.Table:
+        """Rows of one stage-1 block -> final rows with ``_split`` and ``_shard``.
+
+        Args:
+            batch: A stage-1 block.
+            offset: Position of the block's first row among all rows read (manifest order).
+        """
         keep = []
         ids = batch.column("id").to_pylist()
         errs = batch.column("_row_error").to_pylist()
         for i, (rid, err) in enumerate(zip(ids, errs, strict=True)):
             if err is None and rid is not None and rid not in self.drop_rows:
-                keep.append(i)
+                if offset + i not in self.drop_index:
+                    keep.append(i)
         batch = batch.take(pa.array(keep, type=pa.int64()))
         ids = batch.column("id").to_pylist()
         groups = batch.column("group").to_pylist()
         present = batch.column("_present").to_pylist()
+        fixed = batch.column("split").to_pylist()
         mods, splits, shards = [], [], []
-        for rid, grp, pres in zip(ids, groups, present, strict=True):
+        for rid, grp, pres, fix in zip(ids, groups, present, fixed, strict=True):
             dropped = self.drop_mods.get(rid, set())
             mods.append([m for m in self.modalities if m in pres and m not in dropped])
-            split = self.group_split[grp if grp is not None else rid]
+            split = fix or self.group_split[grp if grp is not None else rid]
             splits.append(split)
             shards.append(shard_of(rid, self.num_shards[split]))
         arrays: dict[str, pa.Array] = {
@@ -413,7 +454,11 @@ class FinalizeRows:
 
 
 def finalize_batch(
-    batch: pa.Table, config: dict[str, Any], plan: Any, tokenizer_json: str | None
+    batch: pa.Table,
+    config: dict[str, Any],
+    plan: Any,
+    tokenizer_json: str | None,
+    offset: int = 0,
 ) -> pa.Table:
     """Task UDF around :class:`FinalizeRows` (one block per call).
 
@@ -424,7 +469,7 @@ def finalize_batch(
         import ray
 
         plan = ray.get(plan)
-    return FinalizeRows(config, plan, tokenizer_json)(batch)
+    return FinalizeRows(config, plan, tokenizer_json)(batch, offset)
 
 
 def finalize_and_route(
@@ -433,71 +478,8 @@ def finalize_and_route(
     config: dict[str, Any],
     plan: dict[str, Any],
     tokenizer_json: str | None,
+    offset: int = 0,
 ) -> tuple[pa.Table, ...] | pa.Table:
-    """One stage-1 block through stage 2 in one task: :class:`FinalizeRows`, then
-    :func:`route_block` (one table per ``(split, shard)`` group)."""
-    return route_block(finalize_batch(block, config, plan, tokenizer_json), groups)
-
-
-def shard_of(row_id: str, num_shards: int) -> int:
-    """Deterministic shard index of a row id."""
-    if num_shards <= 1:
-        return 0
-    return int(content_hash(row_id)[:8], 16) % num_shards
-
-
-def shard_name(split: str, shard: int, num_shards: int) -> str:
-    return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
-
-
-def write_split_shard(group: pa.Table, out: str, num_shards: dict[str, int]) -> pa.Table:
-    """Writes one (split, shard) group as one Parquet file (:func:`pipelines.schema.write_shard`).
-
-    Rows are sorted by id, so the bytes do not depend on the order the exchange delivered
-    them in; the file name is ``<split>/<split>-<shard>-of-<n>.parquet``.
-
-    Args:
-        group: All rows of one ``(_split, _shard)`` group.
-        out: Output root (local dir or URI).
-        num_shards: ``{split: n}`` (for file names).
-
-    Returns:
-        One row: ``split``, ``shard``, ``rows``, ``file`` (relative to ``out``).
-    """
-    split = group.column("_split")[0].as_py()
-    shard = int(group.column("_shard")[0].as_py())
-    table = group.drop_columns(["_split", "_shard"])
-    if "://" in out:
-        fs, base = pafs.FileSystem.from_uri(out)
-    else:
-        fs, base = pafs.LocalFileSystem(), out
-    name = shard_name(split, shard, num_shards[split])
-    written = write_shard_file(f"{base.rstrip('/')}/{split}/{name}", table, filesystem=fs)
-    return pa.table(
-        {
-            "split": [split],
-            "shard": [shard],
-            "rows": [written.num_rows],
-            "file": [f"{split}/{name}"],
-        }
-    )
-
-
-def route_block(block: pa.Table, groups: list[tuple[str, int]]) -> tuple[pa.Table, ...]:
-    """Splits one block by ``(_split, _shard)`` into one table per group (in ``groups``
-    order; empty where the block holds none of a group)."""
-    index = {g: i for i, g in enumerate(groups)}
-    keys = zip(block.column("_split").to_pylist(), block.column("_shard").to_pylist(), strict=True)
-    gid = np.fromiter((index[(s, int(k))] for s, k in keys), dtype=np.int64, count=block.num_rows)
-    order = np.argsort(gid, kind="stable")
-    bounds = np.cumsum(np.bincount(gid, minlength=len(groups)))[:-1]
-    parts = tuple(block.take(pa.array(idx)) for idx in np.split(order, bounds))
-    return parts if len(groups) > 1 else parts[0]
-
-
-def write_group(out: str, num_shards: dict[str, int], *pieces: pa.Table) -> pa.Table:
-    """Concatenates one group's pieces and writes them as its shard (no file if empty)."""
-    rows = [p for p in pieces if p.num_rows]
-    if not rows:
-        return pa.table({"split": [], "shard": [], "rows": [], "file": []})
-    return write_split_shard(pa.concat_tables(rows, promote_options="default"), out, num_shards)
+    """One stage-1 block (its first row at position ``offset``) through stage 2 in one
+    task: :class:`FinalizeRows`, then :func:`route_block` (one table per group)."""
+    return route_block(finalize_batch(block, config, plan, tokenizer_json, offset), groups)

@@ -81,10 +81,14 @@ def build_stats(
             s: {
                 "rows": rows_written[s],
                 "groups": len(info["groups"][s]),
+                "classes": len(info["labels"][s]),
+                "labels": info["labels"][s],
                 "files": sorted(files[s]),
             }
             for s in SPLITS
         },
+        "cleaned": info["cleaned"],
+        "warnings": info["warnings"],
         "ignored_columns": info["ignored_columns"],
         "accounting": {
             "read": read,
@@ -103,6 +107,7 @@ def format_summary(stats: dict[str, Any]) -> str:
     w = stats["rows_written"]
     lines = [
         "=" * 72,
+        *(f"WARNING: {w}" for w in stats.get("warnings", ())),
         f"prepare: {stats['manifest']} -> {stats['out']}",
         f"rows read {stats['rows_read']}  written {w['total']} "
         f"(train {w['train']}, val {w['val']}, test {w['test']})  dropped {stats['rows_dropped']}"
@@ -121,7 +126,28 @@ def format_summary(stats: dict[str, Any]) -> str:
     )
     top = sorted(stats["pairs"].items(), key=lambda kv: -kv[1]["total"])
     lines.append("pairs: " + ", ".join(f"{k}={v['total']}" for k, v in top))
+    cleaned = {k: v for k, v in stats.get("cleaned", {}).items() if k != "by_modality"}
+    if cleaned:
+        lines.append(
+            "cleaned: "
+            + ", ".join(f"{k}={v}" for k, v in cleaned.items())
+            + " ("
+            + "; ".join(
+                f"{m}: " + ", ".join(f"{k}={v}" for k, v in c.items())
+                for m, c in stats["cleaned"]["by_modality"].items()
+            )
+            + ")"
+        )
+    lines.append(
+        "splits: "
+        + ", ".join(
+            f"{s} {stats['splits'][s]['rows']} rows/{stats['splits'][s]['groups']} groups"
+            + (f"/{stats['splits'][s]['classes']} classes" if stats["splits"][s]["classes"] else "")
+            for s in SPLITS
+        )
+    )
     if stats["ignored_columns"]:
         lines.append(f"ignored columns: {stats['ignored_columns']}")
+    lines.extend(f"WARNING: {w}" for w in stats.get("warnings", ()))
     lines.append("=" * 72)
     return "\n".join(lines)

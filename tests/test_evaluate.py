@@ -82,7 +82,11 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(shards / "tokenizer", export / "tokenizer")
     shutil.copy2(shards / "data_config.yaml", export / "data_config.yaml")
     (export / "metrics.json").write_text(json.dumps({"stages": {"finetune": {"loss": 1.0}}}))
-    (export / "zero_shot.yaml").write_text(yaml.safe_dump({"templates": TEMPLATES}))
+    (export / "zero_shot.yaml").write_text(
+        yaml.safe_dump(
+            {"templates": TEMPLATES, "label_text": dict(zip(LABELS, WORDS, strict=True))}
+        )
+    )
     (export / "training.yaml").write_text(
         yaml.safe_dump({"aligned_pairs": ALIGNED, "label_names": LABELS, "model": "tiny"})
     )
@@ -181,11 +185,22 @@ def test_cli_end_to_end(setup, tmp_path):
 
     zs = res["zero_shot"]
     assert zs["class_names"] == LABELS
-    assert zs["example_prompts"][1] == "the digit zero"  # label_text from the config
+    assert zs["example_prompts"][1] == "the digit zero"  # label_text from the export
+    assert zs["label_text_source"] == "export"
     assert zs["templates"] == TEMPLATES and zs["templates_source"] == "export"
     assert set(zs["per_modality"]) == set(SPLIT_MODS)
     for v in zs["per_modality"].values():
         assert 0.0 <= v["accuracy"] <= 1.0 and v["chance"] == 0.25
+        assert 0.0 <= v["balanced_accuracy"] <= 1.0 and set(v["per_class_recall"]) == set(LABELS)
+
+    # Per-sample head classification: every row fused over its modalities, each modality.
+    cl = res["classification"]
+    assert cl["class_names"] == LABELS and cl["fused"]["n"] == 24
+    assert {m: v["n"] for m, v in cl["per_modality"].items()} == res["rows_per_modality"]
+    for v in [cl["fused"], *cl["per_modality"].values()]:
+        assert np.sum(v["confusion"]) == pytest.approx(v["n"])
+        assert v["support"] == ({"0": 7, "1": 7, "2": 5, "3": 5} if v["n"] == 24 else v["support"])
+    assert "classification head, per sample" in proc.stdout and "balanced" in proc.stdout
 
     fu = res["fusion"]
     assert fu["modalities"] == list(SPLIT_MODS) and fu["n"] == 19
@@ -203,7 +218,8 @@ def test_cli_end_to_end(setup, tmp_path):
     assert pw["mean_gain"] == pytest.approx(sum(gains) / len(gains))
     assert pw["pairs_with_gain"] == sum(g > 0 for g in gains)
 
-    for name in ("retrieval_r1", "embeddings_2d", "zero_shot", "fusion"):
+    names = ("retrieval_r1", "embeddings_2d", "zero_shot", "fusion")
+    for name in (*names, "confusion_classification", "confusion_zero_shot"):
         png = out / f"{name}.png"
         assert png.is_file() and png.stat().st_size > 2000, name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -303,6 +319,72 @@ def test_in_process_variants(setup, tmp_path):
     assert res["emergent_alignment"]["skipped"]
 
 
+def test_head_accuracy_is_per_sample(setup, tmp_path):
+    """The head's per-modality and fused reports equal a direct forward of each row with
+    that modality alone / with all of its modalities; fusion reuses the same logits."""
+    import torch
+
+    from jobs.evaluation import metrics as M
+    from jobs.evaluation.data import load_split
+    from jobs.evaluation.encode import _collate, encode_samples
+    from jobs.exports import load_export
+
+    cfg = EvalConfig(plots=False, merge_into_export=False, label_text={"0": "nil"})
+    res = evaluate.run_evaluation(setup["export"], setup["shards"], cfg, tmp_path / "o")
+    assert res["zero_shot"]["label_text_source"] == "config"
+    data = load_split(setup["shards"], "test")
+    model = load_export(setup["export"]).model
+    with torch.no_grad():
+        for m in ("audio", "signal"):
+            rows = data.rows_with([m])
+            out = model(_collate([{m: data.tensors[m][i]} for i in rows], [m]), modalities=[m])
+            want = M.class_score_accuracy(
+                out.modality_logits[m].numpy(), [data.labels[i] for i in rows], LABELS
+            )
+            got = res["classification"]["per_modality"][m]
+            assert got["accuracy"] == pytest.approx(want["accuracy"])
+            assert got["confusion"] == want["confusion"]
+        # Row 3 lacks audio: its fused prediction is over the four modalities it has.
+        sp = encode_samples(model, data, list(SPLIT_MODS), batch_size=5)
+        mods = [m for m in SPLIT_MODS if data.tensors[m][3] is not None]
+        assert "audio" not in mods and sp.row_modalities[3] == tuple(mods)
+        out = model(_collate([{m: data.tensors[m][3] for m in mods}], mods), modalities=mods)
+        np.testing.assert_allclose(sp.fused_logits[3], out.logits[0].numpy(), atol=1e-4)
+
+
+def test_label_only_corpus_gets_a_head_accuracy(setup, tmp_path):
+    """A signal-only corpus with labels (no text branch): the head gives an accuracy, and
+    what needs text or two modalities is skipped with the reason."""
+    from models import OmniConfig, build_model
+    from pipelines.config import DataConfig
+
+    cols = _rows(20, seed=7)
+    n = len(cols["id"])
+    for m in ("text", "image", "audio", "pointcloud"):
+        cols[m] = [None] * n
+    cols["modalities"] = [["signal"]] * n
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_yaml(DataConfig(), shards / "data_config.yaml")
+    _write_shard(shards / "test" / "part-00000.parquet", cols)
+    export = tmp_path / "export"
+    mcfg = OmniConfig.from_name("tiny", num_classes=4, modalities=["signal"])
+    build_model(mcfg).save_pretrained(export)
+    shutil.copy2(shards / "data_config.yaml", export / "data_config.yaml")
+    (export / "training.yaml").write_text(yaml.safe_dump({"label_names": LABELS}))
+    res = evaluate.run_evaluation(
+        export, shards, EvalConfig(merge_into_export=False), tmp_path / "o"
+    )
+    cl = res["classification"]
+    assert cl["per_modality"]["signal"]["n"] == 20 and cl["fused"]["n"] == 20
+    assert 0.0 <= cl["fused"]["balanced_accuracy"] <= 1.0
+    assert "text branch" in res["zero_shot"]["skipped"]
+    assert "skipped" in res["fusion"]
+    assert (tmp_path / "o" / "confusion_classification.png").stat().st_size > 2000
+    text = evaluate.format_summary(res)
+    assert "classification head, per sample (4 classes" in text and "signal" in text
+
+
 def test_auto_fusion_set_considers_subsets():
     """Rows with {t,i,a,v} or {t,i,a,p}: no exact combination has 3 rows, {t,i,a} has 6."""
     from jobs.evaluation.data import SplitData
@@ -392,7 +474,10 @@ def test_split_not_matching_the_model_is_a_clear_error(setup, tmp_path, capsys):
     _write_shard(only_bad / "test" / "part-00000.parquet", cols)
     common = ["--export", str(setup["export"]), "--out", str(tmp_path / "o")]
     rc, err = _run_main(capsys, *common, "--data", str(mixed), "merge_into_export=false")
-    assert rc == 2 and "cannot batch" in err and "signal shape (5, 128)" in err
+    # Refused when batched (fixed channel count) or by the encoder (variable channels, at
+    # most the export's): either way one line naming the modality.
+    assert rc == 2 and ("cannot batch" in err or "cannot encode the split" in err), err
+    assert "signal" in err and "5" in err and err.count("\n") == 1
     rc, err = _run_main(capsys, *common, "--data", str(only_bad), "merge_into_export=false")
     assert rc == 2 and "cannot encode the split" in err and "signal" in err and "data_config" in err
     assert not (tmp_path / "o" / "metrics.json").exists()

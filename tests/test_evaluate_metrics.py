@@ -130,7 +130,12 @@ def test_zero_shot_and_top1():
     emb = np.array([[1.0, 0.1, 0.0], [0.0, 0.9, 0.2], [0.2, 0.0, 1.0], [0.0, 1.0, 0.0]])
     emb = _unit(emb)
     res = M.zero_shot_accuracy(emb, ["a", "b", "c", "a"], cls, ["a", "b", "c"])
-    assert res == {"accuracy": 0.75, "n": 4, "chance": pytest.approx(1 / 3)}
+    assert {k: res[k] for k in ("accuracy", "n", "chance")} == {
+        "accuracy": 0.75,
+        "n": 4,
+        "chance": pytest.approx(1 / 3),
+    }
+    assert res["balanced_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
     # Unknown labels are skipped, not counted as errors.
     res = M.zero_shot_accuracy(emb, ["a", "zzz", None, "b"], cls, ["a", "b", "c"])
     assert res["n"] == 2 and res["accuracy"] == 1.0
@@ -182,3 +187,33 @@ def test_expected_hits_match_brute_force_over_tie_orders():
         for k in (1, 2, 3, 6):
             want = _brute_force_hit(scores[0], pos[0], k) if pos.any() else 0.0
             assert got[k][0] == pytest.approx(want, abs=1e-9), (scores, pos, k)
+
+
+def test_classification_report_on_an_imbalanced_set():
+    """9 rows of class a (all right), 1 of b (wrong): accuracy 0.9, balanced 0.5."""
+    names = ["a", "b", "c"]
+    scores = np.zeros((10, 3))
+    scores[:9, 0] = 1.0  # a -> a
+    scores[9, 2] = 1.0  # b -> c
+    targets = [0] * 9 + [1]
+    rep = M.classification_report(scores, targets, names)
+    assert rep["accuracy"] == pytest.approx(0.9) and rep["n"] == 10
+    assert rep["balanced_accuracy"] == pytest.approx(0.5)  # mean of recall a=1, b=0 (c: none)
+    assert rep["per_class_recall"] == {"a": 1.0, "b": 0.0, "c": None}
+    assert rep["support"] == {"a": 9, "b": 1, "c": 0}
+    assert rep["confusion"] == [[9, 0, 0], [0, 0, 1], [0, 0, 0]]
+    # Agrees with sklearn where there are no ties.
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    pred = scores.argmax(1)
+    assert rep["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, pred))
+    np.testing.assert_array_equal(
+        rep["confusion"], confusion_matrix(targets, pred, labels=[0, 1, 2])
+    )
+    # A tie between two classes splits the row: accuracy and confusion agree with top1.
+    tied = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    rep = M.classification_report(tied, [0, -1], names)
+    assert rep["n"] == 1 and rep["accuracy"] == 0.5 == M.top1_accuracy(tied, [0, -1])["accuracy"]
+    assert rep["confusion"][0] == [0.5, 0.5, 0.0]
+    with pytest.raises(ValueError, match="class names"):
+        M.classification_report(tied, [0, 1], ["a", "b"])

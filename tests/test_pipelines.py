@@ -54,6 +54,8 @@ def test_all_data_configs_load():
         load_data_config(files[0], ["features.image.sise=3"])
     with pytest.raises(ConfigError, match="sum to 1"):
         load_data_config(None, ["split.train=0.9"])
+    with pytest.raises(ConfigError, match="split.val must be >= 0"):
+        load_data_config(None, ["split.val=-0.1", "split.train=1.0"])
 
 
 def test_path_resolver_refuses_outside_root(tmp_path):
@@ -184,6 +186,146 @@ def test_warm_decoder_fills_the_decode_cache(tmp_path):
     assert stages._decoder(**other) is not dec  # another run never reuses it
 
 
+# ------------------------------------- samples, not captions; ids; splits (no Ray)
+
+
+def _plan(rows: list[dict], root: Path, cfg: DataConfig):
+    """Stage 1 in-process on JSONL ``rows`` (in manifest order), then the driver's plan."""
+    from common.config import to_dict
+    from pipelines.plan import plan_rows
+    from pipelines.stages import DecodeRows, key_columns
+
+    lines = pa.table({"text": [json.dumps(r) for r in rows]})
+    t = DecodeRows(to_dict(cfg), str(root), True, "m.jsonl")(lines)
+    keys = {c: t.column(c).to_pylist() for c in key_columns()}
+    return plan_rows(keys, cfg)
+
+
+def _reasons(quarantine: list[dict]) -> dict:
+    return {(q["id"], q["modality"]): q["reason"] for q in quarantine}
+
+
+def test_repeated_captions_kept_media_duplicates_dropped(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png(_digit_image(1)))
+    (tmp_path / "b.png").write_bytes(_png(_digit_image(1)))  # the same picture
+    (tmp_path / "c.png").write_bytes(_png(_digit_image(2)))
+    cap = "a photo of the digit one, written with a blue pen"
+    rows = [
+        {"id": "r1", "image": "a.png", "text": cap, "label": "1"},
+        {"id": "r2", "image": "b.png", "text": cap, "label": "1"},  # a whole duplicated row
+        {"id": "r3", "image": "c.png", "text": cap, "label": "1"},  # same caption, new medium
+        {"id": "r4", "text": cap.upper() + "!", "label": "1"},  # near-equal caption alone
+        {"id": "r5", "image": "b.png", "text": "another caption", "label": "1"},
+    ]
+    plan, quarantine, info = _plan(rows, tmp_path, _quiet_config())
+    got = _reasons(quarantine)
+    assert got == {
+        ("r2", "image"): "duplicate_of:r1",
+        ("r2", "text"): "duplicate_of:r1",  # the whole row was a copy
+        ("r2", None): "no_valid_modality",
+        ("r5", "image"): "duplicate_of:r1",  # a new caption of duplicated content stays
+    }
+    assert plan["kept"] == 4 and info["duplicates"]["text/row"] == 1
+    # Caption dedupe is an opt-in filter.
+    plan, quarantine, _ = _plan(rows, tmp_path, _quiet_config(**{"dedupe.captions": "true"}))
+    got = _reasons(quarantine)
+    assert got[("r3", "text")] == got[("r4", "text")] == "duplicate_of:r1"
+    # Which modalities are captions is a featurizer property (inline by default).
+    from pipelines.dedupe import exact_modalities, near_modalities
+    from pipelines.featurize import FEATURIZERS
+
+    caps = {m for m in FEATURIZERS if FEATURIZERS[m].is_caption()}
+    assert caps == {m for m in FEATURIZERS if MODALITIES[m].inline} and caps
+    assert not caps & set(exact_modalities(DataConfig().dedupe))
+    assert not caps & set(near_modalities(DataConfig().dedupe))
+    with pytest.raises(ValueError, match="dedupe.captions=true"):
+        exact_modalities(_quiet_config(**{"dedupe.exact": f"[{sorted(caps)[0]}]"}).dedupe)
+
+
+def test_repeated_id_keeps_its_first_row_and_bad_split_is_quarantined(tmp_path):
+    rows = [
+        {"id": "x", "text": "the first row with id x"},
+        {"id": "y", "text": "a row with a bad split", "split": "validation"},
+        {"id": "x", "text": "the second row with id x"},
+        {"id": "y", "text": "the good row with id y", "split": "TEST"},
+        {"id": "x", "text": "the third row with id x"},
+    ]
+    plan, quarantine, info = _plan(rows, tmp_path, _quiet_config())
+    recs = sorted((q["reason"], q["detail"]) for q in quarantine)
+    assert [r for r, _ in recs] == ["bad_split", "duplicate_id", "duplicate_id"]
+    assert "'validation' is not one of train, val, test" in recs[0][1]
+    assert "row 1 (kept)" in recs[1][1] and plan["drop_index"] == [2, 4]
+    assert plan["kept"] == 2 and plan["split_rows"].get("test") == 1
+    assert info["rows_dropped"] == 3 and "x" not in plan["drop_rows"]
+
+
+def test_splits_fixed_stratified_and_loud(tmp_path):
+    labels = ["cat", "dog", "owl", "fox"]
+    rows = [
+        {"id": f"{lab}-{i:02d}", "text": f"{lab} {i}", "label": lab}
+        for lab in labels
+        for i in range(10)
+    ]
+    rows += [{"id": f"fixed-{i}", "text": f"x {i}", "label": "cat", "split": "test"}
+             for i in range(3)]  # fmt: skip
+    cfg = _quiet_config()
+    plan, _, info = _plan(rows, tmp_path, cfg)
+    for s in SPLITS:  # every class in every split
+        assert set(info["labels"][s]) == set(labels), (s, info["labels"][s])
+    assert all(g in info["groups"]["test"] for g in ("fixed-0", "fixed-1", "fixed-2"))
+    assert info["warnings"] == []
+    # Deterministic by salt: the same plan in another row order, another with another salt.
+    plan2, _, _ = _plan(rows[::-1], tmp_path, cfg)
+    assert plan2["group_split"] == plan["group_split"]
+    plan3, _, _ = _plan(rows, tmp_path, _quiet_config(**{"split.salt": "other"}))
+    assert plan3["group_split"] != plan["group_split"]
+    # Two groups: one trains, one tests, and the empty val split is reported.
+    two = [{"id": f"r{i}", "text": f"t {i}", "group": f"g{i % 2}"} for i in range(20)]
+    plan, _, info = _plan(two, tmp_path, cfg)
+    assert plan["split_rows"] == {"train": 10, "test": 10}
+    assert any(w.startswith("val split is empty") for w in info["warnings"])
+    # Unstratified: a class may miss a split, and that is reported.
+    few = [{"id": f"r{i}", "text": f"t {i}", "label": "ab"[i % 2], "group": f"g{i}"}
+           for i in range(6)]  # fmt: skip
+    few[-1]["split"] = few[-2]["split"] = "test"
+    _, _, info = _plan(few, tmp_path, _quiet_config(**{"split.stratify": "false"}))
+    assert any("split lacks" in w or "never sees" in w for w in info["warnings"])
+
+
+def test_split_ratio_error_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        load_data_config(ROOT / "configs/data/omnidigits.yaml", ["split.train=0.9"])
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "split.train + split.val + split.test must sum to 1" in msg and "= 1.1" in msg
+    # The README's example is valid.
+    lines = (ROOT / "README.md").read_text().splitlines()
+    i = next(i for i, x in enumerate(lines) if "jobs.prepare --manifest my/" in x)
+    command = [lines[i]]
+    while command[-1].endswith("\\"):
+        i += 1
+        command.append(lines[i])
+    overrides = [w for w in " ".join(command).split() if "=" in w and not w.startswith("-")]
+    assert any(o.startswith("split.") for o in overrides)
+    load_data_config(ROOT / "configs/data/omnidigits.yaml", overrides)
+
+
+def test_text_control_characters_stripped_and_counted():
+    from pipelines.featurize import get_featurizer
+
+    f = get_featurizer("text")
+    assert f.decode_noted("a cat\x00\x00 on a mat") == (
+        "a cat on a mat",
+        {"control_chars": 1, "control_chars_removed": 2},
+    )
+    text, notes = f.decode_noted("\x1b[31mred\x1b[0m alert")
+    assert text == "red alert" and notes["control_chars_removed"] == 9
+    assert f.decode_noted("plain\ttext") == ("plain text", {})
+    with pytest.raises(SampleError) as e:
+        f.decode("\x00\x01\x02\x03ab")
+    assert e.value.reason == "control_chars" and "max_control_fraction" in e.value.detail
+
+
 # -------------------------------------------------------------- the hostile corpus
 
 
@@ -283,7 +425,7 @@ def hostile(tmp_path_factory):
          "audio": "audio/good.wav", "video": "video/good.mp4", "pointcloud": "points/good.ply",
          "signal": "signals/good.npy", "label": "1", "group": "w1"},
         {"id": "h-002", "text": "texts/good.txt", "image": "images/good2.png",
-         "signal": "signals/good.csv", "label": "2", "group": "w2"},
+         "signal": "signals/good.csv", "label": "2", "group": "w2", "split": "val"},
         {"id": "h-003", "text": "a brand new caption", "image": "images/exact_dup.png",
          "label": "1", "group": "w3"},
         {"id": "h-004", "image": "images/near_dup.png", "audio": "audio/zero.wav",
@@ -320,7 +462,6 @@ def hostile(tmp_path_factory):
         ("h-009", "text"): "control_chars",
         ("h-010", "text"): "decode_error",
         ("h-010", "image"): "duplicate_of:h-001",
-        ("h-012", "text"): "duplicate_of:h-011",
         ("h-017", "pointcloud"): "duplicate_of:h-001",
         (None, None): "missing_id",
         ("h-dup", None): "duplicate_id",
@@ -394,7 +535,9 @@ def test_hostile_corpus_quarantined_with_reasons(ray_local, hostile, tmp_path):
         assert got.get(key) == reason, (key, got.get(key), reason)
     parse = [q for q in quarantine if q["reason"] == "parse_error"]
     assert len(parse) == 1 and "unterminated" in parse[0]["detail"]
-    assert sum(1 for q in quarantine if q["reason"] == "duplicate_id") == 2
+    # A repeated id keeps its first row; the second is quarantined.
+    dup_id = [q for q in quarantine if q["reason"] == "duplicate_id"]
+    assert len(dup_id) == 1 and "kept" in dup_id[0]["detail"]
     assert not marker.exists(), "an object .npy was unpickled"
     # Outside-root paths are recorded, never read.
     assert any(q["path"] == "../outside.png" for q in quarantine)
@@ -412,9 +555,16 @@ def test_hostile_corpus_quarantined_with_reasons(ray_local, hostile, tmp_path):
     assert kept["h-003"][1] == ["text"]
     assert kept["h-017"][1] == ["text"]
     assert set(kept["h-001"][1]) == {k for k in rows[0] if k in MODALITIES}
-    assert kept["h-002"][1] == ["text", "image", "signal"]
-    assert {"h-004", "h-007", "h-009", "h-010", "h-012", "h-016", "h-dup"}.isdisjoint(kept)
-    assert stats["rows_written"]["total"] == len(kept) == 8
+    assert kept["h-002"] == ("val", ["text", "image", "signal"])  # its split column
+    # Captions are not deduplicated on their own (dedupe.captions is off): a near-equal
+    # caption of another sample stays.
+    assert kept["h-012"][1] == ["text"] and kept["h-dup"][1] == ["text"]
+    assert {"h-004", "h-007", "h-009", "h-010", "h-016"}.isdisjoint(kept)
+    assert stats["rows_written"]["total"] == len(kept) == 10
+    # h-017's bell was stripped and counted; h-009 (mostly control characters) refused.
+    assert stats["cleaned"]["control_chars"] == 1
+    assert stats["cleaned"]["by_modality"] == {"text": {"control_chars": 1,
+                                                        "control_chars_removed": 1}}  # fmt: skip
     # Text cleaning reached the tokens: control characters gone, tabs became spaces.
     from pipelines.featurize import get_featurizer
 
@@ -424,6 +574,12 @@ def test_hostile_corpus_quarantined_with_reasons(ray_local, hostile, tmp_path):
     row = t.filter(pa.compute.equal(t.column("id"), "h-017"))
     ids = unpack_table(row, ["text"])["text"][0]
     assert text.detokenize(ids) == "clean tabs and a bell"
+    split, _ = kept["h-dup"]
+    t = tables[split]
+    row = t.filter(pa.compute.equal(t.column("id"), "h-dup"))
+    assert text.detokenize(unpack_table(row, ["text"])["text"][0]) == (
+        "first of two rows with one id"
+    )
 
 
 @pytest.mark.slow

@@ -261,8 +261,51 @@ def test_zero0_single_worker_freezes_unused_parts_and_exports(
 
 
 def test_missing_shards_fail_clearly(tmp_path):
+    from common.config import ConfigError
     from jobs.training.runner import run_training
 
     cfg = _cfg(tmp_path, str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="jobs.prepare"):
+    with pytest.raises(ConfigError, match=r"^data.shards_dir: .*jobs.prepare"):
         run_training(cfg, ["pretrain"])
+
+
+@pytest.mark.slow
+def test_two_modality_corpus_keeps_n_checkpoints_and_reports_disk(ray_local, tmp_path, capsys):
+    """Align pairs from the data, balanced class weights, ``keep_checkpoints`` per stage,
+    the corpus' zero-shot prompts in the export and the run's disk use on screen."""
+    import json
+
+    import yaml
+
+    from jobs.training.runner import run_training
+
+    shards = write_synthetic_shards(
+        str(tmp_path / "shards2"), n=48, modalities=["image", "signal"], seed=1
+    )
+    cfg = _cfg(
+        tmp_path,
+        shards,
+        "name=two",
+        "pretrain.steps=6",
+        "pretrain.checkpoint_every=2",
+        "finetune.steps=4",
+        "finetune.checkpoint_every=1",
+        "finetune.class_weighting=balanced",
+        "keep_checkpoints=2",
+        "zero_shot_templates=['a recording of {label}']",
+    )
+    res = run_training(cfg, ["pretrain", "finetune"])
+    run_dir = Path(res["run_dir"])
+    for stage, kept in (("pretrain", [4, 6]), ("finetune", [3, 4])):
+        ckpts = sorted(p.name for p in (run_dir / "ray" / f"two-{stage}").glob("checkpoint_0*"))
+        assert ckpts == [f"checkpoint_{s:08d}" for s in kept], (stage, ckpts)
+    export = Path(res["export_dir"])
+    info = yaml.safe_load((export / "training.yaml").read_text())
+    assert info["aligned_pairs"] == [["image", "signal"]]  # the pair the data has
+    assert info["class_weighting"] == "balanced"
+    zs = yaml.safe_load((export / "zero_shot.yaml").read_text())
+    assert zs["templates"] == ["a recording of {label}"]
+    out = capsys.readouterr().out
+    assert "[train] disk used by the run: " in out and "checkpoints " in out
+    disk = json.loads((run_dir / "summary.json").read_text())["disk"]
+    assert disk["total_bytes"] >= disk["checkpoints_bytes"] + disk["export_bytes"] > 0

@@ -59,7 +59,11 @@ def test_demo_config_leaves_an_emergent_pair_out():
     cfg = load_train_config(str(ROOT / "configs/train/demo_small.yaml"))
     pairs = {frozenset(p) for p in cfg.align.pairs}
     assert frozenset({"audio", "pointcloud"}) not in pairs
-    assert len(pairs) == 14  # all 15 pairs of six modalities minus one
+    assert len(pairs) == 17  # 14 of the 15 pairs of the six media modalities + 3 tabular
+    # The corpus' own prompts travel into the export; other configs keep the neutral ones.
+    assert "the digit {label}" in cfg.zero_shot_templates
+    assert cfg.zero_shot_label_text["7"] == "seven"
+    assert load_train_config(str(ROOT / "configs/train/tiny.yaml")).zero_shot_templates is None
 
 
 def test_bad_config_values_are_rejected_clearly():
@@ -80,6 +84,12 @@ def test_bad_config_values_are_rejected_clearly():
         load_train_config(tiny, ["activation_checkpointing=3"])
     with pytest.raises(ConfigError, match=r"varlen_attention: expected bool"):
         load_train_config(tiny, ["varlen_attention=fast"])
+    with pytest.raises(ConfigError, match=r"finetune: class_weighting must be one of"):
+        load_train_config(tiny, ["finetune.class_weighting=inverse"])
+    with pytest.raises(ConfigError, match=r"keep_checkpoints must be >= 1"):
+        load_train_config(tiny, ["keep_checkpoints=0"])
+    with pytest.raises(ConfigError, match=r"zero_shot_templates .*\{label\}"):
+        load_train_config(tiny, ["zero_shot_templates=[a photo]"])
     assert load_train_config(tiny, ["varlen_attention=false"]).varlen_attention is False
     cfg = load_train_config(tiny)
     with pytest.raises(ConfigError, match="--stages"):
@@ -340,3 +350,264 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, stage):
             assert gb[n] is None, n
         else:
             torch.testing.assert_close(gb[n], g, msg=n)
+
+
+# ----------------------------------------------------------------- configs that follow the data
+
+
+def _write_light_shards(root: Path, rows: list[tuple[str, list[str]]]) -> str:
+    """Train shards with only the light columns ``inspect_shards`` reads."""
+    import pyarrow.parquet as pq
+
+    (root / "train").mkdir(parents=True)
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(len(rows))],
+            "label": [lab for lab, _ in rows],
+            "modalities": pa.array([m for _, m in rows], pa.list_(pa.string())),
+        }
+    )
+    pq.write_table(table, root / "train" / "part-0.parquet")
+    return str(root)
+
+
+def test_align_pairs_default_to_the_pairs_the_data_has(tmp_path):
+    """text+image and text+signal rows, never image+signal: only the two pairs are aligned;
+    an explicit pair naming a modality the data lacks is a one-line error naming the key."""
+    from jobs.training.data import inspect_shards
+    from jobs.training.runner import aligned_pairs
+
+    rows = [("a", ["text", "image"])] * 3 + [("b", ["text", "signal"])] * 2
+    rows += [("b", ["image"]), ("c", ["signal"])]
+    info = inspect_shards(_write_light_shards(tmp_path, rows))
+    assert info.modalities == ["text", "image", "signal"]
+    assert info.pair_rows == {("text", "image"): 3, ("text", "signal"): 2}
+    assert info.rows_with_pair("image", "text") == 3 and info.rows_with_pair("image", "signal") == 0
+    assert info.label_names == ["a", "b", "c"] and info.label_counts == {"a": 3, "b": 3, "c": 1}
+    tiny = str(ROOT / "configs/train/tiny.yaml")
+    tc = load_train_config(tiny)
+    assert aligned_pairs(tc, info.modalities, info) == [["text", "image"], ["text", "signal"]]
+    assert aligned_pairs(tc, ["image", "signal"], info) == []  # data.modalities subset
+    tc = load_train_config(tiny, ["align.pairs=[[image,signal],[text,audio]]"])
+    with pytest.raises(ConfigError, match=r"^align.pairs: pair \['text', 'audio'\] names 'audio'"):
+        aligned_pairs(tc, info.modalities, info)
+
+
+@pytest.fixture(scope="module")
+def two_modality_shards(tmp_path_factory) -> str:
+    from jobs.training.synthetic import write_synthetic_shards
+
+    return write_synthetic_shards(
+        str(tmp_path_factory.mktemp("shards2")), n=24, modalities=["image", "signal"], seed=0
+    )
+
+
+@pytest.mark.parametrize(
+    "override, key, names",
+    [
+        ("align.pairs=[[image,audio]]", "align.pairs", "'audio'"),
+        ("data.modalities=[image,video]", "data.modalities", "video"),
+        ("data.shards_dir=/nonexistent/shards", "data.shards_dir", "jobs.prepare"),
+        ("finetune.class_weighting=inverse", "class_weighting", "balanced"),
+        ("keep_checkpoints=0", "keep_checkpoints", ">= 1"),
+        ("model=huge", "model size", "'huge'"),
+    ],
+)
+def test_train_misconfiguration_is_one_line_and_exit_2(
+    two_modality_shards, tmp_path, capsys, override, key, names
+):
+    """``python -m jobs.train`` with a key that does not fit: exit 2, one line naming the
+    key, no traceback, no Ray started (resolved before any worker)."""
+    from jobs.train import main
+
+    rc = main(
+        [
+            "--config",
+            str(ROOT / "configs/train/tiny.yaml"),
+            f"data.shards_dir={two_modality_shards}",
+            f"runs_dir={tmp_path}",
+            override,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("jobs.train: error: ") and err.count("\n") == 1, err
+    assert key in err and names in err and "Traceback" not in err
+
+
+def test_resolve_run_on_a_two_modality_corpus(two_modality_shards, tmp_path):
+    from jobs.training.runner import resolve_run
+
+    tc = load_train_config(
+        str(ROOT / "configs/train/tiny.yaml"),
+        [
+            f"data.shards_dir={two_modality_shards}",
+            f"runs_dir={tmp_path}",
+            "finetune.class_weighting=balanced",
+        ],
+    )
+    setup = resolve_run(tc)
+    assert setup.modalities == ["image", "signal"] and setup.pairs == [["image", "signal"]]
+    w = setup.class_weights["finetune"]
+    assert setup.class_weights["pretrain"] is None and len(w) == len(setup.info.label_names)
+    # Every class weighs the same in total over the train split: N / C.
+    counts = [setup.info.label_counts[c] for c in setup.info.label_names]
+    n = sum(counts)
+    assert [wi * ci for wi, ci in zip(w, counts, strict=True)] == pytest.approx(
+        [n / len(counts)] * len(counts)
+    )
+
+
+# ----------------------------------------------------------------- class weighting
+
+
+def test_balanced_class_weights_and_weighted_cross_entropy():
+    from jobs.training.stage import class_weights
+    from models.objectives import masked_cross_entropy
+
+    names = ["a", "b", "c"]
+    assert class_weights("none", names, {"a": 6, "b": 3, "c": 1}) is None
+    w = class_weights("balanced", names, {"a": 6, "b": 3, "c": 1})
+    assert w == pytest.approx([10 / 18, 10 / 9, 10 / 3])  # N / (C * n_c)
+    # A class without train rows takes the largest weight of the others.
+    assert class_weights("balanced", names, {"a": 6, "b": 2}) == pytest.approx(
+        [8 / 18, 8 / 6, 8 / 6]
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3)
+    labels = torch.tensor([0, 0, 0, 1, 2, -100])
+    rows = labels != -100
+    wt = torch.tensor(w)
+    got = masked_cross_entropy(logits, labels, rows, wt)
+    ce = -torch.log_softmax(logits, -1)[torch.arange(5), labels[:5]]  # per-row CE
+    expect = (wt[labels[:5]] * ce).sum() / wt[labels[:5]].sum()
+    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(masked_cross_entropy(logits, labels, rows), ce.mean())
+    # Equal weights change nothing; no selected row gives a zero with a graph.
+    torch.testing.assert_close(
+        masked_cross_entropy(logits, labels, rows, torch.full((3,), 2.5)), ce.mean()
+    )
+    x = logits.clone().requires_grad_()
+    zero = masked_cross_entropy(x, labels, torch.zeros(6, dtype=torch.bool), wt)
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_finetune_objective_weighs_the_classification_loss(two_modality_shards):
+    """The finetune stage's classification terms use the class weights it was given."""
+    import pyarrow.parquet as pq
+
+    from jobs.training.data import inspect_shards
+    from jobs.training.engine import build_stage_model
+    from jobs.training.runner import model_config_from_data
+    from jobs.training.stage import StageObjective
+    from models.objectives import IGNORE_INDEX, masked_cross_entropy
+
+    shards = two_modality_shards
+    info = inspect_shards(shards)
+    tc = load_train_config(
+        str(ROOT / "configs/train/tiny.yaml"),
+        [
+            f"data.shards_dir={shards}",
+            "finetune.modality_dropout=0",
+            "finetune.tasks=[classification]",
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_stage_model(model_config_from_data(tc, shards, info, info.modalities).to_dict())
+    model.eval()
+    weights = [float(i + 1) for i in range(len(info.label_names))]
+    with pytest.raises(ValueError, match="class weights"):
+        StageObjective(
+            "finetune",
+            tc.finetune,
+            modalities=info.modalities,
+            label_names=info.label_names,
+            class_weights=[1.0],
+        )
+    obj = StageObjective(
+        "finetune",
+        tc.finetune,
+        modalities=info.modalities,
+        label_names=info.label_names,
+        class_weights=weights,
+    )
+    samples = table_to_samples(pq.read_table(str(Path(shards) / "train")), info.modalities)[:8]
+    batch = obj.collate(samples, info.label_names)
+    with torch.no_grad():
+        terms, out = obj(model, batch, step=0)
+    labels = batch["label"]
+    valid = labels != IGNORE_INDEX
+    w = torch.tensor(weights)
+    torch.testing.assert_close(
+        terms["cls_fused"], masked_cross_entropy(out.logits, labels, valid, w)
+    )
+    m = "signal"
+    rows = valid & out.present[m]
+    want = masked_cross_entropy(out.modality_logits[m], labels, rows, w) / len(out.modality_logits)
+    torch.testing.assert_close(terms[f"cls_{m}"], want)
+    assert not torch.allclose(
+        terms["cls_fused"], masked_cross_entropy(out.logits, labels, valid)
+    )  # the weights did change the loss
+
+
+# ----------------------------------------------------------------- retention, disk, export
+
+
+def test_disk_usage_counts_the_run_and_what_lies_outside_it(tmp_path):
+    from jobs.training.checkpoint import disk_usage, format_disk
+
+    run = tmp_path / "run"
+    (run / "ray" / "tiny-pretrain" / "checkpoint_00000004").mkdir(parents=True)
+    (run / "ray" / "tiny-pretrain" / "checkpoint_00000004" / "x.pt").write_bytes(b"0" * 3000)
+    (run / "metrics.jsonl").write_bytes(b"1" * 500)
+    export = tmp_path / "elsewhere" / "export"
+    export.mkdir(parents=True)
+    (export / "model.safetensors").write_bytes(b"2" * 1000)
+    d = disk_usage(str(run), str(run / "ray"), str(export))
+    assert d == {
+        "run_dir": str(run),
+        "total_bytes": 4500,
+        "checkpoints_bytes": 3000,
+        "export_bytes": 1000,
+    }
+    d = disk_usage(str(run), "s3://bucket/ray", str(run / "missing_export"))
+    assert d["total_bytes"] == 3500 and d["checkpoints_bytes"] is None
+    assert d["export_bytes"] == 0
+    line = format_disk(disk_usage(str(run), str(run / "ray"), str(export)))
+    assert line.startswith("disk used by the run: 0.0 MB") and "checkpoints 0.0 MB" in line
+
+
+def test_export_carries_the_configs_zero_shot_prompts(two_modality_shards, tmp_path):
+    """``zero_shot_templates`` / ``zero_shot_label_text`` of the train config land in the
+    export's zero_shot.yaml, which evaluation and serving read."""
+    import os
+
+    from jobs.evaluation.data import read_label_text
+    from jobs.exports import read_templates
+    from jobs.training.data import inspect_shards
+    from jobs.training.runner import RunPaths, export_run
+
+    tc = load_train_config(
+        str(ROOT / "configs/train/tiny.yaml"),
+        [
+            f"data.shards_dir={two_modality_shards}",
+            f"runs_dir={tmp_path}",
+            "zero_shot_templates=['a reading of {label}', '{label}']",
+            "zero_shot_label_text={'0': walking}",
+        ],
+    )
+    paths = RunPaths(tc)
+    os.makedirs(paths.final("finetune"))
+    Path(paths.final("finetune"), "model.safetensors").write_bytes(b"")
+    info = inspect_shards(paths.shards)
+    out = Path(export_run(tc, paths, info, [["image", "signal"]], info.modalities))
+    assert read_templates(out) == ["a reading of {label}", "{label}"]
+    assert read_label_text(out) == {"0": "walking"}
+    # The default: neutral templates, no label text.
+    tc = load_train_config(
+        str(ROOT / "configs/train/tiny.yaml"),
+        [f"data.shards_dir={two_modality_shards}", f"runs_dir={tmp_path}"],
+    )
+    out = Path(export_run(tc, paths, info, [], info.modalities, out_dir=str(tmp_path / "e2")))
+    assert read_templates(out) == ["{label}", "a {label}"] and read_label_text(out) == {}

@@ -154,7 +154,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise EvaluationError(f"cannot parse {path}: {e}") from e
+        raise EvaluationError(f"{path} is unreadable: {e}") from e
     return data if isinstance(data, dict) else {}
 
 
@@ -211,3 +211,13 @@ def read_training_info(export_dir: Path) -> TrainingInfo:
                 info.label_names = [str(x) for x in names]
                 info.source["label_names"] = name
     return info
+
+
+def read_label_text(export_dir: Path) -> dict[str, str]:
+    """The export's ``{class name: prompt text}`` (``zero_shot.yaml`` ``label_text``; the
+    training config's ``zero_shot_label_text``); ``{}`` when it has none."""
+    data = _read_mapping(Path(export_dir) / "zero_shot.yaml")
+    lt = data.get("label_text") or {}
+    if not isinstance(lt, dict):
+        raise EvaluationError(f"{export_dir}/zero_shot.yaml: label_text must be a mapping")
+    return {str(k): str(v) for k, v in lt.items()}

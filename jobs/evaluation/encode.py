@@ -8,6 +8,7 @@ metrics stay framework-free.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -129,3 +130,78 @@ def head_logits(
         np.concatenate(fused),
         {m: np.concatenate(v) for m, v in single.items()},
     )
+
+
+@dataclass
+class SamplePass:
+    """One forward per row with every modality it has (of those asked for).
+
+    Attributes:
+        embeds: ``{m: (rows (n_m,), embeddings (n_m, E))}``, rows ascending.
+        modality_logits: ``{m: (n_m, C)}`` head logits of modality ``m`` alone, aligned with
+            ``embeds[m]`` rows (empty without a classification head).
+        fused_rows: ``(n,)`` rows with any of the modalities, ascending.
+        fused_logits: ``(n, C)`` head logits of each row's fused modalities, or None.
+        row_modalities: ``(n,)`` the modality tuple each fused row was encoded with.
+    """
+
+    embeds: dict[str, tuple[np.ndarray, np.ndarray]]
+    modality_logits: dict[str, np.ndarray]
+    fused_rows: np.ndarray
+    fused_logits: np.ndarray | None
+    row_modalities: list[tuple[str, ...]]
+
+
+@torch.no_grad()
+def encode_samples(
+    model: torch.nn.Module, data: SplitData, modalities: Sequence[str], batch_size: int
+) -> SamplePass:
+    """Embeddings and head logits of every row, each row encoded once with all its modalities.
+
+    Rows are grouped by the set of modalities they hold, so a batch runs only the branches
+    its rows need; per-modality embeddings and logits do not depend on the other
+    modalities of the row, the fused logits are those of the row as a whole (what a
+    per-sample prediction of the model is).
+    """
+    has = {
+        m: np.asarray([t is not None for t in data.tensors.get(m, [])], bool) for m in modalities
+    }
+    combos: dict[tuple[str, ...], list[int]] = {}
+    for i in range(len(data)):
+        key = tuple(m for m in modalities if len(has[m]) and has[m][i])
+        if key:
+            combos.setdefault(key, []).append(i)
+    emb: dict[str, list] = {m: [] for m in modalities}
+    mlog: dict[str, list] = {m: [] for m in modalities}
+    rows_of: dict[str, list] = {m: [] for m in modalities}
+    f_rows: list[np.ndarray] = []
+    f_logits: list[np.ndarray] = []
+    for combo, idx in combos.items():
+        idx_arr = np.asarray(idx, dtype=np.int64)
+        for s in range(0, len(idx_arr), batch_size):
+            rows = idx_arr[s : s + batch_size]
+            samples = [{m: data.tensors[m][i] for m in combo} for i in rows]
+            out = _forward(model, _collate(samples, combo), combo)
+            f_rows.append(rows)
+            if out.logits is not None:
+                f_logits.append(out.logits.float().cpu().numpy())
+            for m in combo:
+                rows_of[m].append(rows)
+                emb[m].append(out.embeds[m].float().cpu().numpy())
+                if m in out.modality_logits:
+                    mlog[m].append(out.modality_logits[m].float().cpu().numpy())
+    embeds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    logits: dict[str, np.ndarray] = {}
+    for m in modalities:
+        if not rows_of[m]:
+            continue
+        r = np.concatenate(rows_of[m])
+        order = np.argsort(r, kind="stable")
+        embeds[m] = (r[order], np.concatenate(emb[m])[order])
+        if mlog[m]:
+            logits[m] = np.concatenate(mlog[m])[order]
+    fr = np.concatenate(f_rows) if f_rows else np.zeros(0, np.int64)
+    order = np.argsort(fr, kind="stable")
+    fused = np.concatenate(f_logits)[order] if f_logits and len(f_logits) == len(f_rows) else None
+    combo_of = {i: c for c, idx in combos.items() for i in idx}
+    return SamplePass(embeds, logits, fr[order], fused, [combo_of[int(i)] for i in fr[order]])

@@ -1,4 +1,5 @@
-"""Evaluation metrics on plain numpy embeddings: retrieval R@K, zero-shot and head accuracy.
+"""Evaluation metrics on plain numpy embeddings: retrieval R@K, zero-shot and head accuracy
+(per-sample classification reports: balanced accuracy, per-class recall, confusion).
 
 Everything here is framework-free (numpy/scipy only) so that it can be checked on hand-made
 embeddings with known answers. Embeddings are compared by dot product; callers pass
@@ -318,19 +319,73 @@ def class_score_accuracy(
     class_names: Sequence[str],
     *,
     tie_decimals: int | None = 6,
-) -> dict[str, float]:
-    """Top-1 accuracy of class scores against label names (ties split uniformly).
+) -> dict[str, object]:
+    """Per-sample classification report of class scores against label names.
 
     Args:
-        scores: (N, C) class scores, e.g. :func:`models.zeroshot.zero_shot_scores`.
+        scores: (N, C) class scores (head logits, or :func:`models.zeroshot.zero_shot_scores`).
         labels: (N,) label names (rows whose label is None or not a class are skipped).
         class_names: (C,) names matching the score columns.
 
     Returns:
-        ``{"accuracy", "n", "chance"}``.
+        :func:`classification_report`'s dict.
     """
     index = {str(c): i for i, c in enumerate(class_names)}
     targets = np.asarray([index.get(str(x), -1) if x is not None else -1 for x in labels])
-    out = top1_accuracy(scores, targets, tie_decimals=tie_decimals)
-    out["chance"] = 1.0 / len(class_names) if len(class_names) else 0.0
-    return out
+    return classification_report(scores, targets, class_names, tie_decimals=tie_decimals)
+
+
+def classification_report(
+    scores: np.ndarray,
+    targets: Sequence[int] | np.ndarray,
+    class_names: Sequence[str],
+    *,
+    tie_decimals: int | None = 6,
+) -> dict[str, object]:
+    """Accuracy, balanced accuracy, per-class recall and the confusion matrix of class scores.
+
+    A row whose best score is tied between ``k`` classes counts ``1/k`` for each of them
+    (the expectation under random tie-breaking, as :func:`top1_accuracy`), so a collapsed
+    model scores chance instead of whatever class comes first.
+
+    Args:
+        scores: (N, C) class scores.
+        targets: (N,) true class index; negative where unknown (row skipped).
+        class_names: (C,) names of the score columns.
+
+    Returns:
+        ``{"accuracy", "balanced_accuracy", "n", "chance", "per_class_recall": {name:
+        recall | None}, "support": {name: rows}, "confusion": (C, C) list (rows = true
+        class, columns = predicted; expected counts)}``. Balanced accuracy is the mean recall
+        over the classes that have rows; a class without rows has recall None.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    n_cls = len(class_names)
+    if scores.ndim != 2 or len(scores) != len(targets) or scores.shape[1] != n_cls:
+        raise ValueError(
+            f"scores {scores.shape}, targets {targets.shape} and {n_cls} class names disagree"
+        )
+    valid = targets >= 0
+    s, t = scores[valid], targets[valid]
+    if tie_decimals is not None:
+        s = np.round(s, tie_decimals)
+    top = s == s.max(axis=1, keepdims=True) if len(s) else np.zeros((0, n_cls), bool)
+    pred = top / np.maximum(top.sum(axis=1, keepdims=True), 1)  # (n, C) tie-split prediction
+    conf = np.zeros((n_cls, n_cls))
+    np.add.at(conf, t, pred)
+    support = conf.sum(axis=1)
+    recall = np.divide(np.diag(conf), support, out=np.zeros(n_cls), where=support > 0)
+    n = int(valid.sum())
+    return {
+        "accuracy": float(np.trace(conf) / n) if n else 0.0,
+        "balanced_accuracy": float(recall[support > 0].mean()) if n else 0.0,
+        "n": n,
+        "chance": 1.0 / n_cls if n_cls else 0.0,
+        "per_class_recall": {
+            str(c): (round(float(recall[i]), 6) if support[i] > 0 else None)
+            for i, c in enumerate(class_names)
+        },
+        "support": {str(c): int(round(support[i])) for i, c in enumerate(class_names)},
+        "confusion": np.round(conf, 4).tolist(),
+    }

@@ -163,3 +163,56 @@ def accuracy_bars(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def confusion_matrices(
+    matrices: dict[str, np.ndarray],
+    class_names: Sequence[str],
+    path: Path,
+    title: str,
+    subtitles: dict[str, str] | None = None,
+) -> Path:
+    """Confusion matrices side by side, each normalized per true class (row = recall).
+
+    Args:
+        matrices: name -> (C, C) counts (rows = true class, columns = predicted).
+        class_names: (C,) names of rows and columns.
+        subtitles: name -> text under the panel name (e.g. the accuracies).
+    """
+    names = list(matrices)
+    c = len(class_names)
+    side = min(6.0, 1.6 + 0.32 * c)
+    cols = min(len(names), 3)
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols + 0.8, side * rows + 0.6))
+    axes = np.atleast_1d(axes).ravel()
+    ticks = c <= 30
+    for ax, name in zip(axes, names, strict=False):
+        m = np.asarray(matrices[name], dtype=np.float64)
+        frac = m / np.maximum(m.sum(axis=1, keepdims=True), 1e-12)
+        ax.imshow(frac, vmin=0.0, vmax=1.0, cmap="Blues")
+        if ticks:
+            ax.set_xticks(range(c), [str(x)[:12] for x in class_names], rotation=60, ha="right")
+            ax.set_yticks(range(c), [str(x)[:12] for x in class_names])
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if c <= 12:
+            for i in range(c):
+                for j in range(c):
+                    if m[i, j] > 0:
+                        color = "white" if frac[i, j] > 0.6 else "black"
+                        ax.text(
+                            j, i, f"{m[i, j]:g}", ha="center", va="center", fontsize=7, color=color
+                        )
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        sub = (subtitles or {}).get(name)
+        ax.set_title(name + (f"\n{sub}" if sub else ""), fontsize=9)
+    for ax in axes[len(names) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

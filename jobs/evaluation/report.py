@@ -74,6 +74,25 @@ def draw_plots(
                 chance=chance,
             )
         )
+    for key, title in (
+        ("classification", f"Classification head, per sample ({cfg.split}): row = true class"),
+        ("zero_shot", f"Zero-shot ({cfg.split}): row = true class"),
+    ):
+        reports = classification_panels(result.get(key, {}))
+        if reports:
+            names = result[key]["class_names"]
+            paths[f"confusion_{key}"] = str(
+                P.confusion_matrices(
+                    {k: np.asarray(v["confusion"]) for k, v in reports.items()},
+                    names,
+                    out_dir / f"confusion_{key}.png",
+                    title,
+                    {
+                        k: f"acc {v['accuracy']:.3f}, balanced {v['balanced_accuracy']:.3f}"
+                        for k, v in reports.items()
+                    },
+                )
+            )
     fu = result["fusion"]
     if "fused_accuracy" in fu:
         vals = {m: fu["single_accuracy"][m] for m in fu["modalities"]}
@@ -88,6 +107,24 @@ def draw_plots(
             )
         )
     return paths
+
+
+def classification_panels(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The measured reports of a ``classification`` or ``zero_shot`` section, by name:
+    ``fused`` first (head only), then each modality."""
+    out: dict[str, dict[str, Any]] = {}
+    if "confusion" in section.get("fused", {}):
+        out["fused"] = section["fused"]
+    for m, v in section.get("per_modality", {}).items():
+        if "confusion" in v:
+            out[m] = v
+    return out
+
+
+def _recall_line(rep: dict[str, Any], limit: int = 12) -> str:
+    items = [(c, r) for c, r in rep["per_class_recall"].items() if r is not None]
+    text = ", ".join(f"{c} {r:.2f}" for c, r in items[:limit])
+    return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -144,12 +181,34 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"     {a[:14]:<14} " + " ".join(cells))
     if emergent:
         lines.append("     (* emergent: pair never seen together in training)")
+    cl = result.get("classification", {})
+    panels = classification_panels(cl)
+    if panels:
+        n_cls = len(cl["class_names"])
+        lines.append(
+            f"classification head, per sample ({n_cls} classes, chance {1 / n_cls:.3f}):"
+            "  accuracy / balanced accuracy"
+        )
+        for k, v in panels.items():
+            what = "fused (all of a row's modalities)" if k == "fused" else k
+            lines.append(
+                f"     {what:<34} {v['accuracy']:.3f} / {v['balanced_accuracy']:.3f}  (n={v['n']})"
+            )
+        best = panels.get("fused") or next(iter(panels.values()))
+        which = "fused" if "fused" in panels else next(iter(panels))
+        lines.append(f"     recall per class ({which}): {_recall_line(best)}")
+    elif "skipped" in cl:
+        lines.append(f"classification head: skipped ({cl['skipped']})")
     zs = result["zero_shot"]
     if "per_modality" in zs:
         accs = ", ".join(
-            f"{m} {v['accuracy']:.3f}" for m, v in zs["per_modality"].items() if "accuracy" in v
+            f"{m} {v['accuracy']:.3f}/{v['balanced_accuracy']:.3f}"
+            for m, v in zs["per_modality"].items()
+            if "accuracy" in v
         )
-        lines.append(f"zero-shot acc ({len(zs['class_names'])} classes): {accs}")
+        lines.append(
+            f"zero-shot accuracy/balanced ({len(zs['class_names'])} classes): {accs or 'none'}"
+        )
     else:
         lines.append(f"zero-shot: skipped ({zs['skipped']})")
     fu = result["fusion"]

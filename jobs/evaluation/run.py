@@ -3,7 +3,9 @@
 :func:`run_evaluation` loads the export through :func:`jobs.exports.load_export` (the
 loader serving uses too), reads the split, embeds every row once, and measures cross-modal
 retrieval, zero-shot classification (:mod:`models.zeroshot`, the classifier the service
-runs, with the export's templates unless the config overrides them), the fusion gain and
+runs, with the export's templates unless the config overrides them), per-sample
+classification by the head (each row fused over its modalities, and each modality alone:
+accuracy, balanced accuracy, per-class recall, confusion matrix), the fusion gain and
 emergent alignment. It writes ``metrics.json`` and the figures (:mod:`.report`).
 """
 
@@ -17,7 +19,14 @@ import numpy as np
 
 from jobs.evaluation import metrics as M
 from jobs.evaluation.config import EvalConfig
-from jobs.evaluation.data import EvaluationError, SplitData, load_split, read_training_info
+from jobs.evaluation.data import (
+    EvaluationError,
+    SplitData,
+    load_split,
+    read_label_text,
+    read_training_info,
+)
+from jobs.evaluation.encode import SamplePass
 from jobs.evaluation.fusion import fusion_pairs, fusion_plan, fusion_result
 from jobs.evaluation.metrics import headline_r1, pair_key
 from jobs.evaluation.report import draw_plots, merge_into_export_metrics, write_json
@@ -47,7 +56,7 @@ def run_evaluation(
     Raises:
         EvaluationError: user errors (bad paths, split, export).
     """
-    from jobs.evaluation.encode import head_logits
+    from jobs.evaluation.encode import encode_samples
     from jobs.exports import ExportError, check_export, load_export
 
     t0 = time.perf_counter()
@@ -97,22 +106,22 @@ def run_evaluation(
             f"and the model ({model_mods})"
         )
 
-    # One pass over the fusion rows gives their per-modality embeddings and the head's
-    # fused and single-modality logits; a second pass embeds the remaining rows only, so
-    # no row is encoded twice.
+    # One pass over every row with all its modalities gives the per-modality embeddings and
+    # the head's per-sample logits (each modality alone, and the row's fused modalities).
+    sp = encode_samples(model, data, mods, cfg.batch_size)
+    embeds: Embeds = sp.embeds
+    t = lap("embed", t)
+    head_names, head_skip = head_class_names(model, info, cfg)
+    classification = (
+        _classification(sp, data, head_names, cfg) if head_names else {"skipped": head_skip}
+    )
     plan = fusion_plan(model, data, mods, info, cfg)
-    done: Embeds = {}
     fusion: dict[str, Any] = {k: v for k, v in plan.items() if k == "skipped"}
     if "skipped" not in plan:
-        f_emb, f_logits, s_logits = head_logits(
-            model, data, plan["modalities"], plan["rows"], cfg.batch_size
-        )
-        done = {m: (plan["rows"], e) for m, e in f_emb.items()}
+        f_logits, s_logits = _fusion_logits(model, data, plan, sp, cfg.batch_size)
         fusion = fusion_result(plan, f_logits, s_logits, cfg)
         fusion["pairwise"] = fusion_pairs(model, data, mods, info, cfg)
     t = lap("fusion", t)
-    embeds = _embed_all(model, data, mods, done, cfg.batch_size)
-    t = lap("embed", t)
 
     has_labels = any(x is not None for x in data.labels)
     retrieval = _retrieval(data, mods, embeds, has_labels, cfg)
@@ -137,6 +146,7 @@ def run_evaluation(
         "retrieval_level": level,
         "retrieval": retrieval,
         "zero_shot": zero_shot,
+        "classification": classification,
         "fusion": fusion,
         "emergent_alignment": emergent,
         # Compact headline views (reports, jobs.demo); the full numbers are above.
@@ -160,21 +170,66 @@ def run_evaluation(
     return result
 
 
-def _embed_all(model, data: SplitData, mods: list[str], done: Embeds, batch_size: int) -> Embeds:
-    """Per-modality embeddings of every row having the modality, reusing ``done``."""
-    from jobs.evaluation.encode import embed_rows
+def head_class_names(model, info, cfg: EvalConfig) -> tuple[list[str] | None, str]:
+    """The classification head's class names, or ``(None, why the head is not measured)``."""
+    from jobs.evaluation.encode import num_classes
 
-    embeds: Embeds = {}
-    for m in mods:
-        rows = data.rows_with([m])
-        have_rows, have_emb = done.get(m, (np.zeros(0, np.int64), None))
-        todo = np.setdiff1d(rows, have_rows)
-        new = embed_rows(model, data, m, todo, batch_size) if len(todo) else None
-        parts = [(r, e) for r, e in ((have_rows, have_emb), (todo, new)) if e is not None]
-        all_rows = np.concatenate([r for r, _ in parts])
-        order = np.argsort(all_rows, kind="stable")
-        embeds[m] = (all_rows[order], np.concatenate([e for _, e in parts])[order])
-    return embeds
+    n_cls = num_classes(model)
+    if n_cls <= 0:
+        return None, "export has no classification head (num_classes = 0)"
+    names = cfg.label_names or info.label_names
+    if not names:
+        return None, (
+            "label names of the classification head are unknown "
+            "(not in the export's training info; pass label_names=[...])"
+        )
+    if len(names) != n_cls:
+        return None, f"{len(names)} label names but the head has {n_cls} classes"
+    return list(names), ""
+
+
+def _classification(
+    sp: SamplePass, data: SplitData, names: list[str], cfg: EvalConfig
+) -> dict[str, Any]:
+    """Per-sample head classification: each row fused over all its modalities, and each
+    modality alone (:func:`metrics.class_score_accuracy` reports)."""
+    if not any(x is not None for x in data.labels):
+        return {"skipped": "the split has no labels"}
+    out: dict[str, Any] = {"class_names": names, "source": "classification head"}
+    if sp.fused_logits is not None and len(sp.fused_rows):
+        labels = [data.labels[i] for i in sp.fused_rows]
+        rep = M.class_score_accuracy(sp.fused_logits, labels, names, tie_decimals=cfg.tie_decimals)
+        out["fused"] = rep if rep["n"] else {"skipped": "no row with a known class label"}
+    per: dict[str, Any] = {}
+    for m, lg in sp.modality_logits.items():
+        labels = [data.labels[i] for i in sp.embeds[m][0]]
+        rep = M.class_score_accuracy(lg, labels, names, tie_decimals=cfg.tie_decimals)
+        per[m] = rep if rep["n"] else {"skipped": "no row with a known class label"}
+    out["per_modality"] = per
+    unknown = sum(1 for x in data.labels if x is not None and x not in set(names))
+    if unknown:
+        out["rows_with_unknown_label"] = unknown
+    return out
+
+
+def _fusion_logits(
+    model, data: SplitData, plan: dict[str, Any], sp: SamplePass, batch_size: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Fused logits over ``plan["modalities"]`` and single-modality logits on the plan's rows;
+    rows whose modalities are exactly those reuse the sample pass, the rest run the head."""
+    from jobs.evaluation.encode import head_logits
+
+    fmods, rows = plan["modalities"], plan["rows"]
+    single = {m: sp.modality_logits[m][np.searchsorted(sp.embeds[m][0], rows)] for m in fmods}
+    pos = np.searchsorted(sp.fused_rows, rows)
+    same = np.asarray([sp.row_modalities[p] == tuple(fmods) for p in pos], dtype=bool)
+    fused = np.zeros((len(rows), plan["num_classes"]), np.float32)
+    if same.any() and sp.fused_logits is not None:
+        fused[same] = sp.fused_logits[pos[same]]
+    if (~same).any():
+        _, f_other, _ = head_logits(model, data, fmods, rows[~same], batch_size)
+        fused[~same] = f_other
+    return fused, single
 
 
 def _retrieval(
@@ -206,7 +261,8 @@ def _zero_shot(
     """Zero-shot accuracy per modality with :mod:`models.zeroshot` (the service's classifier).
 
     The templates are the export's (``zero_shot.yaml``) unless ``cfg.prompt_templates``
-    overrides them; ``cfg.label_text`` maps a class name to the text put into ``{label}``.
+    overrides them; ``cfg.label_text`` (else the export's ``label_text``) maps a class name
+    to the text put into ``{label}``.
     """
     from jobs.evaluation.encode import embed_arrays
     from models import zeroshot as Z
@@ -219,7 +275,8 @@ def _zero_shot(
         return {"skipped": "no label names (split has no labels and export has none)"}
     templates = list(cfg.prompt_templates or export.templates)
     source = "config" if cfg.prompt_templates else "export"
-    texts = [cfg.label_text.get(c, c) for c in class_names]
+    label_text = cfg.label_text or (read_label_text(export.path) if export.path else {})
+    texts = [label_text.get(c, c) for c in class_names]
     featurizer = export.featurizers[prompt_mod]
 
     def embed_texts(prompts: list[str]) -> np.ndarray:
@@ -247,6 +304,7 @@ def _zero_shot(
         "templates": templates,
         "templates_source": source,
         "example_prompts": Z.template_prompts(texts[:1], templates),
+        "label_text_source": "config" if cfg.label_text else "export",
     }
 
 

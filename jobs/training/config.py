@@ -13,6 +13,7 @@ from common.config import ConfigError, load_config
 
 STAGES: tuple[str, ...] = ("pretrain", "align", "finetune")
 FREEZE_CHOICES: tuple[str, ...] = ("none", "encoders", "top_k")
+CLASS_WEIGHTING: tuple[str, ...] = ("none", "balanced")
 
 
 @dataclass
@@ -110,7 +111,9 @@ class StageSection:
         grad_accum: Gradient accumulation steps.
         grad_clip: Global gradient-norm clip (0 disables).
         mask_ratio: Token/patch mask ratio (pretrain masked modelling, align reconstruction).
-        pairs: align: modality pairs aligned with InfoNCE; ``None`` = every pair.
+        pairs: align: modality pairs aligned with InfoNCE; ``None`` = every pair of the
+            trained modalities that at least one train row holds together (the pairs the
+            prepared data has). A pair naming a modality the data lacks is an error.
         label_positives: align: every same-label key is a positive in InfoNCE (multi-positive,
             for corpora whose pairs are category-level like OmniDigits); False = the same row.
         norm_pix_targets: pretrain/align: masked patches are regressed normalized per patch
@@ -122,6 +125,10 @@ class StageSection:
             ``top_k`` (train only the top ``train_top_k`` trunk layers + adapters/fusion/heads).
         train_top_k: Trunk layers trained when ``freeze=top_k``.
         tasks: finetune tasks among ``classification``, ``retrieval``, ``description``.
+        class_weighting: finetune classification loss: ``none`` (every row weighs 1) or
+            ``balanced`` (class ``c`` weighs ``N / (C * n_c)`` with ``n_c`` its train rows, as
+            scikit-learn's ``class_weight="balanced"``): imbalanced labels stop drowning
+            the rare classes.
         checkpoint_every: Report a DeepSpeed checkpoint every N steps (and at the end).
     """
 
@@ -142,6 +149,7 @@ class StageSection:
     freeze: str = "none"
     train_top_k: int = 1
     tasks: list[str] = field(default_factory=lambda: ["classification", "retrieval", "description"])
+    class_weighting: str = "none"
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
@@ -153,6 +161,10 @@ class StageSection:
             raise ValueError(f"freeze must be one of {FREEZE_CHOICES}, got {self.freeze!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.class_weighting not in CLASS_WEIGHTING:
+            raise ValueError(
+                f"class_weighting must be one of {CLASS_WEIGHTING}, got {self.class_weighting!r}"
+            )
         unknown = set(self.tasks) - {"classification", "retrieval", "description"}
         if unknown:
             raise ValueError(f"unknown finetune task(s) {sorted(unknown)}")
@@ -206,6 +218,15 @@ class TrainConfig:
             variable-length flash kernel where it runs (CUDA, compute capability 8.0+, bf16):
             one call for every sequence of every modality, no padding. False keeps the
             portable padded path (masked SDPA per modality) everywhere.
+        keep_checkpoints: DeepSpeed checkpoints kept per stage (Ray Train
+            ``CheckpointConfig(num_to_keep=...)``; the newest reported one is always among
+            them). 2 leaves an older complete one to resume from if the newest did not fully
+            arrive (ray#41700); 1 halves the disk a run uses but has no such fallback.
+        zero_shot_templates: Zero-shot prompt templates written into the export
+            (``zero_shot.yaml``, read by evaluation and serving); each contains ``{label}``.
+            ``None``: the neutral defaults of :data:`models.zeroshot.DEFAULT_TEMPLATES`.
+        zero_shot_label_text: Text written into ``{label}`` per class name (e.g.
+            ``{"7": "seven"}`` where captions spell labels out), carried in the export too.
     """
 
     name: str = "run"
@@ -221,6 +242,9 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     varlen_attention: bool = True
+    keep_checkpoints: int = 2
+    zero_shot_templates: list[str] | None = None
+    zero_shot_label_text: dict[str, str] = field(default_factory=dict)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     data: DataSection = field(default_factory=DataSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
@@ -228,6 +252,19 @@ class TrainConfig:
     align: StageSection = field(default_factory=StageSection)
     finetune: StageSection = field(default_factory=StageSection)
     fault_injection: FaultInjection = field(default_factory=FaultInjection)
+
+    def __post_init__(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise ValueError(
+                f"keep_checkpoints must be >= 1 (a running stage resumes from its newest "
+                f"checkpoint), got {self.keep_checkpoints}"
+            )
+        t = self.zero_shot_templates
+        if t is not None and (not t or any("{label}" not in x for x in t)):
+            raise ValueError(
+                f"zero_shot_templates must be a non-empty list of strings containing "
+                f"'{{label}}', got {t!r}"
+            )
 
     def stage(self, name: str) -> StageSection:
         if name not in STAGES:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,11 +43,20 @@ class ShardInfo:
         modalities: Modalities with at least one non-null row in the train split.
         label_names: Sorted distinct labels of the train split (class index order).
         num_rows: Rows per split.
+        pair_rows: Train rows holding both modalities of a pair, for every pair that has
+            any, keyed ``(a, b)`` in canonical modality order.
+        label_counts: Train rows per label (of ``label_names``).
     """
 
     modalities: list[str]
     label_names: list[str]
     num_rows: dict[str, int]
+    pair_rows: dict[tuple[str, str], int] = field(default_factory=dict)
+    label_counts: dict[str, int] = field(default_factory=dict)
+
+    def rows_with_pair(self, a: str, b: str) -> int:
+        """Train rows that hold both ``a`` and ``b`` (either order)."""
+        return self.pair_rows.get((a, b), self.pair_rows.get((b, a), 0))
 
 
 def inspect_shards(shards_dir: str) -> ShardInfo:
@@ -76,13 +85,38 @@ def inspect_shards(shards_dir: str) -> ShardInfo:
     assert train is not None
     if train.num_rows == 0:
         raise FileNotFoundError(f"training shards under {shards_dir!r} hold no rows")
-    present = set(pc.unique(pc.list_flatten(train.column("modalities"))).to_pylist())
-    labels = [x for x in pc.unique(train.column("label")).to_pylist() if x not in (None, "")]
+    mods_col = train.column("modalities")
+    present = set(pc.unique(pc.list_flatten(mods_col)).to_pylist())
+    modalities = [m for m in MODALITIES if m in present]
+    counts = {}
+    if "label" in train.column_names:
+        vc = pc.value_counts(train.column("label")).to_pylist()
+        counts = {d["values"]: int(d["counts"]) for d in vc if d["values"] not in (None, "")}
     return ShardInfo(
-        modalities=[m for m in MODALITIES if m in present],
-        label_names=sorted(labels, key=_label_key),
+        modalities=modalities,
+        label_names=sorted(counts, key=_label_key),
         num_rows=num_rows,
+        pair_rows=_pair_rows(mods_col, modalities, train.num_rows),
+        label_counts=counts,
     )
+
+
+def _pair_rows(
+    mods_col: pa.ChunkedArray, modalities: list[str], n_rows: int
+) -> dict[tuple[str, str], int]:
+    """Rows holding both modalities of each pair, from the ``modalities`` list column."""
+    flat = pc.list_flatten(mods_col).to_numpy(zero_copy_only=False)
+    parent = pc.list_parent_indices(mods_col).to_numpy()
+    has = np.zeros((n_rows, len(modalities)), dtype=np.int64)  # (N, M) row holds modality
+    for j, m in enumerate(modalities):
+        has[parent[flat == m], j] = 1
+    both = has.T @ has  # (M, M) rows holding both
+    return {
+        (a, b): int(both[i, j])
+        for i, a in enumerate(modalities)
+        for j, b in enumerate(modalities)
+        if i < j and both[i, j] > 0
+    }
 
 
 def _label_key(x: str) -> tuple[int, Any]:

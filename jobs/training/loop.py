@@ -53,7 +53,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Args:
         config: ``train_config`` (TrainConfig as dict), ``stage``, ``model_config``,
-            ``label_names``, ``modalities``, ``pairs``, ``ds_config`` (DeepSpeed dict),
+            ``label_names``, ``modalities``, ``pairs``, ``class_weights`` (list or None),
+            ``ds_config`` (DeepSpeed dict),
             ``init_from`` (dir with ``model.safetensors`` or None), ``run_dir``,
             ``experiment_path`` (Ray Train run dir of this stage).
     """
@@ -86,6 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         label_names=config["label_names"],
         pairs=config["pairs"],
         seed=tc.seed,
+        class_weights=config.get("class_weights"),
     )
     # Model FLOPs per token (the MFU convention: 6 x active params, forward + backward).
     flops_per_token = {m: 6.0 * model.active_parameters_per_token(m) for m in model.modalities}

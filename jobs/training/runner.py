@@ -12,18 +12,20 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.config import to_dict
-from jobs.training.checkpoint import find_resumable
+from common.config import ConfigError, to_dict
+from jobs.training.checkpoint import disk_usage, find_resumable, format_disk
 from jobs.training.config import STAGES, TrainConfig
 from jobs.training.data import ShardInfo, inspect_shards, join_path, resolve_path
 from jobs.training.engine import deepspeed_config
 from jobs.training.metrics import plot_losses, read_jsonl
+from jobs.training.stage import class_weights
 
 log = logging.getLogger("jobs.train")
 
@@ -87,14 +89,78 @@ def model_config_from_data(
     return OmniConfig.from_name(tc.model, **kw)
 
 
-def aligned_pairs(tc: TrainConfig, modalities: list[str]) -> list[list[str]]:
-    """The align stage's pairs (``align.pairs`` or every pair of the trained modalities)."""
+def aligned_pairs(
+    tc: TrainConfig, modalities: list[str], info: ShardInfo | None = None
+) -> list[list[str]]:
+    """The align stage's pairs: ``align.pairs``, or the pairs the prepared data has.
+
+    Without ``align.pairs`` every pair of the trained modalities that at least one train
+    row holds together (``info.pair_rows``; every pair when ``info`` is None).
+
+    Raises:
+        ConfigError: A pair of ``align.pairs`` names a modality that is not trained (the
+            data lacks it, or ``data.modalities`` leaves it out).
+    """
     if tc.align.pairs is None:
-        return [list(p) for p in combinations(modalities, 2)]
-    bad = [p for p in tc.align.pairs if p[0] not in modalities or p[1] not in modalities]
-    if bad:
-        raise ValueError(f"align.pairs {bad} name modalities not in the data {modalities}")
+        return [
+            list(p)
+            for p in combinations(modalities, 2)
+            if info is None or info.rows_with_pair(*p) > 0
+        ]
+    for p in tc.align.pairs:
+        for m in p:
+            if m not in modalities:
+                raise ConfigError(
+                    f"align.pairs: pair {list(p)} names {m!r}, which the data does not have "
+                    f"(trained modalities: {modalities}); remove the pair, or leave align.pairs "
+                    "unset to align the pairs the data has"
+                )
     return [list(p) for p in tc.align.pairs]
+
+
+@dataclass
+class RunSetup:
+    """What the driver resolves from the config and the shards before any worker starts."""
+
+    paths: RunPaths
+    info: ShardInfo
+    modalities: list[str]
+    model_config: Any
+    pairs: list[list[str]]
+    class_weights: dict[str, list[float] | None]
+
+
+def resolve_run(tc: TrainConfig) -> RunSetup:
+    """Checks the config against the prepared data; every problem is a one-line error.
+
+    Raises:
+        ConfigError: A key that does not fit the data (``data.shards_dir``,
+            ``data.modalities``, ``align.pairs``, the model sizes), naming the key.
+    """
+    paths = RunPaths(tc)
+    try:
+        info = inspect_shards(paths.shards)
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.shards_dir: {e}") from e
+    missing = sorted(set(tc.data.modalities or []) - set(info.modalities))
+    if missing:
+        raise ConfigError(
+            f"data.modalities: {missing} are not in the shards at {paths.shards} "
+            f"(they hold {info.modalities})"
+        )
+    mods = [m for m in (tc.data.modalities or info.modalities) if m in info.modalities]
+    model_cfg = model_config_from_data(tc, paths.shards, info, mods)
+    pairs = aligned_pairs(tc, mods, info)
+    for a, b in pairs:
+        if info.rows_with_pair(a, b) == 0:
+            print(f"[train] warning: align.pairs [{a}, {b}]: no train row holds both", flush=True)
+    if not pairs and tc.align.enabled and len(mods) > 1:
+        print("[train] warning: no train row holds two modalities: align has no pair", flush=True)
+    weights = {
+        s: class_weights(tc.stage(s).class_weighting, info.label_names, info.label_counts)
+        for s in STAGES
+    }
+    return RunSetup(paths, info, mods, model_cfg, pairs, weights)
 
 
 def connect_ray() -> None:
@@ -107,11 +173,19 @@ def connect_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
-def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
+def run_training(
+    tc: TrainConfig, stages: list[str], setup: RunSetup | None = None
+) -> dict[str, Any]:
     """Runs the requested stages in order (skipping finished ones) and exports at the end.
 
+    Args:
+        tc: The training config.
+        stages: Stages to run, in pipeline order.
+        setup: :func:`resolve_run`'s result (resolved here when None).
+
     Returns:
-        ``{"stages": {stage: summary}, "export_dir": path | None, "run_dir": path}``.
+        ``{"stages": {stage: summary}, "export_dir": path | None, "run_dir": path,
+        "disk": {...}}`` (the disk the run's dirs use, :func:`disk_usage`).
     """
     import ray
     import ray.data
@@ -120,16 +194,12 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
 
     from jobs.training.loop import train_loop_per_worker
 
-    paths = RunPaths(tc)
+    setup = setup or resolve_run(tc)
+    paths, info, mods, pairs = setup.paths, setup.info, setup.modalities, setup.pairs
+    model_cfg = setup.model_config
     os.makedirs(paths.run_dir, exist_ok=True)
-    info = inspect_shards(paths.shards)
-    mods = [m for m in (tc.data.modalities or info.modalities) if m in info.modalities]
-    missing = sorted(set(tc.data.modalities or []) - set(info.modalities))
-    if missing:
-        raise ValueError(f"data.modalities {missing} are not in the shards at {paths.shards}")
-    model_cfg = model_config_from_data(tc, paths.shards, info, mods)
     model_cfg.save_yaml(paths.model_config)
-    pairs = aligned_pairs(tc, mods)
+    print(f"[train] modalities {mods}; align pairs {pairs}", flush=True)
     with open(os.path.join(paths.run_dir, "train_config.yaml"), "w") as f:
         import yaml
 
@@ -162,6 +232,7 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
             "label_names": info.label_names,
             "modalities": mods,
             "pairs": pairs,
+            "class_weights": setup.class_weights.get(stage),
             "init_from": prev,
             "ds_config": deepspeed_config(tc, st, use_gpu=use_gpu),
             "run_dir": paths.run_dir,
@@ -184,8 +255,9 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
                 name=f"{tc.name}-{stage}",
                 storage_path=paths.storage,
                 failure_config=FailureConfig(max_failures=tc.max_failures),
-                # Keep 3: if the newest is incomplete (#41700) an older one is still there.
-                checkpoint_config=CheckpointConfig(num_to_keep=3),
+                # The newest N (Ray always keeps the latest reported one); with N >= 2 an
+                # older complete one remains if the newest did not fully arrive (#41700).
+                checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             ),
             datasets={"train": ray.data.read_parquet(join_path(paths.shards, "train"))},
         )
@@ -229,7 +301,14 @@ def run_training(tc: TrainConfig, stages: list[str]) -> dict[str, Any]:
     if tc.export_at_end and last is not None and stages and last == stages[-1]:
         export_dir = export_run(tc, paths, info, pairs, mods)
         print(f"[train] exported {last} weights to {export_dir}", flush=True)
-    summary = {"stages": summaries, "export_dir": export_dir, "run_dir": paths.run_dir}
+    disk = disk_usage(paths.run_dir, paths.storage, paths.export)
+    print(f"[train] {format_disk(disk)}", flush=True)
+    summary = {
+        "stages": summaries,
+        "export_dir": export_dir,
+        "run_dir": paths.run_dir,
+        "disk": disk,
+    }
     with open(os.path.join(paths.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     return summary
@@ -266,6 +345,8 @@ def export_run(
             shards_dir=paths.shards,
             metrics=metrics,
             training_info=training_info,
+            templates=tc.zero_shot_templates,
+            label_text=tc.zero_shot_label_text or None,
         )
     )
 
@@ -336,7 +417,7 @@ def export_from_config(
         raise FileNotFoundError(f"{paths.model_config} missing: was this run trained?")
     info = inspect_shards(paths.shards)
     mods = [m for m in (tc.data.modalities or info.modalities) if m in info.modalities]
-    pairs = aligned_pairs(tc, mods)
+    pairs = aligned_pairs(tc, mods, info)
     if checkpoint is not None:
         weights = os.path.join(paths.run_dir, "export_weights")
         consolidate_checkpoint(resolve_path(checkpoint), paths.model_config, weights)
@@ -376,6 +457,8 @@ def _export_weights(
             shards_dir=paths.shards,
             metrics=metrics,
             training_info=training_info,
+            templates=tc.zero_shot_templates,
+            label_text=tc.zero_shot_label_text or None,
         )
     )
 
@@ -404,5 +487,6 @@ def _export_info(
         "modalities": mods,
         "exported_stage": stage,
         "model": tc.model,
+        "class_weighting": tc.finetune.class_weighting,
     }
     return metrics, training_info

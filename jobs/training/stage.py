@@ -36,6 +36,31 @@ from models.objectives import (
 )
 
 
+def class_weights(
+    mode: str, label_names: list[str], label_counts: dict[str, int]
+) -> list[float] | None:
+    """Classification loss weights from the train split's class frequencies.
+
+    Args:
+        mode: ``"none"`` or ``"balanced"`` (``finetune.class_weighting``).
+        label_names: ``C`` class names in head order.
+        label_counts: Train rows per class name.
+
+    Returns:
+        ``None`` for ``"none"``; else ``C`` weights ``N / (C * n_c)`` (a class without train
+        rows gets the largest weight of the others: it cannot occur in a train batch anyway).
+    """
+    if mode == "none" or not label_names:
+        return None
+    if mode != "balanced":
+        raise ValueError(f"finetune.class_weighting must be none|balanced, got {mode!r}")
+    counts = [int(label_counts.get(c, 0)) for c in label_names]
+    total, n_cls = sum(counts), len(label_names)
+    w = [total / (n_cls * n) if n > 0 else 0.0 for n in counts]
+    top = max(w) if any(w) else 1.0
+    return [x if x > 0 else top for x in w]
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cpu":
         return batch
@@ -52,6 +77,8 @@ class StageObjective:
         label_names: Class order for ``batch["label"]``.
         pairs: Modality pairs for InfoNCE (align, finetune retrieval).
         seed: Seed of the per-step modality dropout / masked-modality choice.
+        class_weights: ``(C,)`` weights of the finetune classification loss, in
+            ``label_names`` order (:func:`class_weights`); None = unweighted.
     """
 
     def __init__(
@@ -63,7 +90,15 @@ class StageObjective:
         label_names: list[str],
         pairs: list[list[str]] | None = None,
         seed: int = 0,
+        class_weights: list[float] | None = None,
     ) -> None:
+        if class_weights is not None and len(class_weights) != len(label_names):
+            raise ValueError(
+                f"{len(class_weights)} class weights for {len(label_names)} label names"
+            )
+        self.class_weights = (
+            torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        )
         self.stage = stage
         self.st = st
         self.modalities = list(modalities)
@@ -236,14 +271,17 @@ class StageObjective:
             if "classification" in tasks and out.logits is not None:
                 # Zero-with-graph fallbacks keep every rank's graph over the same parameters.
                 valid = labels != IGNORE_INDEX
+                cw = self.class_weights
                 terms["cls_fused"] = self.w("classification") * masked_cross_entropy(
-                    out.logits, labels, valid
+                    out.logits, labels, valid, cw
                 )
                 n_mod = max(1, len(out.modality_logits))
                 for m, lg in out.modality_logits.items():
                     rows = valid & out.present[m]
                     terms[f"cls_{m}"] = (
-                        self.w("classification") * masked_cross_entropy(lg, labels, rows) / n_mod
+                        self.w("classification")
+                        * masked_cross_entropy(lg, labels, rows, cw)
+                        / n_mod
                     )
             if "retrieval" in tasks:
                 for a, b in self.pairs:

@@ -1,10 +1,17 @@
-"""Signal encoder: channel-independent 1-D patching of ``(B, C, L)`` series (PatchTST)."""
+"""Signal encoder: channel-independent 1-D patching of ``(B, C, L)`` series (PatchTST).
+
+Any channel count up to ``channels`` in one batch (MOMENT-style): every channel is patched
+with the same embedding, tokens carry a learned channel embedding (row c of a table of
+``channels`` rows) and a time-position embedding, and the padded channels of a batch
+(``batch["signal_mask"]`` ``(B, C)`` from collate) mask their tokens.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,14 +24,16 @@ from models.encoders.base import ModalityEncoder, Tokenized
 @register_encoder("signal")
 class SignalEncoder(ModalityEncoder):
     """Each channel is cut into patches of length P that share one linear embedding;
-    tokens get a channel embedding and a time-position embedding (C * L/P tokens)."""
+    tokens get a channel embedding and a time-position embedding (C * L/P tokens, those of
+    padded channels masked)."""
 
     @dataclass
     class Config:
         """Section ``encoders.signal``.
 
         Attributes:
-            channels: Most channels C.
+            channels: Most channels C: the size of the channel-embedding table
+                (the featurizer's ``max_output_shape()[0]``); a batch may have fewer.
             length: Longest series L.
             patch: PatchTST patch length.
         """
@@ -67,7 +76,15 @@ class SignalEncoder(ModalityEncoder):
         self.time_pos = nn.Parameter(torch.randn(1, 1, n_time, cfg.d_model) * 0.02)
         self.channel_embed = nn.Parameter(torch.randn(1, sec.channels, 1, cfg.d_model) * 0.02)
 
+    @classmethod
+    def random_item(cls, cfg: OmniConfig, section: Config, rng: np.random.Generator) -> np.ndarray:
+        """A random ``(channels, length)`` item: every channel (benchmarks' token counts are
+        those of the largest input; real corpora mix channel counts)."""
+        return rng.standard_normal(cls.input_shape(cfg, section)).astype(np.float16)
+
     def tokenize(self, batch: dict[str, torch.Tensor]) -> Tokenized:
+        """``batch["signal"]`` ``(B, C, L)`` (+ ``signal_mask`` ``(B, C)``) -> ``C * L/P``
+        tokens per row; the tokens of padded channels are masked (and zero)."""
         x = self.input(batch)
         if x.dim() != 3 or x.shape[1] > self.channels or x.shape[2] > self.length:
             raise ValueError(
@@ -77,7 +94,12 @@ class SignalEncoder(ModalityEncoder):
         if length % self.patch:
             raise ValueError(f"signal length {length} is not a multiple of patch={self.patch}")
         n = length // self.patch
-        patches = x.to(torch.float32).reshape(b, c * n, self.patch)  # (B, C*N, P)
+        ch_mask = batch.get(f"{self.modality}_mask")  # (B, C), True = real channel
+        if ch_mask is None:
+            ch_mask = torch.ones(b, c, dtype=torch.bool, device=x.device)
+        ch_mask = ch_mask.to(device=x.device, dtype=torch.bool)
+        x = x.to(torch.float32) * ch_mask.unsqueeze(-1)  # padded channels are exactly zero
+        patches = x.reshape(b, c * n, self.patch)  # (B, C*N, P), channel-major
         pos = (self.channel_embed[:, :c] + self.time_pos[:, :, :n]).reshape(1, c * n, -1)
-        mask = torch.ones(b, c * n, dtype=torch.bool, device=x.device)
+        mask = ch_mask.repeat_interleave(n, dim=1)  # (B, C*N)
         return Tokenized(x=self.proj(self.as_params(patches)), pos=pos, mask=mask, targets=patches)

@@ -7,7 +7,10 @@ import torch.nn.functional as F
 
 
 def masked_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy over the selected rows (fused or single-modality classifier).
 
@@ -16,10 +19,14 @@ def masked_cross_entropy(
         labels: ``(B,)`` int class ids.
         rows: ``(B,)`` bool rows to score (callers exclude unknown labels and rows lacking
             the modality).
+        weight: Optional ``(C,)`` class weights: the loss is then the weighted mean
+            ``sum_i w[y_i] * ce_i / sum_i w[y_i]`` over ``rows`` (PyTorch's ``weight=``).
 
     Returns:
         Scalar mean over ``rows``; a zero attached to ``logits`` when there is none.
     """
     if not bool(rows.any()):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[rows].float(), labels[rows].long())
+    if weight is not None:
+        weight = weight.to(device=logits.device, dtype=torch.float32)
+    return F.cross_entropy(logits[rows].float(), labels[rows].long(), weight=weight)

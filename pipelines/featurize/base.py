@@ -43,6 +43,7 @@ REASONS: tuple[str, ...] = (
 ROW_REASONS: tuple[str, ...] = (
     "parse_error",
     "missing_id",
+    "bad_split",
     "duplicate_id",
     "no_valid_modality",
 )
@@ -97,6 +98,11 @@ class Featurizer:
     #: Near-duplicate method of :mod:`pipelines.dedupe` for this modality (``"phash"`` on
     #: a uint8 image, ``"minhash"`` on a string), ``None`` when there is none.
     near_dedupe: ClassVar[str | None] = None
+    #: Values of this modality describe a sample rather than being one (a caption, a
+    #: metadata record): the same value on different samples is legitimate, so it is not
+    #: deduplicated on its own unless ``dedupe.captions`` opts in. ``None``: the modality
+    #: record's ``inline`` (see :meth:`is_caption`).
+    caption: ClassVar[bool | None] = None
 
     def __init__(self, config: FeatureConfig | None = None, **_: Any) -> None:
         self.config = config or FeatureConfig()
@@ -157,9 +163,16 @@ class Featurizer:
         return content_hash(f"{a.dtype}{a.shape}".encode() + a.tobytes())
 
     def caption_key(self, item: Any) -> str | None:
-        """For a caption-like modality, a key equal for captions differing only in case,
-        spacing and punctuation (``dedupe.drop_captions_of_duplicate_rows``); else None."""
+        """For a caption (:meth:`is_caption`), a looser key than :meth:`exact_key` that
+        ``dedupe.drop_captions_of_duplicate_rows`` compares (text: equal up to case, spacing
+        and punctuation); ``None``: the exact key is compared."""
         return None
+
+    @classmethod
+    def is_caption(cls) -> bool:
+        """Whether equal values of this modality on different rows are legitimate (see
+        :attr:`caption`; by default: inline modalities, whose value is in the manifest)."""
+        return get_modality(cls.modality).inline if cls.caption is None else bool(cls.caption)
 
     def warm_up(self) -> None:
         """Loads what the first item would otherwise load lazily (heavy libraries), so a
@@ -195,6 +208,12 @@ class Featurizer:
             return self.from_array(raw)
         return self.from_value(raw)
 
+    def decode_noted(self, raw: Any, suffix: str | None = None) -> tuple[Any, dict[str, int]]:
+        """:meth:`decode` plus what it repaired to accept the item, e.g.
+        ``{"control_chars": 1, "control_chars_removed": 3}`` (counted in ``stats.json``
+        ``cleaned``); the default repairs nothing."""
+        return self.decode(raw, suffix), {}
+
     # -- statistics from the training split, and stage 2 -----------------------------
     def fit(self, items: list[Any]) -> dict[str, Any] | None:
         """Statistics from the TRAIN split's decoded items -> updates of this section.
@@ -218,8 +237,11 @@ class Featurizer:
         return cls.finalize is not Featurizer.finalize or cls.fit is not Featurizer.fit
 
     @classmethod
-    def is_fitted(cls) -> bool:
-        """Whether prepare must call :meth:`fit` on the training split."""
+    def is_fitted(cls, section: Any = None) -> bool:
+        """Whether prepare must call :meth:`fit` on the training split (and so gather its
+        decoded items on the driver). ``section``: this modality's ``Config``, for a
+        featurizer that fits only under some settings (signal: ``normalize: dataset``);
+        ``None`` asks whether it can fit at all."""
         return cls.fit is not Featurizer.fit
 
 

@@ -3,8 +3,9 @@
 Two phases: :meth:`TextFeaturizer.decode` cleans (stage 1; the cleaned string is what
 deduplication and tokenizer training see), :meth:`TextFeaturizer.finalize` tokenizes.
 Cleaning: Unicode NFC, control characters
-removed (tabs/newlines become spaces), whitespace collapsed, optional lower-casing, and
-length bounds. Text that is mostly control characters is refused as ``control_chars``.
+and ANSI escape sequences removed (tabs/newlines become spaces; counted in ``stats.json``
+``cleaned``), whitespace collapsed, optional lower-casing, and length bounds. Text with more
+than ``max_control_fraction`` control characters is refused as ``control_chars``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from pipelines.featurize.base import Featurizer, SampleError
 from pipelines.tokenizer import BOS_ID, EOS_ID, load_tokenizer
 
 _WS = re.compile(r"\s+")
+#: Whitespace control characters: become spaces.
+_WS_CTRL = "\t\n\r\x0b\x0c"
+#: Unicode categories removed: controls, surrogates, private use.
+_CTRL = ("Cc", "Cs", "Co")
+#: ANSI/VT100 escape sequences (colours, cursor moves): removed whole.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
 
 @register("text")
@@ -55,7 +62,8 @@ class TextFeaturizer(Featurizer):
         vocab_size: int = 1024
         min_chars: int = 1
         max_chars: int = 10_000
-        max_control_fraction: float = 0.1
+        # 0.1 refused short captions with a few stray controls ("a cat\\x00\\x00": 0.2).
+        max_control_fraction: float = 0.25
         lowercase: bool = False
 
     suffixes = (".txt",)
@@ -104,25 +112,38 @@ class TextFeaturizer(Featurizer):
 
     def clean(self, text: str) -> str:
         """Normalizes one string; raises ``control_chars``, ``empty`` or ``too_large``."""
+        return self.clean_counted(text)[0]
+
+    def clean_counted(self, text: str) -> tuple[str, int]:
+        """:meth:`clean` plus the number of control characters it removed.
+
+        ANSI escape sequences (``ESC [ 31 m``) go as a whole, other control characters one by
+        one (tabs and line breaks become spaces). Refused as ``control_chars`` only when they
+        are more than ``max_control_fraction`` of the text (binary junk, UTF-16 read as
+        UTF-8), as ``empty`` when nothing is left.
+        """
         cfg = self.section
         if not isinstance(text, str):
             raise SampleError("bad_dtype", f"text must be a string, got {type(text).__name__}")
         if not text:
             raise SampleError("empty", "empty text")
         text = unicodedata.normalize("NFC", text)
-        n_ctrl = sum(
-            1 for c in text if unicodedata.category(c) in ("Cc", "Cs", "Co") and c not in "\t\n\r"
-        )
+        n_ctrl = sum(1 for c in text if c not in _WS_CTRL and unicodedata.category(c) in _CTRL)
         if n_ctrl / len(text) > cfg.max_control_fraction:
             raise SampleError(
-                "control_chars", f"{n_ctrl} of {len(text)} characters are control characters"
+                "control_chars",
+                f"{n_ctrl} of {len(text)} characters are control characters"
+                f" (> features.text.max_control_fraction={cfg.max_control_fraction:g})",
             )
-        # Whitespace controls become spaces; other control/surrogate/private chars go.
-        text = "".join(
-            " " if c in "\t\n\r\x0b\x0c" else c
-            for c in text
-            if c in "\t\n\r\x0b\x0c" or unicodedata.category(c) not in ("Cc", "Cs", "Co")
-        )
+        if n_ctrl:
+            n_before = len(text)
+            text = _ANSI.sub("", text)
+            text = "".join(
+                " " if c in _WS_CTRL else c
+                for c in text
+                if c in _WS_CTRL or unicodedata.category(c) not in _CTRL
+            )
+            n_ctrl = n_before - len(text)
         text = _WS.sub(" ", text).strip()
         if cfg.lowercase:
             text = text.lower()
@@ -130,10 +151,14 @@ class TextFeaturizer(Featurizer):
             raise SampleError("empty", f"{len(text)} characters after cleaning")
         if len(text) > cfg.max_chars:
             raise SampleError("too_large", f"{len(text)} characters > max_chars={cfg.max_chars}")
-        return text
+        return text, n_ctrl
 
     def decode_bytes(self, data: bytes) -> str:
         """Strict UTF-8 (BOM allowed) -> cleaned text; invalid UTF-8 is ``decode_error``."""
+        return self.clean(self.text_of_bytes(data))
+
+    def text_of_bytes(self, data: bytes) -> str:
+        """Strict UTF-8 (BOM allowed) -> the raw string; invalid UTF-8 is ``decode_error``."""
         if not data:
             raise SampleError("empty", "zero-byte text file")
         if len(data) > 4 * self.section.max_chars + 16:
@@ -142,7 +167,7 @@ class TextFeaturizer(Featurizer):
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise SampleError("decode_error", f"invalid UTF-8 at byte {e.start}") from e
-        return self.clean(text)
+        return text
 
     def tokenize(self, clean_text: str) -> np.ndarray:
         """Already cleaned text -> int32 ids ``<bos> ... <eos>`` cut to ``max_len``."""
@@ -155,16 +180,22 @@ class TextFeaturizer(Featurizer):
     # -- the two phases ---------------------------------------------------------------
     def decode(self, raw: Any, suffix: str | None = None) -> str:
         """Stage 1: a string, UTF-8 bytes or a 0-d string array -> the cleaned string."""
+        return self.decode_noted(raw, suffix)[0]
+
+    def decode_noted(self, raw: Any, suffix: str | None = None) -> tuple[str, dict[str, int]]:
+        """:meth:`decode` plus ``{"control_chars": 1, "control_chars_removed": n}`` when
+        control characters were stripped."""
         if raw is None:
             raise SampleError("empty", "no data")
-        if isinstance(raw, str):
-            return self.clean(raw)
         if isinstance(raw, bytes | bytearray | memoryview):
-            return self.decode_bytes(bytes(raw))
-        a = np.asarray(raw)
-        if a.ndim == 0 and isinstance(a.item(), str):
-            return self.clean(a.item())
-        raise SampleError("bad_dtype", f"text must be a string, got {type(raw).__name__}")
+            raw = self.text_of_bytes(bytes(raw))
+        elif not isinstance(raw, str):
+            a = np.asarray(raw)
+            if not (a.ndim == 0 and isinstance(a.item(), str)):
+                raise SampleError("bad_dtype", f"text must be a string, got {type(raw).__name__}")
+            raw = a.item()
+        text, n = self.clean_counted(raw)
+        return text, ({"control_chars": 1, "control_chars_removed": n} if n else {})
 
     def finalize(self, item: Any) -> np.ndarray:
         """Stage 2: the cleaned string -> int32 token ids."""

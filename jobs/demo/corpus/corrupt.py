@@ -41,7 +41,8 @@ def _corrupt_bytes(modality: str, kind: str, good: bytes, r: np.random.Generator
             lines[k] = "nan,inf,1"
             return ("\n".join(lines) + "\n").encode()
         x = x.copy()
-        x[:, int(r.integers(x.shape[1]))] = np.nan
+        # A NaN step inside the recording: a NaN last step would be end padding (trimmed).
+        x[:, min(int(r.integers(x.shape[1])), x.shape[1] - 2)] = np.nan
         np.save(buf, x, allow_pickle=False)
         return buf.getvalue()
     if kind == "pickle":  # an object array: only loadable by unpickling, which is refused
