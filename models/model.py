@@ -23,10 +23,9 @@ from models.fusion import GatedFusion
 from models.heads import Adapter, ClassifierHead, ProjectionHead, ReconHead, TextDecoder
 from models.layers import masked_mean
 from models.outputs import ModalityFeatures, OmniOutput, ReconOutput
+from models.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from models.trunk import MoETrunk
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "model_config.yaml"
 #: Optional parts besides the per-modality branches and the trunk.
 PARTS: tuple[str, ...] = ("fusion", "recon", "decoder", "classifier")
 
@@ -406,21 +405,11 @@ class OmniModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Writes ``model.safetensors`` + ``model_config.yaml`` (no pickle)."""
-        from safetensors.torch import save_file
+        """Writes ``model.safetensors`` + ``model_config.yaml`` (no pickle); see
+        :func:`models.pretrained.save_pretrained`."""
+        from models.pretrained import save_pretrained
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {}
-        for k, v in self.state_dict().items():
-            if not isinstance(v, torch.Tensor) or v.is_quantized:
-                raise TypeError(
-                    f"cannot save {k!r}: quantized models are not saved; save the fp32 model"
-                )
-            state[k] = v.detach().contiguous().cpu()
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        self.config.save_yaml(directory / CONFIG_NAME)
-        return directory
+        return save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(
@@ -431,34 +420,11 @@ class OmniModel(nn.Module):
         *,
         map_location: str | torch.device = "cpu",
     ) -> OmniModel:
-        """Rebuilds the model from an export directory, optionally only some branches.
+        """Rebuilds the model from an export directory, optionally only some branches; see
+        :func:`models.pretrained.load_pretrained` (``parts=[]``: a serving replica)."""
+        from models.pretrained import load_pretrained
 
-        Args:
-            directory: Holds ``model.safetensors`` and ``model_config.yaml``.
-            modalities: Branches to load (default: all in the config).
-            parts: Subset of :data:`PARTS` to load (default: all); ``[]`` loads only the
-                branches, the trunk and the temperature (a serving replica).
-            map_location: Device of the loaded tensors.
-
-        Returns:
-            The model in eval mode.
-        """
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        wpath, cpath = directory / WEIGHTS_NAME, directory / CONFIG_NAME
-        for p in (wpath, cpath):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} not found (expected an export directory)")
-        cfg = OmniConfig.from_yaml(cpath)
-        model = build_model(cfg, modalities=modalities, parts=parts)
-        state = load_file(str(wpath), device=str(map_location))
-        wanted = model.state_dict().keys()
-        missing = [k for k in wanted if k not in state]
-        if missing:
-            raise KeyError(f"{wpath} lacks {len(missing)} tensors, e.g. {missing[:5]}")
-        model.load_state_dict({k: state[k] for k in wanted}, strict=True)
-        return model.to(map_location).eval()
+        return load_pretrained(directory, modalities, parts, map_location=map_location)
 
 
 def _init_weights(module: nn.Module) -> None:

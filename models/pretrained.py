@@ -1,0 +1,88 @@
+"""Save and load an :class:`~models.model.OmniModel` in the export layout (Contract 3).
+
+``model.safetensors`` (never pickled) and ``model_config.yaml``; a loader may rebuild only
+some branches and parts (a serving replica holds one modality's branch and the trunk).
+Export *directories* (featurizers, templates, the size check) are read by
+``jobs.exports.load_export``, which calls :func:`load_pretrained` for the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from models.config import OmniConfig
+
+if TYPE_CHECKING:
+    from models.model import OmniModel
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "model_config.yaml"
+
+
+def save_pretrained(model: OmniModel, directory: str | Path) -> Path:
+    """Writes ``model.safetensors`` + ``model_config.yaml`` (no pickle).
+
+    Raises:
+        TypeError: The model is quantized (save the fp32 model instead).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for k, v in model.state_dict().items():
+        if not isinstance(v, torch.Tensor) or v.is_quantized:
+            raise TypeError(
+                f"cannot save {k!r}: quantized models are not saved; save the fp32 model"
+            )
+        state[k] = v.detach().contiguous().cpu()
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    model.config.save_yaml(directory / CONFIG_NAME)
+    return directory
+
+
+def load_pretrained(
+    directory: str | Path,
+    modalities: Iterable[str] | None = None,
+    parts: Iterable[str] | None = None,
+    *,
+    map_location: str | torch.device = "cpu",
+) -> OmniModel:
+    """Rebuilds the model from an export directory, optionally only some branches.
+
+    Args:
+        directory: Holds ``model.safetensors`` and ``model_config.yaml``.
+        modalities: Branches to load (default: all in the config).
+        parts: Subset of ``models.model.PARTS`` to load (default: all); ``[]`` loads only
+            the branches, the trunk and the temperature (a serving replica).
+        map_location: Device of the loaded tensors.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        FileNotFoundError: A file is missing. KeyError: the weights lack tensors the
+            config's model has.
+    """
+    from safetensors.torch import load_file
+
+    from models.model import build_model
+
+    directory = Path(directory)
+    wpath, cpath = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    for p in (wpath, cpath):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found (expected an export directory)")
+    cfg = OmniConfig.from_yaml(cpath)
+    model = build_model(cfg, modalities=modalities, parts=parts)
+    state = load_file(str(wpath), device=str(map_location))
+    wanted = model.state_dict().keys()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise KeyError(f"{wpath} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+    model.load_state_dict({k: state[k] for k in wanted}, strict=True)
+    return model.to(map_location).eval()
