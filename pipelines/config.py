@@ -173,6 +173,9 @@ class DedupeConfig:
             near), e.g. scraped alt-texts where a repeated caption is spam. Listing a caption
             modality in ``exact``/``near`` without it is an error.
         phash_hamming: Max Hamming distance between pHashes counted as duplicates.
+        phash_min_side: Images whose shorter side (as stored, read from the file's header)
+            is below this skip near-dedupe (too little evidence: distinct 8x8 scans of one
+            digit hash within a few bits of each other); exact duplicates are still found.
         minhash_jaccard: Min estimated Jaccard similarity counted as duplicate.
         minhash_shingle: Character shingle length.
         minhash_num_perm: MinHash permutations (must be divisible by ``minhash_bands``).
@@ -188,6 +191,7 @@ class DedupeConfig:
     near: list[str] | None = None
     captions: bool = False
     phash_hamming: int = 4
+    phash_min_side: int = 32
     minhash_jaccard: float = 0.8
     minhash_shingle: int = 5
     minhash_num_perm: int = 64

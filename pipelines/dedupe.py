@@ -47,6 +47,19 @@ def image_phash(image: np.ndarray) -> int:
     return int(np.packbits(bits.astype(np.uint8)).view(">u8")[0])
 
 
+def _stored_min_side(data: bytes) -> int:
+    """Shorter side of an encoded image from its header (no pixel decoding)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return min(im.size)
+    except Exception:  # noqa: BLE001 - decoded already; a header PIL cannot read: compare
+        return 1 << 30
+
+
 def _minhash_params(num_perm: int, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
@@ -231,16 +244,20 @@ def near_modalities(cfg: object) -> list[str]:
     return _checked(cfg, "near", have)
 
 
-def near_key(method: str, item: object, cfg: object) -> bytes | None:
+def near_key(method: str, item: object, cfg: object, data: bytes | None = None) -> bytes | None:
     """The near-duplicate key of one decoded item as bytes (``None``: not compared).
 
     Args:
-        method: ``phash`` (``item``: a uint8 image (H, W[, 3])) or ``minhash`` (``item``:
+        method: ``phash`` (``item``: a uint8 image (H, W[, 3]); an image file whose shorter
+            side is below ``cfg.phash_min_side`` gives ``None``) or ``minhash`` (``item``:
             a string; shorter than ``cfg.minhash_min_chars`` gives ``None``).
         item: The stage-1 (decoded) item.
         cfg: The :class:`~pipelines.config.DedupeConfig`.
+        data: The raw file bytes the item came from (None: given inline or as an array).
     """
     if method == "phash":
+        if data is not None and _stored_min_side(data) < cfg.phash_min_side:
+            return None
         return int(image_phash(np.asarray(item))).to_bytes(8, "big")
     if method == "minhash":
         text = str(item)

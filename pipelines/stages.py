@@ -280,7 +280,7 @@ class DecodeRows:
             out["_cleaned"][m] = notes
         out[f"_hash_{m}"] = f.exact_key(item, data)
         if m in self.near:
-            out[f"_near_{m}"] = near_key(f.near_dedupe, item, self.cfg.dedupe)
+            out[f"_near_{m}"] = near_key(f.near_dedupe, item, self.cfg.dedupe, data)
         out[f"_caption_{m}"] = f.caption_key(item)
 
     def _to_table(self, rows: list[dict[str, Any]]) -> pa.Table:

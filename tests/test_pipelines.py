@@ -778,3 +778,31 @@ def test_fit_hook_train_items_and_section_updates(monkeypatch):
     fitted = fit_featurizers(cfg, got)
     assert seen == [[1, 5]] and fitted.features.image.size == 16
     assert cfg.features.image.size == 32  # the input config is untouched
+
+
+def test_phash_skips_images_stored_below_its_resolution():
+    """Distinct 8x8 scans of one digit hash within a few bits of each other (scikit-learn's
+    digits lost 48 of 1,797 rows so): images stored smaller than ``phash_min_side`` are only
+    deduplicated exactly; larger ones are still compared."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pipelines.config import DedupeConfig
+    from pipelines.dedupe import near_key
+
+    digits = load_digits().images  # (1797, 8, 8), values 0..16
+    cfg = DedupeConfig()
+
+    def png(a: np.ndarray, side: int) -> tuple[np.ndarray, bytes]:
+        im = Image.fromarray((a * 15).astype(np.uint8)).resize((side, side))
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+        return np.asarray(im.convert("RGB").resize((32, 32))), buf.getvalue()
+
+    item, data = png(digits[0], 8)
+    assert near_key("phash", item, cfg, data) is None
+    item, data = png(digits[0], 64)
+    assert near_key("phash", item, cfg, data) is not None
+    assert near_key("phash", item, cfg) is not None  # an inline array: compared
