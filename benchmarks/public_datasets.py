@@ -320,11 +320,6 @@ def run_dataset(name: str, args, work: Path) -> dict:
             "execution.progress_bars=false", *fov]  # fmt: skip
     steps = {}
     steps["prepare"] = run_cmd(prep, d / "prepare.log")
-    log = Path(steps["prepare"]["log"]).read_text(errors="replace")
-    if steps["prepare"]["rc"] != 0 and "split" in log and "unknown" in log.lower():
-        # This version has no `split` column: prepare draws its own split (flagged below).
-        steps["prepare_split_column_refused"] = steps["prepare"]
-        steps["prepare"] = run_cmd([*prep, "unknown_columns=warn"], d / "prepare.log")
     res["steps"] = steps
     if steps["prepare"]["rc"] != 0:
         res["error"] = f"prepare failed:\n{_tail(steps['prepare']['log'])}"

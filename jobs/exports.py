@@ -31,12 +31,13 @@ from typing import Any
 
 import yaml
 
+from pipelines.tokenizer import TOKENIZER_DIR
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.yaml"
 DATA_CONFIG_FILE = "data_config.yaml"
-TOKENIZER_DIR = "tokenizer"
 ZERO_SHOT_FILE = "zero_shot.yaml"
 METRICS_FILE = "metrics.json"
 TRAINING_FILE = "training.yaml"

@@ -57,7 +57,13 @@ from pipelines.stages import (
     warm_decoder,
 )
 from pipelines.stats import build_stats, format_summary, write_json_lines
-from pipelines.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_file, train_tokenizer
+from pipelines.tokenizer import (
+    TOKENIZER_DIR,
+    TOKENIZER_FILE,
+    load_tokenizer,
+    tokenizer_file,
+    train_tokenizer,
+)
 
 __all__ = [
     "estimate_rows",
@@ -208,7 +214,7 @@ def run_prepare(
     tokenizer, trained = None, False
     if tokenized:
         tokenizer, trained = _tokenizer(
-            cfg, Path(out) / "tokenizer", keys["id"], decoded_items, tokenized
+            cfg, Path(out) / TOKENIZER_DIR, keys["id"], decoded_items, tokenized
         )
     if fitted:
         items = train_items(

@@ -14,6 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>", "<mask>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = range(5)
 TOKENIZER_FILE = "tokenizer.json"
+#: Sub-directory of a prepared-shards or export directory holding the tokenizer.
+TOKENIZER_DIR = "tokenizer"
 
 
 def train_tokenizer(

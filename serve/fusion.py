@@ -65,9 +65,8 @@ class FusionHead:
 
     def __init__(self, args: dict[str, Any]):
         import torch
-        from tokenizers import Tokenizer
 
-        from jobs.exports import TOKENIZER_DIR
+        from pipelines.tokenizer import TOKENIZER_DIR, load_tokenizer
         from serve.runtime import load_for_serving
 
         self.args = OmniServeArgs.model_validate(args)
@@ -78,8 +77,7 @@ class FusionHead:
             quantization=self.args.quantization,
             parts=FUSION_PARTS,
         ).model
-        tok_path = Path(self.args.export_dir) / TOKENIZER_DIR / "tokenizer.json"
-        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        self.tokenizer = load_tokenizer(Path(self.args.export_dir) / TOKENIZER_DIR)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusion")
         self.counters = {"fuse": 0, "describe": 0}
         # fuse_features returns gates (B, M) in config.modalities order.

@@ -24,7 +24,7 @@ from common.modalities import modality_names
 from pipelines.config import FeatureConfig
 from pipelines.featurize import FEATURIZERS, get_featurizer
 from pipelines.schema import pack_tensors, shard_schema
-from pipelines.tokenizer import train_tokenizer
+from pipelines.tokenizer import TOKENIZER_DIR, train_tokenizer
 
 #: Distinct examples featurized per (modality, label); rows draw among them.
 VARIANTS = 2
@@ -41,7 +41,7 @@ def _featurized_examples(
         decoded[m] = [
             [f.decode(*f.example(rng, label=y)) for _ in range(VARIANTS)] for y in range(n_classes)
         ]
-    tok_dir = os.path.join(out_dir, "tokenizer")
+    tok_dir = os.path.join(out_dir, TOKENIZER_DIR)
     updates: dict[str, dict] = {}
     for m in modalities:
         flat = [x for row in decoded[m] for x in row]

@@ -21,6 +21,7 @@ from typing import Any
 from common.modalities import check_registered, discover_modules
 from pipelines.config import FeatureConfig
 from pipelines.featurize.base import REASONS, Featurizer, SampleError
+from pipelines.tokenizer import TOKENIZER_DIR
 
 #: name -> Featurizer subclass (filled by the modules of this package).
 FEATURIZERS: dict[str, type[Featurizer]] = {}
@@ -45,10 +46,6 @@ def register(name: str):
         return cls
 
     return deco
-
-
-#: Sub-directory of a prepared-shards or export directory holding the BPE tokenizer.
-TOKENIZER_DIR = "tokenizer"
 
 
 def get_featurizer(
