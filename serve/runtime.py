@@ -21,17 +21,6 @@ import torch
 logger = logging.getLogger("omniray.serve")
 
 
-def check_export_dir(export_dir: str | Path) -> Path:
-    """Fails early (in the driver) with a clear message when the export is incomplete.
-
-    Raises:
-        jobs.exports.ExportError: The directory or one of its required files is missing.
-    """
-    from jobs.exports import check_export
-
-    return check_export(export_dir)
-
-
 def export_modalities(export_dir: str | Path) -> list[str]:
     """The modalities the exported model has a branch for (its ``model_config.yaml``)."""
     from jobs.exports import MODEL_CONFIG_FILE
@@ -59,10 +48,10 @@ def check_serving(
         jobs.exports.ExportError: A missing file, a modality without a branch, overrides
             that do not apply or change the featurizers' output sizes.
     """
-    from jobs.exports import MODEL_CONFIG_FILE, ExportError, load_featurizers
+    from jobs.exports import MODEL_CONFIG_FILE, ExportError, check_export, load_featurizers
     from models import OmniConfig
 
-    d = check_export_dir(export_dir)
+    d = check_export(export_dir)
     config = OmniConfig.from_yaml(d / MODEL_CONFIG_FILE)
     branches = list(config.modalities)
     served = branches if modalities is None else list(modalities)
