@@ -22,7 +22,7 @@ import scipy.signal
 import soundfile as sf
 
 from pipelines.featurize import register
-from pipelines.featurize.base import Featurizer, SampleError, check_finite
+from pipelines.featurize.base import Featurizer, SampleError, check_finite, window_spans
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -124,6 +124,7 @@ class AudioFeaturizer(Featurizer):
             return self.n_mels if self.features == "logmel" else self.n_mfcc
 
     suffixes = (".wav", ".flac", ".ogg", ".aiff", ".aif")
+    windowed = True
 
     def output_shape(self) -> tuple[int | None, int]:
         return (None, self.section.num_features)
@@ -162,6 +163,10 @@ class AudioFeaturizer(Featurizer):
             SampleError: ``empty``, ``truncated``, ``decode_error``, ``too_large``,
                 ``non_finite``.
         """
+        return self._features(*self._read(data))
+
+    def _read(self, data: bytes) -> tuple[np.ndarray, int]:
+        """Audio file bytes -> ``(float32 (N, C) waveform, sample rate)``, limits checked."""
         if not data:
             raise SampleError("empty", "zero-byte audio file")
         cfg = self.section
@@ -191,8 +196,7 @@ class AudioFeaturizer(Featurizer):
                 raise SampleError(reason, msg) from e
             if len(x) < f.frames:
                 raise SampleError("truncated", f"read {len(x)} of {f.frames} frames")
-            sr = f.samplerate
-        return self._features(x, sr)
+            return x, f.samplerate
 
     def from_array(self, array: np.ndarray, sample_rate: int | None = None, **_: Any) -> np.ndarray:
         """Featurizes a waveform (N,) or (N, C); ints are scaled to [-1, 1].
@@ -201,6 +205,10 @@ class AudioFeaturizer(Featurizer):
             array: Samples, time first.
             sample_rate: Its rate (defaults to ``section.sample_rate``).
         """
+        return self._features(*self._waveform(array, sample_rate))
+
+    def _waveform(self, array: np.ndarray, sample_rate: float | None) -> tuple[np.ndarray, int]:
+        """A waveform array -> ``(float32 (N, C), rate)``, dtype/shape/limits checked."""
         a = np.asarray(array)
         if a.dtype.kind == "i":
             a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
@@ -218,7 +226,32 @@ class AudioFeaturizer(Featurizer):
         sr = int(sample_rate or self.section.sample_rate)
         if a.shape[0] / sr > self.section.max_seconds or a.shape[1] > 64:
             raise SampleError("too_large", f"audio array shape {a.shape} at {sr} Hz")
-        return self._features(a.astype(np.float32, copy=False), sr)
+        return a.astype(np.float32, copy=False), sr
+
+    def decode_windows(
+        self,
+        raw: Any,
+        suffix: str | None = None,
+        *,
+        window_s: float,
+        hop_s: float,
+        rate_hz: float | None = None,
+    ) -> list[tuple[float | None, float | None, Any]]:
+        """The waveform cut into windows (:func:`window_spans`), each featurized as a clip
+        of that length (``rate_hz``: the rate of an array input)."""
+        if raw is None:
+            raise SampleError("empty", "no data")
+        if isinstance(raw, bytes | bytearray | memoryview):
+            x, sr = self._read(bytes(raw))
+        elif isinstance(raw, np.ndarray):
+            x, sr = self._waveform(raw, rate_hz)
+        else:
+            return super().decode_windows(raw, suffix, window_s=window_s, hop_s=hop_s)
+        out: list[tuple[float | None, float | None, Any]] = []
+        for s, e in window_spans(len(x) / sr, window_s, hop_s):
+            seg = x[int(round(s * sr)) : max(int(round(e * sr)), int(round(s * sr)) + 1)]
+            out.append((s, e, self._features(seg, sr)))
+        return out
 
     def _features(self, x: np.ndarray, sr: int) -> np.ndarray:
         """(N, C) float32 waveform at ``sr`` -> float16 (T, F) features."""

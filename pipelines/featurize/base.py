@@ -15,6 +15,7 @@ items and merged the returned section updates into the data config).
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -103,6 +104,9 @@ class Featurizer:
     #: deduplicated on its own unless ``dedupe.captions`` opts in. ``None``: the modality
     #: record's ``inline`` (see :meth:`is_caption`).
     caption: ClassVar[bool | None] = None
+    #: :meth:`decode_windows` cuts a long item into timed windows (audio, video, signal);
+    #: ``False``: an item is one segment without times.
+    windowed: ClassVar[bool] = False
 
     def __init__(self, config: FeatureConfig | None = None, **_: Any) -> None:
         self.config = config or FeatureConfig()
@@ -214,6 +218,38 @@ class Featurizer:
         ``cleaned``); the default repairs nothing."""
         return self.decode(raw, suffix), {}
 
+    def decode_windows(
+        self,
+        raw: Any,
+        suffix: str | None = None,
+        *,
+        window_s: float,
+        hop_s: float,
+        rate_hz: float | None = None,
+    ) -> list[tuple[float | None, float | None, Any]]:
+        """Stage-1 forms of the windows of one long item, for bulk embedding (``jobs.embed``).
+
+        A :attr:`windowed` featurizer decodes the item once, cuts it into windows of
+        ``window_s`` seconds every ``hop_s`` seconds (:func:`window_spans`) and featurizes
+        each window as it would a clip of that length; the default (not windowed) returns
+        the whole item as one segment without times.
+
+        Args:
+            raw: As :meth:`decode`.
+            suffix: As :meth:`decode`.
+            window_s: Window length in seconds.
+            hop_s: Seconds between window starts.
+            rate_hz: Samples (steps, frames) per second of an input that carries no rate
+                itself (a signal, an in-memory array).
+
+        Returns:
+            ``[(start_s, end_s, item)]`` in time order (``(None, None, item)`` unwindowed).
+
+        Raises:
+            SampleError: As :meth:`decode`.
+        """
+        return [(None, None, self.decode(raw, suffix))]
+
     # -- statistics from the training split, and stage 2 -----------------------------
     def fit(self, items: list[Any]) -> dict[str, Any] | None:
         """Statistics from the TRAIN split's decoded items -> updates of this section.
@@ -243,6 +279,25 @@ class Featurizer:
         featurizer that fits only under some settings (signal: ``normalize: dataset``);
         ``None`` asks whether it can fit at all."""
         return cls.fit is not Featurizer.fit
+
+
+def window_spans(duration_s: float, window_s: float, hop_s: float) -> list[tuple[float, float]]:
+    """``(start, end)`` seconds of the windows covering ``[0, duration_s]``.
+
+    Windows start every ``hop_s`` seconds; there are ``1 + ceil((duration - window) / hop)``
+    of them, so the last one reaches the end (and may be shorter than ``window_s``). An
+    item no longer than one window is one span ``(0, duration)``.
+
+    Example: 10 s, window 4 s, hop 2 s -> (0, 4), (2, 6), (4, 8), (6, 10).
+    """
+    if window_s <= 0 or hop_s <= 0:
+        raise ValueError(f"window_s and hop_s must be > 0, got {window_s}, {hop_s}")
+    duration_s = float(duration_s)
+    if duration_s <= window_s:
+        return [(0.0, duration_s)]
+    # Rounded so that float noise (9.000000001 s) does not add a sliver window.
+    n = 1 + math.ceil(round((duration_s - window_s) / hop_s, 9))
+    return [(k * hop_s, min(k * hop_s + window_s, duration_s)) for k in range(n)]
 
 
 def check_finite(x: np.ndarray, what: str) -> None:

@@ -55,7 +55,13 @@ from typing import Any
 import numpy as np
 
 from pipelines.featurize import register
-from pipelines.featurize.base import Featurizer, SampleError, check_finite, normalize_suffix
+from pipelines.featurize.base import (
+    Featurizer,
+    SampleError,
+    check_finite,
+    normalize_suffix,
+    window_spans,
+)
 
 LAYOUTS = ("auto", "channels_first", "channels_last")
 LENGTH_MODES = ("resample", "crop")
@@ -160,6 +166,7 @@ class SignalFeaturizer(Featurizer):
             return self.channels if self.channels is not None else self.max_channels
 
     suffixes = (".npy", ".csv")
+    windowed = True
     #: Stage 1 keeps float32: un-normalized values (``dataset``/``none``) need the range.
     decoded_dtype = "float32"
 
@@ -333,7 +340,52 @@ class SignalFeaturizer(Featurizer):
             array: The recording.
             layout: Overrides the configured ``layout`` (CSV: ``channels_last``).
         """
-        cfg = self.section
+        return self._fit_length(self._oriented(array, layout))
+
+    def decode_windows(
+        self,
+        raw: Any,
+        suffix: str | None = None,
+        *,
+        window_s: float,
+        hop_s: float,
+        rate_hz: float | None = None,
+    ) -> list[tuple[float | None, float | None, Any]]:
+        """The recording cut into windows of time (:func:`window_spans`; ``rate_hz`` steps
+        per second, default 1 so that seconds are steps), each resampled/cropped and
+        normalized as a recording of that length."""
+        if raw is None:
+            raise SampleError("empty", "no data")
+        layout = None
+        if isinstance(raw, bytes | bytearray | memoryview):
+            data = bytes(raw)
+            if not data:
+                raise SampleError("empty", "zero-byte signal file")
+            suffix = normalize_suffix(suffix, self.sniff(data) or ".csv")
+            if suffix == ".npy":
+                arr = self._load_npy(data)
+            elif suffix == ".csv":
+                arr, layout = self._load_csv(data), "channels_last"
+            else:
+                raise SampleError("unsupported_format", f"signal suffix {suffix}")
+        elif isinstance(raw, list | tuple):
+            try:
+                arr = np.array(raw, dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise SampleError("bad_shape", f"signal lists are not rectangular: {e}") from None
+        else:
+            arr = np.asarray(raw)
+        a = self._oriented(arr, layout)  # (C, L)
+        rate = float(rate_hz or 1.0)
+        out: list[tuple[float | None, float | None, Any]] = []
+        for s, e in window_spans(a.shape[1] / rate, window_s, hop_s):
+            lo = int(round(s * rate))
+            hi = max(int(round(e * rate)), lo + 1)
+            out.append((s, e, self._fit_length(a[:, lo:hi])))
+        return out
+
+    def _oriented(self, array: Any, layout: str | None) -> np.ndarray:
+        """A numeric array -> float64 ``(C, L)``: orientation, limits, NaN end padding."""
         a = np.asarray(array)
         if a.dtype.hasobject or a.dtype.kind not in "biuf":
             raise SampleError("bad_dtype", f"signal dtype {a.dtype} (only numeric arrays)")
@@ -349,6 +401,12 @@ class SignalFeaturizer(Featurizer):
         a = trim_nan_padding(a.astype(np.float64))  # (C, L)
         self._trimmed = steps - a.shape[1]
         check_finite(a, "signal")
+        return a
+
+    def _fit_length(self, a: np.ndarray) -> np.ndarray:
+        """Oriented float64 ``(C, L)`` -> stage-1 float32 ``(C, L')``: length and
+        normalization as configured."""
+        cfg = self.section
         if cfg.length_mode == "resample":
             a = resample_linear(a, cfg.length)
         else:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.featurize import register
-from pipelines.featurize.base import Featurizer, SampleError
+from pipelines.featurize.base import Featurizer, SampleError, window_spans
 from pipelines.featurize.image import resize_center_crop
 
 
@@ -111,6 +111,7 @@ class VideoFeaturizer(Featurizer):
         max_pixels: int = 8_300_000
 
     suffixes = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+    windowed = True
 
     def warm_up(self) -> None:
         import decord  # noqa: F401 - loads the ffmpeg libraries
@@ -144,6 +145,11 @@ class VideoFeaturizer(Featurizer):
         Raises:
             SampleError: ``empty``, ``truncated``, ``decode_error``, ``too_large``.
         """
+        vr = self._open(data)
+        return self._sample(vr, uniform_indices(len(vr), self.section.num_frames))
+
+    def _open(self, data: bytes) -> Any:
+        """Video bytes -> a decord ``VideoReader``, limits checked from the headers."""
         if not data:
             raise SampleError("empty", "zero-byte video")
         import decord  # lazy: decord loads ffmpeg libraries
@@ -167,14 +173,58 @@ class VideoFeaturizer(Featurizer):
                 # Not MP4 (or no track header): decode one frame to learn the size.
                 first = vr[0].shape  # (H, W, 3)
                 size = (first[1], first[0])
-            if size[0] * size[1] > cfg.max_pixels:
-                raise SampleError("too_large", f"frame {size[0]}x{size[1]} > max_pixels")
-            frames = vr.get_batch(uniform_indices(n, cfg.num_frames).tolist()).asnumpy()
-        except SampleError:
-            raise
+        except Exception as e:  # noqa: BLE001 - corrupt streams fail at decode time
+            raise SampleError("decode_error", f"{type(e).__name__}: {str(e)[:200]}") from e
+        if size[0] * size[1] > cfg.max_pixels:
+            raise SampleError("too_large", f"frame {size[0]}x{size[1]} > max_pixels")
+        return vr
+
+    def _sample(self, vr: Any, indices: np.ndarray) -> np.ndarray:
+        """Frames ``indices`` of an open reader, resized: uint8 (F, size, size, 3)."""
+        try:
+            frames = vr.get_batch(np.asarray(indices).tolist()).asnumpy()
         except Exception as e:  # noqa: BLE001 - corrupt streams fail at decode time
             raise SampleError("decode_error", f"{type(e).__name__}: {str(e)[:200]}") from e
         return self._resize(frames)
+
+    def decode_windows(
+        self,
+        raw: Any,
+        suffix: str | None = None,
+        *,
+        window_s: float,
+        hop_s: float,
+        rate_hz: float | None = None,
+    ) -> list[tuple[float | None, float | None, Any]]:
+        """The clip cut into windows of time (:func:`window_spans`, at the container's
+        frame rate; ``rate_hz``: frames per second of an array input, default 1), each
+        sampled uniformly like a clip of that length."""
+        if raw is None:
+            raise SampleError("empty", "no data")
+        n_sample = self.section.num_frames
+        if isinstance(raw, bytes | bytearray | memoryview):
+            vr = self._open(bytes(raw))
+            n = len(vr)
+            fps = float(vr.get_avg_fps() or 0.0) or float(rate_hz or 1.0)
+
+            def take(idx: np.ndarray) -> np.ndarray:
+                return self._sample(vr, idx)
+        elif isinstance(raw, np.ndarray):
+            a = raw
+            n, fps = int(a.shape[0]) if a.ndim == 4 else 0, float(rate_hz or 1.0)
+
+            def take(idx: np.ndarray) -> np.ndarray:
+                return self.from_array(a[idx])
+        else:
+            return super().decode_windows(raw, suffix, window_s=window_s, hop_s=hop_s)
+        if n <= 0:
+            raise SampleError("empty", "no frames")
+        out: list[tuple[float | None, float | None, Any]] = []
+        for s, e in window_spans(n / fps, window_s, hop_s):
+            lo = min(int(round(s * fps)), n - 1)
+            hi = min(max(int(round(e * fps)), lo + 1), n)
+            out.append((s, e, take(lo + uniform_indices(hi - lo, n_sample))))
+        return out
 
     def from_array(self, array: np.ndarray, **_: Any) -> np.ndarray:
         """Featurizes frames (N, H, W, 3) uint8 (float in [0, 1] is scaled)."""
