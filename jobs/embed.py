@@ -26,7 +26,9 @@ from common.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.embed", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.embed", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--export", required=True, help="export directory (Contract 3)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", help="manifest path or URI (.jsonl/.csv/.parquet)")

@@ -19,7 +19,9 @@ from common.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.index", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.index", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--embeddings", required=True, help="embedding directory of jobs.embed")
     parser.add_argument("--config", default=None, help="index config YAML")
     parser.add_argument("overrides", nargs="*", help="key=value IndexConfig overrides")

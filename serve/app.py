@@ -33,18 +33,59 @@ from serve.runtime import check_serving
 
 
 def apply_env_overrides(args: OmniServeArgs) -> OmniServeArgs:
-    """``OMNIRAY_EXPORT_DIR`` / ``OMNIRAY_GALLERY_SPLIT`` (``none`` disables search) replace
-    the paths of a serve YAML, which ``serve run config.yaml`` cannot override itself."""
+    """``OMNIRAY_EXPORT_DIR``, ``OMNIRAY_GALLERY_SPLIT`` and ``OMNIRAY_GALLERY_EMBEDDINGS``
+    (``none`` disables search) replace the paths of a serve YAML, which ``serve run
+    config.yaml`` cannot override itself. Setting one gallery source clears the other."""
     export = os.environ.get("OMNIRAY_EXPORT_DIR")
-    split = os.environ.get("OMNIRAY_GALLERY_SPLIT")
     if export:
         args = args.model_copy(update={"export_dir": export})
-    if split:
-        value = None if split.lower() == "none" else split
-        args = args.model_copy(
-            update={"gallery": args.gallery.model_copy(update={"split_dir": value})}
-        )
+    for var, key, other in (
+        ("OMNIRAY_GALLERY_SPLIT", "split_dir", "embeddings_dir"),
+        ("OMNIRAY_GALLERY_EMBEDDINGS", "embeddings_dir", "split_dir"),
+    ):
+        value = os.environ.get(var)
+        if value:
+            value = None if value.lower() == "none" else value
+            args = args.model_copy(
+                update={"gallery": args.gallery.model_copy(update={key: value, other: None})}
+            )
     return args
+
+
+def check_gallery(args: OmniServeArgs) -> None:
+    """Start-up check of the configured gallery, in the driver (before any replica).
+
+    Raises:
+        FileNotFoundError: a split without shards.
+        jobs.embedding.output.EmbeddingDirError: an embedding directory that is missing,
+            unfinished, embedded by another model revision or of another embedding size,
+            or whose index is stale.
+    """
+    g = args.gallery
+    if g.split_dir is not None:
+        if not any(Path(g.split_dir).glob("*.parquet")):
+            raise FileNotFoundError(
+                f"gallery split {g.split_dir} has no *.parquet shards "
+                "(set gallery.split_dir to a prepared split, or null to disable /v1/search)"
+            )
+    if g.embeddings_dir is not None:
+        from jobs.embedding.index import read_index_info
+        from jobs.embedding.output import EmbeddingDirError, check_embedding_dir, export_revision
+        from jobs.exports import MODEL_CONFIG_FILE
+        from models import OmniConfig
+
+        dim = OmniConfig.from_yaml(Path(args.export_dir) / MODEL_CONFIG_FILE).embed_dim
+        meta = check_embedding_dir(
+            g.embeddings_dir, revision=export_revision(args.export_dir), dim=dim
+        )
+        read_index_info(g.embeddings_dir)
+        if g.modalities is not None:
+            missing = sorted(set(g.modalities) - set(meta["modalities"]))
+            if missing:
+                raise EmbeddingDirError(
+                    f"gallery.modalities {missing} are not in {g.embeddings_dir} "
+                    f"(it holds {meta['modalities']})"
+                )
 
 
 def build_app(args: OmniServeArgs) -> Application:
@@ -54,7 +95,8 @@ def build_app(args: OmniServeArgs) -> Application:
         args: :class:`~serve.config.OmniServeArgs` (Serve converts the YAML ``args:`` dict
             through this annotation) or a plain dict of its fields. Validated here, in the
             driver: a wrong key, a missing export file, a modality the export has no
-            branch for or a missing gallery split fails before any replica starts.
+            branch for, a missing gallery split or a missing or mismatched embedding
+            directory (:func:`check_gallery`) fails before any replica starts.
 
     Returns:
         The bound application (ingress: the router).
@@ -64,12 +106,7 @@ def build_app(args: OmniServeArgs) -> Application:
     args = apply_env_overrides(args).with_absolute_paths()
     served = check_serving(args.export_dir, args.modalities, args.features)
     args = OmniServeArgs.model_validate({**args.model_dump(), "modalities": served})
-    if args.gallery.split_dir is not None:
-        if not any(Path(args.gallery.split_dir).glob("*.parquet")):
-            raise FileNotFoundError(
-                f"gallery split {args.gallery.split_dir} has no *.parquet shards "
-                "(set gallery.split_dir to a prepared split, or null to disable /v1/search)"
-            )
+    check_gallery(args)
     plain = args.model_dump()
     opts = args.deployment_options
 

@@ -88,20 +88,34 @@ class BatchingConfig(_Strict):
 
 
 class GalleryConfig(_Strict):
-    """The retrieval gallery of ``/v1/search``, embedded at start-up from a prepared split.
+    """The retrieval gallery of ``/v1/search``: a prepared split embedded at start-up, or
+    an embedding directory of ``python -m jobs.embed`` (any size its index handles).
 
     Attributes:
-        split_dir: A prepared split (``DIR/test`` of Contract 2, Parquet shards); None
-            disables ``/v1/search`` (503 with a clear message).
-        modalities: Target modalities to index (default: every served modality present).
-        max_items: Cap on indexed rows (the first rows by id).
-        chunk_size: Items per embedding call while building the index.
+        split_dir: A prepared split (``DIR/test`` of Contract 2, Parquet shards), embedded
+            by the modality replicas at start-up.
+        embeddings_dir: An embedding directory of ``jobs.embed`` (its vectors and the index
+            of ``jobs.index``), loaded as it is; it must come from the served export (same
+            model revision and embedding size) or the service refuses to start. At most one
+            of ``split_dir`` and ``embeddings_dir``; neither disables ``/v1/search`` (503
+            with a clear message).
+        modalities: Target modalities to index (default: every served modality present, or
+            every modality of the embedding directory).
+        max_items: Cap on indexed rows of a split (the first rows by id).
+        chunk_size: Items per embedding call while building a split's index.
     """
 
     split_dir: str | None = None
+    embeddings_dir: str | None = None
     modalities: list[str] | None = None
     max_items: int = Field(100_000, ge=1)
     chunk_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GalleryConfig:
+        if self.split_dir and self.embeddings_dir:
+            raise ValueError("gallery: set split_dir or embeddings_dir, not both")
+        return self
 
 
 class OmniServeArgs(_Strict):
@@ -189,7 +203,9 @@ class OmniServeArgs(_Strict):
 
             # Unknown modalities / fields / wrong types fail here, in the driver.
             FeatureConfig().with_overrides(self.features)
-        if self.gallery.modalities is not None:
+        if self.gallery.modalities is not None and not self.gallery.embeddings_dir:
+            # A split's targets are embedded by the replicas; an embedding directory's
+            # targets need no replica (only the query's modality must be served).
             bad = sorted(set(self.gallery.modalities) - served)
             if bad:
                 raise ValueError(f"gallery.modalities {bad} are not served ({sorted(served)})")
@@ -214,10 +230,10 @@ class OmniServeArgs(_Strict):
     def with_absolute_paths(self) -> OmniServeArgs:
         """A copy whose paths are absolute, so replicas find them whatever their cwd."""
         gallery = self.gallery
-        if gallery.split_dir:
-            gallery = gallery.model_copy(
-                update={"split_dir": str(Path(gallery.split_dir).expanduser().resolve())}
-            )
+        for key in ("split_dir", "embeddings_dir"):
+            value = getattr(gallery, key)
+            if value:
+                gallery = gallery.model_copy(update={key: str(Path(value).expanduser().resolve())})
         return self.model_copy(
             update={
                 "export_dir": str(Path(self.export_dir).expanduser().resolve()),

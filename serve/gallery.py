@@ -1,15 +1,17 @@
-"""The ``/v1/search`` gallery: embeddings of a prepared split, searched by exact cosine.
+"""The ``/v1/search`` gallery: one index per target modality, from one of two sources.
 
-The router builds one :class:`ExactCosineIndex` per target modality at start-up: it reads
-the split's Parquet shards (Contract 2) with pyarrow, sends the featurized items to the
-modality replicas in chunks and stacks the (N, E) L2-normalized embeddings.
+* A prepared split (``gallery.split_dir``): the router reads the split's Parquet shards
+  (Contract 2), sends the featurized items to the modality replicas in chunks and indexes
+  the (N, E) L2-normalized embeddings in an :class:`ExactCosineIndex`
+  (:func:`build_galleries`).
+* An embedding directory of ``jobs.embed`` (``gallery.embeddings_dir``): the vectors are
+  loaded as they are, with the index ``jobs.index`` chose per modality: exact
+  (:class:`ExactCosineIndex`, O(N·E) per query, ~1 ms per 10^5 vectors of E=128 on one
+  core) or HNSW (:class:`jobs.embedding.index.HnswIndex`, FAISS, for large galleries); a
+  hit names its segment and times (:func:`load_embedding_galleries`).
 
-Swapping in an approximate index: implement the :class:`GalleryIndex` protocol (``add`` once
-with all vectors, ``search(query (E,), k) -> (indices, scores)``) — e.g. a FAISS
-``IndexHNSWFlat`` with inner-product metric over the same normalized vectors, or hnswlib's
-``Index(space="ip")`` — and return it from :func:`make_index`. Exact search over N×E float32
-costs O(N·E) per query: about 1 ms for 10^5 items of E=128 on one core, so an ANN index only
-pays off beyond ~10^6 items.
+Any index implements the :class:`GalleryIndex` protocol (``add`` once with all vectors,
+``search(query (E,), k) -> (indices, scores)``, ``len``).
 """
 
 from __future__ import annotations
@@ -147,20 +149,131 @@ def read_split(
 
 @dataclass
 class Gallery:
-    """The gallery of one target modality: index + row metadata."""
+    """The gallery of one target modality: index + row metadata.
+
+    Attributes:
+        segments: For an embedding-directory gallery, ``(segment (N,), start_s (N,),
+            end_s (N,))`` of each record (times NaN where the item was not windowed).
+    """
 
     modality: str
     ids: list[str]
     labels: list[str | None]
     index: GalleryIndex
+    segments: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def search(self, query: np.ndarray, k: int) -> list[dict]:
-        """Top-k results as ``[{"rank", "id", "label", "score"}]``."""
+        """Top-k results as ``[{"rank", "id", "label", "score", "modality"}]`` (+
+        ``segment``, ``start_s``, ``end_s`` for an embedding-directory gallery)."""
         idx, scores = self.index.search(query, k)
-        return [
-            {"rank": r + 1, "id": self.ids[i], "label": self.labels[i], "score": float(s)}
-            for r, (i, s) in enumerate(zip(idx.tolist(), scores.tolist(), strict=True))
-        ]
+        out = []
+        for r, (i, s) in enumerate(zip(idx.tolist(), scores.tolist(), strict=True)):
+            hit = {
+                "rank": r + 1,
+                "id": self.ids[i],
+                "label": self.labels[i],
+                "score": float(s),
+                "modality": self.modality,
+            }
+            if self.segments is not None:
+                seg, start, end = self.segments
+                hit["segment"] = int(seg[i])
+                hit["start_s"] = None if np.isnan(start[i]) else float(start[i])
+                hit["end_s"] = None if np.isnan(end[i]) else float(end[i])
+            out.append(hit)
+        return out
+
+
+def search_galleries(
+    galleries: dict[str, Gallery], targets: list[str], query: np.ndarray, k: int
+) -> list[dict]:
+    """Top-k over several galleries (``target: any``): each gallery's top-k merged by
+    score (cosine in the shared space), ties by modality order; ranks renumbered."""
+    hits = [h for m in targets for h in galleries[m].search(query, k)]
+    hits.sort(key=lambda h: -h["score"])
+    return [{**h, "rank": r + 1} for r, h in enumerate(hits[:k])]
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def load_embedding_galleries(
+    emb_dir: str | Path, modalities: list[str] | None = None
+) -> dict[str, Gallery]:
+    """The galleries of an embedding directory of ``jobs.embed`` (checked by
+    :func:`serve.app.check_gallery` at start-up), one per modality, with the index
+    ``jobs.index`` built (exact when there is none). Logs ``gallery_loaded`` with the
+    sizes, the vectors' and indexes' bytes and the process memory growth.
+
+    Raises:
+        jobs.embedding.output.EmbeddingDirError: a stale index, an empty directory.
+    """
+    from jobs.embedding.index import HnswIndex, read_index_info
+    from jobs.embedding.output import EmbeddingDirError, read_embeddings
+
+    t0, rss0 = time.perf_counter(), _rss_bytes()
+    info = read_index_info(emb_dir) or {"modalities": {}}
+    records, _ = read_embeddings(emb_dir, vectors=False)
+    present = sorted(set(records.column("modality").to_pylist()))
+    mods = [m for m in (modalities or present) if m in present]
+    if not mods:
+        raise EmbeddingDirError(f"{emb_dir} holds none of the gallery modalities {modalities}")
+    del records
+    galleries: dict[str, Gallery] = {}
+    nbytes: dict[str, int] = {}
+    kinds: dict[str, str] = {}
+    for m in mods:
+        entry = info["modalities"].get(m, {"kind": "exact"})
+        kinds[m] = entry["kind"]
+        if entry["kind"] == "hnsw":
+            meta, _ = read_embeddings(emb_dir, m, vectors=False)
+            path = Path(emb_dir) / "index" / entry["file"]
+            index: Any = HnswIndex.load(path, entry["params"]["ef_search"])
+            nbytes[m] = path.stat().st_size
+        else:
+            meta, vec = read_embeddings(emb_dir, m)
+            index = ExactCosineIndex()
+            index.add(vec)
+            nbytes[m] = int(vec.nbytes)
+        if len(index) != meta.num_rows:
+            raise EmbeddingDirError(
+                f"{emb_dir}: the {m} index has {len(index)} vectors, the parts {meta.num_rows} "
+                "records: rebuild it with `python -m jobs.index`"
+            )
+        nan = np.nan
+        galleries[m] = Gallery(
+            m,
+            meta.column("id").to_pylist(),
+            meta.column("label").to_pylist(),
+            index,
+            (
+                np.asarray(meta.column("segment").to_numpy(zero_copy_only=False), np.int64),
+                np.asarray(meta.column("start_s").fill_null(nan).to_numpy(), np.float64),
+                np.asarray(meta.column("end_s").fill_null(nan).to_numpy(), np.float64),
+            ),
+        )
+    logger.info(
+        json.dumps(
+            {
+                "event": "gallery_loaded",
+                "embeddings_dir": str(emb_dir),
+                "sizes": {m: len(g.ids) for m, g in galleries.items()},
+                "index": kinds,
+                "index_bytes": nbytes,
+                "rss_growth_bytes": max(0, _rss_bytes() - rss0),
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+    )
+    return galleries
 
 
 async def build_galleries(

@@ -9,6 +9,7 @@ templates, so the service runs what evaluation measured) and description (the de
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations
 # (``request: Request``) of the Serve-wrapped methods at run time.
+import asyncio
 import base64
 import time
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from ray import serve
 from serve.config import OmniServeArgs
 from serve.dispatch import Encoders, deadline, gather
 from serve.errors import ApiError
-from serve.gallery import Gallery, build_galleries
+from serve.gallery import Gallery, build_galleries, load_embedding_galleries, search_galleries
 from serve.http import (
     Admission,
     ClassifyRequest,
@@ -38,6 +39,8 @@ from serve.modalities import RawInput, language_modality
 
 #: The API's endpoints, as listed by ``/v1/models``.
 ENDPOINTS = ["/v1/embeddings", "/v1/fuse", "/v1/search", "/v1/classify", "/v1/describe"]
+#: ``/v1/search`` target that searches every gallery.
+ANY_TARGET = "any"
 #: Label classifier rows kept between requests.
 _LABEL_CACHE_SIZE = 4096
 
@@ -72,7 +75,9 @@ class Router:
         self.templates: list[str] = list(self.model_info["templates"])
         self._label_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.galleries: dict[str, Gallery] = {}
-        self.gallery_error: str | None = "no gallery configured (args.gallery.split_dir)"
+        self.gallery_error: str | None = (
+            "no gallery configured (args.gallery.split_dir or args.gallery.embeddings_dir)"
+        )
         g = self.args.gallery
         if g.split_dir:
             targets = g.modalities or list(encoders)
@@ -80,6 +85,12 @@ class Router:
                 g.split_dir, targets, encoders, max_items=g.max_items, chunk_size=g.chunk_size
             )
             self.gallery_error = None if self.galleries else f"{g.split_dir} has none of {targets}"
+        elif g.embeddings_dir:
+            # Checked against the export (revision, size) in build_app; loaded as it is.
+            self.galleries = await asyncio.to_thread(
+                load_embedding_galleries, g.embeddings_dir, g.modalities
+            )
+            self.gallery_error = None
 
     # -- helpers ------------------------------------------------------------------------
     async def _read(self, request: Request, model: type) -> Any:
@@ -240,13 +251,15 @@ class Router:
                 raise ApiError(
                     503, f"search unavailable: {self.gallery_error}", "gallery_unavailable"
                 )
-            if req.target not in self.galleries:
+            if req.target != ANY_TARGET and req.target not in self.galleries:
                 raise ApiError(
                     422,
-                    f"target {req.target!r} has no gallery; available: {sorted(self.galleries)}",
+                    f"target {req.target!r} has no gallery; available: "
+                    f"{sorted(self.galleries)} or {ANY_TARGET!r}",
                     "unknown_target",
                     "target",
                 )
+            targets = sorted(self.galleries) if req.target == ANY_TARGET else [req.target]
             (item,) = self._sample(req.query, "query", single=True)
             out = await deadline(self.encoders.embed(item), self.limits.request_timeout_s)
             return {
@@ -255,7 +268,7 @@ class Router:
                 "query_modality": item.modality,
                 "target": req.target,
                 "k": req.k,
-                "results": self.galleries[req.target].search(out["embed"], req.k),
+                "results": search_galleries(self.galleries, targets, out["embed"], req.k),
             }
 
     @app.post("/v1/classify")

@@ -94,7 +94,9 @@ class EmbedConfig:
             raise ValueError("unknown_columns must be 'error' or 'warn'")
 
 
-def load_embed_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> EmbedConfig:
+def load_embed_config(
+    path: str | Path | None = None, overrides: list[str] | tuple = ()
+) -> EmbedConfig:
     """Loads an embed config YAML with dotted overrides (``windows.audio.seconds=2``).
 
     Raises:

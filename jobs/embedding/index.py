@@ -198,7 +198,11 @@ def build_index(
             index.save(path)
             entry.update(
                 file=path.name,
-                params={"M": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search},
+                params={
+                    "M": cfg.hnsw_m,
+                    "ef_construction": cfg.ef_construction,
+                    "ef_search": cfg.ef_search,
+                },
                 build_s=round(time.perf_counter() - t0, 3),
             )
             entry[f"recall_at_{cfg.recall_k}"] = recall_at_k(

@@ -316,7 +316,9 @@ def check_embedding_dir(
 def part_files(path: str | Path) -> list[Path]:
     d = Path(path) / PARTS_DIR
     return sorted(
-        p for p in d.glob("part-*.parquet") if ".tmp" not in p.name and p.with_suffix(".json").is_file()
+        p
+        for p in d.glob("part-*.parquet")
+        if ".tmp" not in p.name and p.with_suffix(".json").is_file()
     )
 
 

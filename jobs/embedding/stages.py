@@ -203,9 +203,9 @@ def _manifest_rows(table: pa.Table, ctx: dict[str, Any]) -> tuple[list[dict], di
 
 
 def _shard_rows(path: str, ctx: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
-    from pipelines.schema import read_shard, shard_modalities
-
     import pyarrow.parquet as pq
+
+    from pipelines.schema import read_shard, shard_modalities
 
     table = pq.read_table(path)
     mods = [m for m in ctx["modalities"] if m in shard_modalities(table)]
@@ -375,6 +375,4 @@ def _vectors(rows: list[np.ndarray | None]) -> pa.Array:
     offsets = np.zeros(len(rows) + 1, np.int32)
     offsets[1:] = np.cumsum([0 if r is None else len(r) for r in rows])
     mask = pa.array([r is None for r in rows], type=pa.bool_())
-    return pa.ListArray.from_arrays(
-        pa.array(offsets), pa.array(flat.astype(np.float32)), mask=mask
-    )
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.float32)), mask=mask)
