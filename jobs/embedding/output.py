@@ -222,6 +222,55 @@ def write_part(parts_dir: Path, p: int, table: pa.Table, meta: dict[str, Any]) -
     os.replace(tmp, parts_dir / f"{name}.parquet")
 
 
+def drop_repeated_ids(out: str | Path) -> int:
+    """Keeps each id's first part (parts are in input order): a later part holding an id
+    of an earlier one is rewritten without it, and the row is counted as dropped with a
+    ``duplicate_id`` record (repeats inside one part are caught while featurizing).
+
+    Memory: the set of ids (one entry per embedded row), not their vectors.
+
+    Returns:
+        Rows dropped now.
+    """
+    seen: set[str] = set()
+    dropped = 0
+    for f in part_files(out):
+        t = pq.read_table(f)
+        ids = t.column("id").to_pylist()
+        repeated = {i for i in ids if i in seen}
+        seen.update(ids)
+        if not repeated:
+            continue
+        meta_path = f.with_suffix(".json")
+        meta = json.loads(meta_path.read_text())
+        keep = pa.array([i not in repeated for i in ids], type=pa.bool_())
+        gone = t.filter(pc.invert(keep))
+        for m, n in Counter(gone.column("modality").to_pylist()).items():
+            meta["segments"][m] -= n
+        rows_mods = {
+            (i, m)
+            for i, m in zip(
+                gone.column("id").to_pylist(), gone.column("modality").to_pylist(), strict=True
+            )
+        }
+        for _, m in rows_mods:
+            meta["items"][m] -= 1
+        meta["fused_rows"] -= sum(1 for v in gone.column("fused").to_pylist() if v is not None)
+        meta["rows_embedded"] -= len(repeated)
+        meta["rows_dropped"] += len(repeated)
+        meta["quarantine"] += [
+            {"id": i, "modality": None, "path": None, "reason": "duplicate_id",
+             "detail": f"id {i!r} repeated in the input (an earlier part holds it)"}
+            for i in sorted(repeated)
+        ]  # fmt: skip
+        tmp = f.with_name(f.stem + ".tmp.parquet")
+        pq.write_table(t.filter(keep), tmp, compression="zstd")
+        meta_path.write_text(json.dumps(meta, sort_keys=True))
+        os.replace(tmp, f)
+        dropped += len(repeated)
+    return dropped
+
+
 def collect_stats(out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Totals over every finished part (this run's and earlier runs'), and the quarantine.
 

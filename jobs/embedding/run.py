@@ -28,6 +28,7 @@ from jobs.embedding.output import (
     STATS_FILE,
     PartWriter,
     collect_stats,
+    drop_repeated_ids,
     export_revision,
     prepare_out,
 )
@@ -234,6 +235,7 @@ def run_embed(
         writer.close()
     wall = time.perf_counter() - t0
 
+    drop_repeated_ids(out)
     stats, quarantine = collect_stats(out)
     stats.update(
         revision=revision,
