@@ -40,6 +40,10 @@ def _load(path: Path):
             ServeDeploySchema, "model_validate"
         ) else ServeDeploySchema.parse_obj(raw)
         return [OmniServeArgs.model_validate(app["args"]) for app in raw["applications"]]
+    if kind == "embed":
+        from jobs.embedding.config import load_embed_config
+
+        return load_embed_config(str(path))
     if kind == "deepspeed":
         raw = yaml.safe_load(path.read_text())
         assert raw["zero_optimization"]["stage"] in (0, 1, 2, 3)
