@@ -328,3 +328,27 @@ def test_service_searches_an_embedding_directory(embedded, tiny_corpus):
             serve.delete("embed_gallery")
         finally:
             serve.shutdown()
+
+
+def test_parts_are_fixed_row_ranges_of_every_manifest_format(tmp_path):
+    import pyarrow as pa
+
+    from jobs.embedding.parts import plan_manifest, read_part
+
+    rows = [{"id": f"r{i:03d}", "text": f"row {i}", "label": str(i % 3)} for i in range(23)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "m.csv").write_text(
+        "id,text,label\n" + "".join(f"{r['id']},{r['text']},{r['label']}\n" for r in rows)
+    )
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet", row_group_size=10)
+    for name, col in (("m.jsonl", "text"), ("m.csv", "id")):
+        parts = plan_manifest(str(tmp_path / name), 10)
+        assert len(parts) == 3
+        got = [read_part(p.to_row()).column(col).to_pylist() for p in parts]
+        assert [len(g) for g in got] == [10, 10, 3]
+        if col == "id":
+            assert sum(got, []) == [r["id"] for r in rows]  # leading zeros kept: strings
+        else:
+            assert [json.loads(x)["id"] for x in sum(got, [])] == [r["id"] for r in rows]
+    parts = plan_manifest(str(tmp_path / "m.parquet"), 10)
+    assert [read_part(p.to_row()).num_rows for p in parts] == [10, 10, 3]

@@ -63,6 +63,9 @@ class EmbedConfig:
         gpus_per_actor: GPUs each actor reserves (> 0 puts the model on CUDA).
         torch_threads: Intra-op threads of each actor's model.
         featurize_tasks: Concurrent featurize tasks (0: one per CPU).
+        featurize_cpus: CPUs each featurize task reserves. Below 1 lets the tasks use the
+            cores an actor leaves idle while it waits for input (decoding is most of the
+            work for media-heavy rows).
         extra_roots: Roots besides the manifest folder that paths may point into
             (anything else is ``outside_root``, as in prepare).
         unknown_columns: ``error`` or ``warn`` for manifest columns prepare does not know.
@@ -79,6 +82,7 @@ class EmbedConfig:
     gpus_per_actor: float = 0.0
     torch_threads: int = 1
     featurize_tasks: int = 0
+    featurize_cpus: float = 0.5
     extra_roots: list[str] = field(default_factory=list)
     unknown_columns: str = "error"
     progress_bars: bool = False
@@ -88,8 +92,8 @@ class EmbedConfig:
             raise ValueError("rows_per_part and batch_size must be >= 1")
         if self.actors < 0 or self.featurize_tasks < 0 or self.torch_threads < 1:
             raise ValueError("actors and featurize_tasks must be >= 0, torch_threads >= 1")
-        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
-            raise ValueError("cpus_per_actor and gpus_per_actor must be >= 0")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0 or self.featurize_cpus <= 0:
+            raise ValueError("cpus_per_actor, gpus_per_actor must be >= 0, featurize_cpus > 0")
         if self.unknown_columns not in ("error", "warn"):
             raise ValueError("unknown_columns must be 'error' or 'warn'")
 

@@ -206,7 +206,7 @@ def run_embed(
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=cfg.featurize_tasks or ncpu),
-            num_cpus=1,
+            num_cpus=cfg.featurize_cpus,
         )
         ds = ds.map_batches(
             EmbedActor,
