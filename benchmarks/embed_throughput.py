@@ -124,7 +124,12 @@ def single_process(export: Path, manifest: Path, batch_size: int) -> dict:
     for combo in list(fuse_rows):
         flush_fuse(combo)
     wall = time.perf_counter() - t0
-    return {"rows": rows, "items": items, "seconds": round(wall, 2), "rows_per_s": round(rows / wall, 1)}
+    return {
+        "rows": rows,
+        "items": items,
+        "seconds": round(wall, 2),
+        "rows_per_s": round(rows / wall, 1),
+    }
 
 
 def scaled_manifest(manifest: Path, factor: int) -> Path:
@@ -188,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in (("N", manifest), (f"{a.scale}N", big)):
             with PeakRSS() as mem:
                 t = time.perf_counter()
-                stats = run_embed(export, work / f"emb_{name}", manifest=str(m), config=cfg, overwrite=True)
+                stats = run_embed(
+                    export, work / f"emb_{name}", manifest=str(m), config=cfg, overwrite=True
+                )
                 wall = time.perf_counter() - t
             runs[name] = {
                 "rows": stats["rows_read"],
