@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         "single_process": single,
         "pipeline": runs,
         "parallel_efficiency": round(eff, 3),
+        # The same from the rates at 4N, where actor and worker start-up weigh 4x less.
+        "parallel_efficiency_4N_rate": round(
+            runs[f"{a.scale}N"]["rows_per_s"] / single["rows_per_s"] / a.cpus, 3
+        ),
         "driver_memory_growth_ratio_4N_over_N": round(
             runs[f"{a.scale}N"]["driver_peak_rss_growth_mb"]
             / max(runs["N"]["driver_peak_rss_growth_mb"], 1e-3),

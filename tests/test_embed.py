@@ -153,6 +153,19 @@ def test_index_hnsw_recall_stored(embedded, tmp_path):
         assert e["kind"] == "hnsw" and (out / "index" / e["file"]).is_file(), m
         assert 0.9 <= e["recall_at_10"]["recall"] <= 1.0  # tiny galleries: HNSW ~ exact
     assert read_index_info(out)["modalities"].keys() == info["modalities"].keys()
+    # The service's loader serves the HNSW index: a gallery vector finds itself first.
+    from serve.gallery import load_embedding_galleries, search_galleries
+
+    gal = load_embedding_galleries(out, ["image", "audio"])
+    assert type(gal["image"].index).__name__ == "HnswIndex"
+    t = _records(out).to_pylist()
+    audio = [r for r in t if r["modality"] == "audio"]
+    mat = np.asarray([r["embedding"] for r in audio])
+    sims = mat @ mat.T - 2 * np.eye(len(audio))
+    row = audio[int(np.argmin(sims.max(axis=1)))]  # no planted duplicate ties with it
+    hits = search_galleries(gal, ["image", "audio"], np.asarray(row["embedding"]), 3)
+    assert hits[0]["id"] == row["id"] and hits[0]["modality"] == "audio"
+    assert hits[0]["score"] > 0.999 and [h["rank"] for h in hits] == [1, 2, 3]
     next((out / "parts").glob("*.parquet")).unlink()
     with pytest.raises(EmbeddingDirError, match="rebuild"):
         read_index_info(out)
