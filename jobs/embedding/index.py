@@ -6,7 +6,8 @@ O(N·E) per query, ~1 ms per 10^5 vectors of E=128 on one core) or a FAISS
 ``IndexHNSWFlat`` over the L2-normalized vectors with the inner-product metric
 (``<modality>.faiss``; ``hnsw``), plus ``index.json``: the kind, size and parameters of
 each index, its recall@k against exact search measured on held-in queries (gallery
-vectors with noise), and the parts it was built from (a stale index is refused).
+vectors with noise; ``ef_search`` is raised until it reaches ``target_recall``), and the
+parts it was built from (a stale index is refused).
 
 Row ``i`` of a modality's index is record ``i`` of that modality in the part files read
 in name order (:func:`jobs.embedding.output.read_embeddings`).
@@ -46,6 +47,9 @@ class IndexConfig:
         hnsw_m: HNSW graph degree (FAISS ``M``).
         ef_construction: HNSW build beam.
         ef_search: HNSW search beam (recall vs latency).
+        target_recall: ``ef_search`` is doubled (up to ``max_ef_search``) until the
+            measured recall@k reaches this (0 disables the tuning).
+        max_ef_search: Largest ``ef_search`` the tuning tries.
         recall_queries: Queries of the recall measurement.
         recall_k: k of recall@k.
         seed: Seed of the recall queries.
@@ -56,6 +60,8 @@ class IndexConfig:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 64
+    target_recall: float = 0.95
+    max_ef_search: int = 1024
     recall_queries: int = 200
     recall_k: int = 10
     seed: int = 0
@@ -194,20 +200,23 @@ def build_index(
         if kind == "hnsw":
             index = HnswIndex(vec.shape[1], cfg.hnsw_m, cfg.ef_construction, cfg.ef_search)
             index.add(vec)
+            ef = cfg.ef_search
+            while True:
+                index.index.hnsw.efSearch = ef
+                rec = recall_at_k(
+                    vec, index, queries=cfg.recall_queries, k=cfg.recall_k, seed=cfg.seed
+                )
+                if rec["recall"] >= cfg.target_recall or ef * 2 > cfg.max_ef_search:
+                    break
+                ef *= 2
             path = out / f"{m}.faiss"
             index.save(path)
             entry.update(
                 file=path.name,
-                params={
-                    "M": cfg.hnsw_m,
-                    "ef_construction": cfg.ef_construction,
-                    "ef_search": cfg.ef_search,
-                },
+                params={"M": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": ef},
                 build_s=round(time.perf_counter() - t0, 3),
             )
-            entry[f"recall_at_{cfg.recall_k}"] = recall_at_k(
-                vec, index, queries=cfg.recall_queries, k=cfg.recall_k, seed=cfg.seed
-            )
+            entry[f"recall_at_{cfg.recall_k}"] = rec
         else:
             entry[f"recall_at_{cfg.recall_k}"] = {"recall": 1.0, "note": "exact search"}
         info["modalities"][m] = entry
