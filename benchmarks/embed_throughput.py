@@ -30,6 +30,9 @@ import threading
 import time
 from pathlib import Path
 
+# "Single process, one thread": no BLAS/OpenMP pool in the reference loop either (Ray
+# workers get one thread per CPU they reserve).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 

@@ -365,3 +365,26 @@ def test_parts_are_fixed_row_ranges_of_every_manifest_format(tmp_path):
             assert [json.loads(x)["id"] for x in sum(got, [])] == [r["id"] for r in rows]
     parts = plan_manifest(str(tmp_path / "m.parquet"), 10)
     assert [read_part(p.to_row()).num_rows for p in parts] == [10, 10, 3]
+
+
+def test_embed_prepared_split_and_refuse_foreign_one(embedded, tiny_corpus, tmp_path):
+    from jobs.embedding.run import run_embed
+    from pipelines.stages import ManifestError
+    from serve.devtools import featurize_manifest_rows, write_gallery_split
+
+    export = embedded["export"]
+    rows = featurize_manifest_rows(Path(tiny_corpus) / "manifest.jsonl", export, max_rows=12)
+    shards = tmp_path / "shards"
+    split = write_gallery_split(rows, shards / "test")
+    shutil.copy(export / "data_config.yaml", shards / "data_config.yaml")
+    shutil.copytree(export / "tokenizer", shards / "tokenizer")
+    cfg = EmbedConfig(actors=1, cpus_per_actor=0.5, modalities=["text", "image"])
+    stats = run_embed(export, tmp_path / "emb", data=str(split), config=cfg)
+    with_any = [r for r in rows if "text" in r or "image" in r]
+    assert stats["accounting"]["ok"] and stats["rows_read"] == len(rows)
+    assert stats["rows_embedded"] == len(with_any)
+    assert stats["items"] == {m: sum(m in r for r in rows) for m in ("text", "image")}
+    # A split featurized with another tokenizer would embed to garbage: refused.
+    (shards / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ManifestError, match="tokenizer"):
+        run_embed(export, tmp_path / "emb2", data=str(split), config=cfg)
