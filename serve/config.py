@@ -57,7 +57,11 @@ class Limits(_Strict):
         max_k: Largest ``k`` for ``/v1/search``.
         request_timeout_s: Router-side deadline of one request (503 when exceeded).
         max_inflight: Requests the router works on at once; more are refused with 503
-            (the OpenAI error shape), so overload never grows memory without bound.
+            (the OpenAI error shape), so overload never grows memory without bound. A
+            request takes its slot only once its whole body has arrived, so clients that
+            send slowly hold no slot.
+        body_timeout_s: Deadline for receiving one request's body; a slower sender is
+            answered 408 and dropped.
     """
 
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
@@ -65,6 +69,7 @@ class Limits(_Strict):
     max_k: int = Field(100, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     max_inflight: int = Field(256, ge=1)
+    body_timeout_s: float = Field(10.0, gt=0)
 
 
 class BatchingConfig(_Strict):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
 from fractions import Fraction
+from functools import lru_cache
 from math import ceil, floor
 from typing import Any
 
@@ -190,7 +190,6 @@ class AudioFeaturizer(Featurizer):
         """
         if not data:
             raise SampleError("empty", "zero-byte audio file")
-        cfg = self.section
         trunc = wav_truncation(data)
         if trunc is not None:
             raise SampleError("truncated", trunc)
