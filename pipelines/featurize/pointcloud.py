@@ -88,6 +88,8 @@ def ply_claims(data: bytes) -> CloudClaims:
     """Vertex count, properties and minimum size a PLY header claims (comment and
     ``obj_info`` lines anywhere in the header are skipped, as the format allows)."""
     end = data.find(b"end_header", 0, _HEADER_LIMIT)
+    if data.lstrip().startswith(b"ply") and end < 0 and len(data) > _HEADER_LIMIT:
+        raise SampleError("too_large", f"no PLY end_header in the first {_HEADER_LIMIT} bytes")
     if not data.lstrip().startswith(b"ply") or end < 0:
         raise SampleError("decode_error", "no PLY header (ply ... end_header)")
     nl = data.find(b"\n", end)
@@ -132,6 +134,8 @@ def pcd_claims(data: bytes) -> CloudClaims:
         if tok[0].upper() == b"DATA":
             break
     if b"DATA" not in head or b"FIELDS" not in head:
+        if len(data) > _HEADER_LIMIT:
+            raise SampleError("too_large", f"no PCD header in the first {_HEADER_LIMIT} bytes")
         raise SampleError("decode_error", "no PCD header (FIELDS ... DATA)")
     n_fields = len(head[b"FIELDS"])
     sizes = [_count(t, "PCD SIZE") for t in head.get(b"SIZE", [b"4"] * n_fields)]
