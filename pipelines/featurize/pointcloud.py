@@ -333,6 +333,7 @@ class PointCloudFeaturizer(Featurizer):
             return self._features(read_off(data, self.section.max_points), None, None)
         cfg = self.section
         if cfg.isolate and can_isolate():
+            import_open3d()  # once, in this process: the forked child inherits it loaded
             out = run_isolated(
                 lambda: _read_open3d(data, suffix),
                 memory_mb=cfg.decode_memory_mb,

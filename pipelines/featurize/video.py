@@ -376,6 +376,8 @@ class VideoFeaturizer(Featurizer):
         cfg = self.section
         claims = self.check_header(data, suffix)
         if cfg.isolate and can_isolate():
+            import decord  # noqa: F401 - loaded once here, inherited by the forked child
+
             out = run_isolated(
                 lambda: {"frames": self._decode(data, claims)},
                 memory_mb=cfg.decode_memory_mb,
