@@ -62,6 +62,8 @@ class Limits(_Strict):
             send slowly hold no slot.
         body_timeout_s: Deadline for receiving one request's body; a slower sender is
             answered 408 and dropped.
+        max_receiving_bytes: Bytes of bodies being received at once (they hold no
+            in-flight slot yet); beyond it a request is refused with 503.
     """
 
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
@@ -70,6 +72,7 @@ class Limits(_Strict):
     request_timeout_s: float = Field(30.0, gt=0)
     max_inflight: int = Field(256, ge=1)
     body_timeout_s: float = Field(10.0, gt=0)
+    max_receiving_bytes: int = Field(256 * 2**20, ge=1024)
 
 
 class BatchingConfig(_Strict):

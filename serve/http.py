@@ -238,9 +238,9 @@ class Admission:
 
     async def _receive(self, request: Request, declared: int | None) -> None:
         """Reads the whole body under ``body_timeout_s`` and ``max_body_bytes``; bodies in
-        reception together hold at most ``max_inflight * max_body_bytes`` bytes (503)."""
+        reception together hold at most ``max_receiving_bytes`` (503 beyond)."""
         lim = self.limits
-        budget = lim.max_inflight * lim.max_body_bytes
+        budget = lim.max_receiving_bytes
         chunks: list[bytes] = []
         got = 0
 

@@ -293,10 +293,16 @@ class PointCloudFeaturizer(Featurizer):
             return ".off"
         if head.startswith(b"# .PCD") or head.startswith(b"VERSION") or b"FIELDS" in head:
             return ".pcd"
-        first = head.split(b"\n", 1)[0].split()
+        lines = head.split(b"\n", 2)
+        first = lines[0].split()
         try:
             if len(first) >= 3 and all(np.isfinite(float(v)) for v in first):
                 return ".xyz"
+            # .pts: a point count, then one point per line
+            if len(first) == 1 and first[0].isdigit() and len(lines) > 1:
+                second = lines[1].split()
+                if len(second) >= 3 and all(np.isfinite(float(v)) for v in second[:3]):
+                    return ".pts"
         except ValueError:
             pass
         return None
