@@ -215,9 +215,9 @@ def serve_measurements(n_slow: int, repeats: int, work: Path) -> dict:
 
         def pids() -> dict[str, int]:
             return {
-                m: serve.get_deployment_handle(f"{m}_encoder", "bench").info.remote().result()[
-                    "pid"
-                ]
+                m: serve.get_deployment_handle(f"{m}_encoder", "bench")
+                .info.remote()
+                .result()["pid"]
                 for m in mods
             }
 
@@ -251,9 +251,7 @@ def serve_measurements(n_slow: int, repeats: int, work: Path) -> dict:
             "router_receiving_while_loaded": receiving.get("receiving"),
             "idle_median_ms": round(med_idle * 1000, 2),
             "idle_p95_ms": round(idle[int(0.95 * (len(idle) - 1))] * 1000, 2),
-            "loaded_median_ms": round(med_loaded * 1000, 2)
-            if med_loaded != float("inf")
-            else None,
+            "loaded_median_ms": round(med_loaded * 1000, 2) if med_loaded != float("inf") else None,
             "loaded_p95_ms": round(loaded[int(0.95 * (len(loaded) - 1))] * 1000, 2)
             if loaded[-1] != float("inf")
             else None,
