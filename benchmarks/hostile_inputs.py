@@ -183,17 +183,22 @@ def _open_slow(url: str, n: int) -> list[socket.socket]:
     return socks
 
 
-def serve_measurements(n_slow: int, repeats: int, work: Path) -> dict:
+def serve_measurements(n_slow: int, repeats: int, work: Path, hostile: bool = True) -> dict:
     import httpx
     import ray
     from hostile_cases import attacks
     from ray import serve
 
     from serve.app import build_app
+    from serve.config import Limits
     from serve.devtools import DEFAULT_TEXTS, make_untrained_export
-    from serve.proxy_guard import PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH
 
-    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH)
+    try:
+        from serve.proxy_guard import PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH
+
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH)
+    except ImportError:  # the "before" tree has no proxy guard
+        pass
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     export = make_untrained_export(work / "export", size="tiny", texts=list(DEFAULT_TEXTS))
     mods = ["text", "image", "audio", "video", "pointcloud"]
@@ -201,7 +206,8 @@ def serve_measurements(n_slow: int, repeats: int, work: Path) -> dict:
         "export_dir": str(export),
         "modalities": mods,
         "model_name": "omniray-bench",
-        "limits": {"max_inflight": 8, "body_timeout_s": 120, "max_body_bytes": 4 * 2**20},
+        "limits": {"max_inflight": 8, "max_body_bytes": 4 * 2**20}
+        | ({"body_timeout_s": 120} if "body_timeout_s" in Limits.model_fields else {}),
         "features": {"pointcloud": {"max_points": 20000}},
     }
     with socket.socket() as s:
@@ -221,22 +227,23 @@ def serve_measurements(n_slow: int, repeats: int, work: Path) -> dict:
                 for m in mods
             }
 
-        before = pids()
-        codes: dict[str, int] = {}
-        import base64
+        if hostile:
+            before = pids()
+            codes: dict[str, int] = {}
+            import base64
 
-        with httpx.Client(base_url=url, timeout=120) as c:
-            for a in attacks():
-                body = {"input": [{a.modality: base64.b64encode(a.data).decode()}]}
-                codes[a.name] = c.post("/v1/embeddings", json=body).status_code
-        stats = serve.get_deployment_handle("router", "bench").stats.remote().result()
-        restarts = sum(before[m] != p for m, p in pids().items())
-        out["hostile_requests"] = {
-            "status_codes": codes,
-            "any_5xx": any(v >= 500 for v in codes.values()),
-            "replica_restarts": restarts,
-            "router_replica_deaths": stats.get("replica_deaths"),
-        }
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for a in attacks():
+                    body = {"input": [{a.modality: base64.b64encode(a.data).decode()}]}
+                    codes[a.name] = c.post("/v1/embeddings", json=body).status_code
+            stats = serve.get_deployment_handle("router", "bench").stats.remote().result()
+            restarts = sum(before[m] != p for m, p in pids().items())
+            out["hostile_requests"] = {
+                "status_codes": codes,
+                "any_5xx": any(v >= 500 for v in codes.values()),
+                "replica_restarts": restarts,
+                "router_replica_deaths": stats.get("replica_deaths"),
+            }
         _post_latency(url, 5)  # warm
         idle = sorted(x for _ in range(repeats) for x in _post_latency(url, 20))
         slow = _open_slow(url, n_slow)
@@ -274,7 +281,13 @@ def main() -> None:
     ap.add_argument("--slow", type=int, default=300, help="slow clients connected")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of 20 plain requests")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/hostile_inputs.json"))
+    ap.add_argument("--slow-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.slow_only:  # the slow-client measurement alone, against the code on PYTHONPATH
+        with tempfile.TemporaryDirectory(prefix="omniray_hostile_bench_") as tmp:
+            res = serve_measurements(a.slow, a.repeats, Path(tmp), hostile=False)
+        Path(a.out).write_text(json.dumps(res))
+        return
     result: dict = {
         "command": " ".join(sys.argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -300,6 +313,17 @@ def main() -> None:
             print("service:", flush=True)
             result["service"] = serve_measurements(a.slow, a.repeats, work)
             print(json.dumps(result["service"], indent=1), flush=True)
+            if not a.no_before:
+                # The same slow clients against the old router (no hostile requests: they
+                # would take its replicas down), in a process that imports the old tree.
+                print(f"service, slow clients only ({a.before}):", flush=True)
+                out = work / "before_slow.json"
+                env = {**os.environ, "PYTHONPATH": str(work / "before_tree")}
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--slow-only",
+                       "--slow", str(a.slow), "--repeats", str(a.repeats), "--out", str(out)]  # fmt: skip
+                subprocess.run(cmd, env=env, check=True, cwd=str(work / "before_tree"))
+                result["service_before"] = json.loads(out.read_text())
+                print(json.dumps(result["service_before"], indent=1), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {a.out}")
