@@ -224,7 +224,7 @@ class Admission:
                     413, f"body of {length} bytes exceeds {self.limits.max_body_bytes}", "too_large"
                 )
         if request.method in ("POST", "PUT", "PATCH"):
-            await self._receive(request, int(length) if length is not None else None)
+            await self._receive(request)
         if self.inflight >= self.limits.max_inflight:
             self.rejected += 1
             raise ApiError(
@@ -236,7 +236,7 @@ class Admission:
         finally:
             self.inflight -= 1
 
-    async def _receive(self, request: Request, declared: int | None) -> None:
+    async def _receive(self, request: Request) -> None:
         """Reads the whole body under ``body_timeout_s`` and ``max_body_bytes``; bodies in
         reception together hold at most ``max_receiving_bytes`` (503 beyond)."""
         lim = self.limits
