@@ -263,7 +263,7 @@ def serve_measurements(n_slow: int, repeats: int, work: Path, hostile: bool = Tr
             if loaded[-1] != float("inf")
             else None,
             "failed_while_loaded": sum(x == float("inf") for x in loaded),
-            "ratio_median": round(med_loaded / med_idle, 2),
+            "ratio_median": round(med_loaded / med_idle, 2) if med_loaded != float("inf") else None,
         }
     finally:
         serve.shutdown()
