@@ -259,6 +259,11 @@ class ExecutionConfig:
             worker what a first decode task loads (Ray Data, the featurizers' libraries:
             ~1.5 s per process), while the driver plans and Ray Data starts up, which
             runs one task at a time until its first resource reservation arrives.
+        decode_retries: Times Ray retries a decode task whose worker died (Ray Data's
+            default is forever, so one input that kills its worker would stop the job
+            from ever finishing). Native decoders run in a sacrificial child process
+            (featurizer ``isolate``), so a hostile file is quarantined rather than killing
+            the worker; these retries are for lost nodes.
     """
 
     batch_size: int = 32
@@ -269,6 +274,7 @@ class ExecutionConfig:
     decode_memory_mb: int = 512
     progress_bars: bool = True
     warm_workers: bool = True
+    decode_retries: int = 2
 
 
 @dataclass

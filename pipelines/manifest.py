@@ -78,6 +78,37 @@ def estimate_rows(manifest: str) -> int | None:
         return None
 
 
+def _jsonl_lines_class():
+    from ray.data.datasource import FileBasedDatasource
+
+    class JsonlLines(FileBasedDatasource):
+        """A JSONL manifest as rows ``text`` (the line's bytes, undecoded) and ``line`` (its
+        1-based number in the file); blank lines are skipped.
+
+        Ray's ``read_text`` decodes each file whole, so one invalid UTF-8 byte fails the
+        job, and it splits on every Unicode line boundary (``str.splitlines``); here lines
+        are split on ``\\n`` only and decoded one at a time by :class:`DecodeRows`.
+        """
+
+        def _read_stream(self, f, path: str):
+            data = f.readall()
+            lines = data.split(b"\n")
+            keep = [i for i, line in enumerate(lines) if line.strip()]
+            yield pa.table(
+                {
+                    "text": pa.array([lines[i] for i in keep], type=pa.binary()),
+                    "line": pa.array([i + 1 for i in keep], type=pa.int64()),
+                }
+            )
+
+    return JsonlLines
+
+
+def jsonl_datasource(manifest: str):
+    """The Ray datasource of a JSONL manifest: rows ``text`` (bytes) and ``line``."""
+    return _jsonl_lines_class()(manifest)
+
+
 def read_manifest(manifest: str, config: DataConfig, num_blocks: int | None = None):
     """The manifest as a Ray dataset (files are read by Ray Data tasks, not the driver).
 
@@ -90,10 +121,11 @@ def read_manifest(manifest: str, config: DataConfig, num_blocks: int | None = No
 
     fmt = manifest_format(manifest)
     if fmt == "jsonl":
-        # One line per row, parsed in DecodeRows: a malformed line is quarantined as
-        # ``parse_error`` instead of failing the whole file.
+        # One line per row, as bytes with its line number, parsed in DecodeRows: a
+        # malformed or undecodable line is quarantined as ``parse_error`` instead of
+        # failing the whole file.
         return (
-            ray.data.read_text(manifest, drop_empty_lines=True, override_num_blocks=num_blocks),
+            ray.data.read_datasource(jsonl_datasource(manifest), override_num_blocks=num_blocks),
             True,
         )
     if fmt == "csv":

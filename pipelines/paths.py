@@ -27,19 +27,21 @@ class _Root:
     fs: pafs.FileSystem
     kind: str  # filesystem type name ("local", "s3", ...)
     base: str  # normalized base path inside that filesystem
+    scheme: str = "file"  # URI scheme of the root ("file" for local paths)
+    location: str = ""  # the root URI without its scheme ("bucket/prefix"), remote roots
 
 
 def _make_root(uri_or_path: str) -> _Root:
     if _has_scheme(uri_or_path):
         fs, base = pafs.FileSystem.from_uri(uri_or_path)
+        scheme, _, rest = uri_or_path.partition("://")
         if fs.type_name == "local":  # file:// roots: compare like local paths
-            base = os.path.realpath(base)
-        else:
-            base = posixpath.normpath(base)
-    else:
-        fs = pafs.LocalFileSystem()
-        base = os.path.realpath(os.path.abspath(uri_or_path))
-    return _Root(fs, fs.type_name, base)
+            return _Root(fs, "local", os.path.realpath(base))
+        return _Root(
+            fs, fs.type_name, posixpath.normpath(base), scheme.lower(), posixpath.normpath(rest)
+        )
+    fs = pafs.LocalFileSystem()
+    return _Root(fs, fs.type_name, os.path.realpath(os.path.abspath(uri_or_path)))
 
 
 def manifest_root(manifest: str) -> str:
@@ -77,21 +79,14 @@ class PathResolver:
         if "\x00" in path:
             raise SampleError("bad_path", "path contains a NUL byte")
         main = self.roots[0]
-        if _has_scheme(path):
-            fs, p = (
-                pafs.FileSystem.from_uri(path)
-                if not path.startswith("file://")
-                else (
-                    pafs.LocalFileSystem(),
-                    path[len("file://") :],
-                )
-            )
-            kind = fs.type_name
+        if _has_scheme(path) and not path.startswith("file://"):
+            return self._remote(path)
+        if path.startswith("file://"):
+            p, kind = path[len("file://") :], "local"
         elif os.path.isabs(path) or (main.kind != "local" and path.startswith("/")):
-            fs, p, kind = main.fs, path, main.kind
+            p, kind = path, main.kind
         else:
-            fs, kind = main.fs, main.kind
-            p = posixpath.join(main.base, path)
+            p, kind = posixpath.join(main.base, path), main.kind
         if kind == "local":
             p = os.path.realpath(os.path.normpath(p))  # resolves ``..`` and symlinks
         else:
@@ -100,6 +95,28 @@ class PathResolver:
             if r.kind == kind and _inside(p, r.base):
                 return r.fs, p
         raise SampleError("outside_root", f"{path!r} resolves outside the corpus root")
+
+    def _remote(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """A URI with a scheme other than ``file``: checked against the roots of that scheme
+        textually, before any filesystem is built (building one may already contact the
+        remote service); a scheme no root has is ``unsupported_uri``."""
+        scheme, _, rest = uri.partition("://")
+        roots = [r for r in self.roots if r.kind != "local" and r.scheme == scheme.lower()]
+        if not roots:
+            allowed = sorted({r.scheme for r in self.roots})
+            raise SampleError(
+                "unsupported_uri",
+                f"{uri[:200]!r}: {scheme.lower()[:20]}:// is not a source of this corpus"
+                f" (allowed: {', '.join(s + '://' for s in allowed)}; add a root to"
+                " extra_roots to allow one); nothing was fetched",
+            )
+        loc = posixpath.normpath(rest)
+        for r in roots:
+            if _inside(loc, r.location):
+                return r.fs, posixpath.normpath(
+                    posixpath.join(r.base, loc[len(r.location) :].lstrip("/"))
+                )
+        raise SampleError("outside_root", f"{uri[:200]!r} resolves outside the corpus root")
 
     def read(self, path: str, max_bytes: int) -> bytes:
         """Resolves and reads one file, with size checks before reading.

@@ -177,6 +177,7 @@ def run_prepare(
         compute=ray.data.TaskPoolStrategy(size=conc),
         num_cpus=1,
         memory=cfg.execution.decode_memory_mb * 2**20,
+        max_retries=cfg.execution.decode_retries,
     )
     try:
         decoded = ds.materialize()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import traceback
 from typing import Any
 
@@ -39,6 +40,9 @@ from pipelines.splits import parse_split
 META_COLUMNS: tuple[str, ...] = ("id", "label", "group", "split")
 #: Columns Ray Data may add to what it reads.
 _IGNORED_COLUMNS: frozenset[str] = frozenset({"path"})
+#: A JSON string escape of a UTF-16 surrogate: the only way JSON text makes a Python string
+#: that is not valid Unicode (which Arrow cannot store).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 def pipeline_modalities() -> tuple[str, ...]:
@@ -162,7 +166,15 @@ class DecodeRows:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.jsonl:
-            rows = [self._parse_line(line) for line in batch.column("text").to_pylist()]
+            numbers = (
+                batch.column("line").to_pylist()
+                if "line" in batch.column_names
+                else [None] * batch.num_rows
+            )
+            rows = [
+                self._parse_line(line, n)
+                for line, n in zip(batch.column("text").to_pylist(), numbers, strict=True)
+            ]
         else:
             self._check_columns(batch.column_names)
             rows = batch.to_pylist()
@@ -172,17 +184,36 @@ class DecodeRows:
         return self._to_table(out)
 
     # -- parsing -----------------------------------------------------------------
-    def _parse_line(self, line: str) -> dict[str, Any]:
+    def _parse_line(self, line: str | bytes, number: int | None = None) -> dict[str, Any]:
+        """One JSONL line (bytes, or an already decoded string) -> its object, or a row
+        error ``parse_error`` naming the line number (invalid UTF-8, malformed JSON,
+        numbers too long to parse, not an object)."""
+        where = f"line {number}: " if number is not None else ""
+
+        def bad(detail: str) -> dict[str, Any]:
+            rec = record(None, None, None, "parse_error", where + detail)
+            if number is not None:
+                rec["line"] = number
+            return {"__error__": rec}
+
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return bad(f"not UTF-8 ({e.reason} at byte {e.start}): {line[:120]!r}")
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            return {"__error__": record(None, None, None, "parse_error", f"{e}: {line[:200]!r}")}
+        except (json.JSONDecodeError, RecursionError) as e:
+            return bad(f"{type(e).__name__}: {str(e)[:200]}: {line[:200]!r}")
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            return bad(f"number out of range ({str(e)[:120]}): {line[:120]!r}")
         if not isinstance(obj, dict):
-            return {
-                "__error__": record(
-                    None, None, None, "parse_error", f"not an object: {line[:200]!r}"
-                )
-            }
+            return bad(f"not an object: {line[:200]!r}")
+        if _SURROGATE_ESCAPE.search(line):
+            try:
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                return bad("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
         self._check_columns(obj.keys(), row_id=obj.get("id"))
         return obj
 

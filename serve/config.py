@@ -57,7 +57,13 @@ class Limits(_Strict):
         max_k: Largest ``k`` for ``/v1/search``.
         request_timeout_s: Router-side deadline of one request (503 when exceeded).
         max_inflight: Requests the router works on at once; more are refused with 503
-            (the OpenAI error shape), so overload never grows memory without bound.
+            (the OpenAI error shape), so overload never grows memory without bound. A
+            request takes its slot only once its whole body has arrived, so clients that
+            send slowly hold no slot.
+        body_timeout_s: Deadline for receiving one request's body; a slower sender is
+            answered 408 and dropped.
+        max_receiving_bytes: Bytes of bodies being received at once (they hold no
+            in-flight slot yet); beyond it a request is refused with 503.
     """
 
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
@@ -65,6 +71,8 @@ class Limits(_Strict):
     max_k: int = Field(100, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     max_inflight: int = Field(256, ge=1)
+    body_timeout_s: float = Field(10.0, gt=0)
+    max_receiving_bytes: int = Field(256 * 2**20, ge=1024)
 
 
 class BatchingConfig(_Strict):

@@ -2,7 +2,10 @@
 
 Each input goes only to the deployment of its modality (a text request never touches the
 image replicas). Encoding is idempotent, so a call caught on a replica that died (killed,
-OOM, node lost) is retried on another one instead of failing the client.
+OOM, node lost) is retried on another one instead of failing the client — unless the call
+carried a file for a decoder: the file may be what killed the replica (decoders run in a
+sacrificial child, but a file must never get the chance to take down a second replica), so
+that call is answered 503 without a retry.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Encoders:
     def __init__(self, handles: dict[str, Any]):
         self.handles = dict(handles)
         self.replica_retries = 0
+        self.replica_deaths = 0  # calls that found their replica dead
 
     def __contains__(self, modality: str) -> bool:
         return modality in self.handles
@@ -85,13 +89,14 @@ class Encoders:
             except DeploymentUnavailableError:
                 raise ApiError(503, f"{m} deployment unavailable", "unavailable") from None
             except (RayActorError, ActorUnavailableError) as e:
-                self.replica_retries += 1
-                if attempt == REPLICA_RETRIES:
+                self.replica_deaths += 1
+                if attempt == REPLICA_RETRIES or any(it.kind == "bytes" for it in items):
                     raise ApiError(
                         503,
-                        f"{m} replica lost ({type(e).__name__}), retry later",
+                        f"{m} replica lost ({type(e).__name__}); the request is not retried",
                         "replica_unavailable",
                     ) from None
+                self.replica_retries += 1
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 

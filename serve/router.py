@@ -338,4 +338,7 @@ class Router:
             "inflight": self.admission.inflight,
             "rejected": self.admission.rejected,
             "replica_retries": self.encoders.replica_retries,
+            "replica_deaths": self.encoders.replica_deaths,
+            "receiving": self.admission.receiving,
+            "slow_dropped": self.admission.slow_dropped,
         }

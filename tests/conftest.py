@@ -45,6 +45,10 @@ def ray_local():
         ray.shutdown()
     # Short path: Ray's unix socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="ray_t_", dir="/tmp")
+    # Serve's proxy (started by the serve tests) loads the header shield from this variable.
+    from serve.proxy_guard import PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH
+
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK_PATH)
     ctx = ray.init(
         address="local",
         num_cpus=2,

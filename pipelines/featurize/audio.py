@@ -12,8 +12,9 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
-from math import gcd
+from math import ceil, floor
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,17 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return np.maximum(0.0, np.minimum(up, down)).astype(np.float32)
 
 
+#: Largest up/down factor of the polyphase resampler. A rate pair whose reduced ratio needs
+#: more (16001 Hz -> 16000 Hz: 16000/16001, a 320,000-tap filter) is resampled with the
+#: nearest ratio within it (here 1/1: a 0.006 % rate error), so the filter, its cache and
+#: the work per sample stay bounded whatever rate a header claims.
+MAX_RESAMPLE_FACTOR = 1000
+
+
 @lru_cache(maxsize=32)
 def _polyphase_filter(up: int, down: int) -> np.ndarray:
-    # The filter resample_poly would design on every call (Kaiser, beta 5); cached.
+    # The filter resample_poly would design on every call (Kaiser, beta 5); cached. At most
+    # 2 * 10 * MAX_RESAMPLE_FACTOR + 1 taps (160 KB), so the cache is at most ~5 MB.
     max_rate = max(up, down)
     return scipy.signal.firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
 
@@ -56,12 +65,21 @@ def _hann(win: int) -> np.ndarray:
     return scipy.signal.get_window("hann", win, fftbins=True).astype(np.float32)
 
 
+def resample_factors(sr_in: int, sr_out: int) -> tuple[int, int]:
+    """(up, down) of the polyphase resampler, both <= :data:`MAX_RESAMPLE_FACTOR`."""
+    frac = Fraction(int(sr_out), int(sr_in))
+    if max(frac.numerator, frac.denominator) > MAX_RESAMPLE_FACTOR:
+        frac = frac.limit_denominator(MAX_RESAMPLE_FACTOR)
+        while frac.numerator > MAX_RESAMPLE_FACTOR:  # extreme upsampling
+            frac = Fraction(MAX_RESAMPLE_FACTOR, max(1, round(MAX_RESAMPLE_FACTOR / frac)))
+    return frac.numerator, frac.denominator
+
+
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     """Polyphase resampling of a 1-D float signal from ``sr_in`` to ``sr_out`` Hz."""
-    if sr_in == sr_out:
+    up, down = resample_factors(sr_in, sr_out)
+    if up == down:
         return x
-    g = gcd(int(sr_in), int(sr_out))
-    up, down = sr_out // g, sr_in // g
     return scipy.signal.resample_poly(x, up, down, window=_polyphase_filter(up, down)).astype(
         np.float32
     )
@@ -103,6 +121,11 @@ class AudioFeaturizer(Featurizer):
             max_frames: T is at most this; longer clips are centre-cropped.
             max_seconds: Clips longer than this are ``too_large`` (checked from the header).
             normalize: Per-utterance mean/variance normalization of each feature bin.
+            max_channels: Files with more channels are ``too_large`` (from the header).
+            min_sample_rate: Files at a lower rate (Hz) are ``decode_error``.
+            max_sample_rate: Files at a higher rate (Hz) are ``too_large``. Whatever the
+                clip's length, only the centre window that ``max_frames`` keeps is read and
+                resampled, so the work per clip is bounded by ``max_frames`` and this rate.
         """
 
         sample_rate: int = 16_000
@@ -114,6 +137,9 @@ class AudioFeaturizer(Featurizer):
         max_frames: int = 128
         max_seconds: float = 600.0
         normalize: bool = True
+        max_channels: int = 64
+        min_sample_rate: int = 1000
+        max_sample_rate: int = 384_000
 
         def __post_init__(self) -> None:
             if self.features not in ("logmel", "mfcc"):
@@ -157,46 +183,102 @@ class AudioFeaturizer(Featurizer):
         return buf.getvalue(), ".wav"
 
     def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
-        """Decodes one audio file and featurizes it.
+        """Decodes one audio file and featurizes it (only the centre window that
+        ``max_frames`` keeps is read and resampled).
 
         Raises:
             SampleError: ``empty``, ``truncated``, ``decode_error``, ``too_large``,
                 ``non_finite``.
         """
-        return self._features(*self._read(data))
+        with self._open(data) as f:
+            sr = self._check(f.frames, f.samplerate, f.channels)
+            start, stop, skip = self._window(f.frames, sr)
+            x = self._read_frames(f, start, stop)
+        return self._features(x, sr, skip)
 
     def _read(self, data: bytes) -> tuple[np.ndarray, int]:
-        """Audio file bytes -> ``(float32 (N, C) waveform, sample rate)``, limits checked."""
+        """Audio file bytes -> the whole ``(float32 (N, C) waveform, sample rate)``, header
+        claims checked against the limits first (for windowing long media)."""
+        with self._open(data) as f:
+            sr = self._check(f.frames, f.samplerate, f.channels)
+            return self._read_frames(f, 0, f.frames), sr
+
+    @staticmethod
+    def _open(data: bytes) -> sf.SoundFile:
         if not data:
             raise SampleError("empty", "zero-byte audio file")
-        cfg = self.section
         trunc = wav_truncation(data)
         if trunc is not None:
             raise SampleError("truncated", trunc)
         try:
-            f = sf.SoundFile(io.BytesIO(data))
+            return sf.SoundFile(io.BytesIO(data))
         except Exception as e:  # noqa: BLE001 - libsndfile refuses garbage with many errors
             raise SampleError("decode_error", str(e)) from e
-        with f:
-            if f.samplerate <= 0 or f.channels <= 0:
-                raise SampleError("decode_error", f"rate={f.samplerate} channels={f.channels}")
-            if f.frames <= 0:
-                raise SampleError("empty", "no audio frames")
-            seconds = f.frames / f.samplerate
-            if seconds > cfg.max_seconds or f.channels > 64:
-                raise SampleError(
-                    "too_large",
-                    f"{seconds:.1f} s x {f.channels} ch > max_seconds={cfg.max_seconds}",
-                )
-            try:
-                x = f.read(dtype="float32", always_2d=True)  # (N, C)
-            except Exception as e:  # noqa: BLE001
-                msg = str(e)
-                reason = "truncated" if "sync" in msg or "truncat" in msg else "decode_error"
-                raise SampleError(reason, msg) from e
-            if len(x) < f.frames:
-                raise SampleError("truncated", f"read {len(x)} of {f.frames} frames")
-            return x, f.samplerate
+
+    @staticmethod
+    def _read_frames(f: sf.SoundFile, start: int, stop: int) -> np.ndarray:
+        try:
+            if start:
+                f.seek(start)
+            x = f.read(stop - start, dtype="float32", always_2d=True)  # (N, C)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e)
+            reason = "truncated" if "sync" in msg or "truncat" in msg else "decode_error"
+            raise SampleError(reason, msg) from e
+        if len(x) < stop - start:
+            raise SampleError("truncated", f"read {len(x)} of {stop - start} frames")
+        return x
+
+    def _check(self, frames: int, rate: float, channels: int) -> int:
+        """Header claims against the limits, before any sample is read; returns the rate."""
+        cfg = self.section
+        if channels <= 0 or not rate > 0:
+            raise SampleError("decode_error", f"rate={rate} channels={channels}")
+        if channels > cfg.max_channels:
+            raise SampleError("too_large", f"{channels} channels > max_channels={cfg.max_channels}")
+        if rate > cfg.max_sample_rate:
+            raise SampleError(
+                "too_large", f"sample rate {rate} Hz > max_sample_rate={cfg.max_sample_rate}"
+            )
+        if rate < cfg.min_sample_rate:
+            raise SampleError(
+                "decode_error", f"sample rate {rate} Hz < min_sample_rate={cfg.min_sample_rate}"
+            )
+        if frames <= 0:
+            raise SampleError("empty", "no audio frames")
+        seconds = frames / rate
+        if seconds > cfg.max_seconds:
+            raise SampleError(
+                "too_large", f"{seconds:.1f} s x {channels} ch > max_seconds={cfg.max_seconds}"
+            )
+        return int(rate)
+
+    def _hop_win(self) -> tuple[int, int]:
+        cfg = self.section
+        win = max(1, int(round(cfg.sample_rate * cfg.win_ms / 1000.0)))
+        hop = max(1, int(round(cfg.sample_rate * cfg.hop_ms / 1000.0)))
+        return hop, win
+
+    def _window(self, n_in: int, sr: int) -> tuple[int, int, int]:
+        """The input samples ``[start, stop)`` that the centre crop to ``max_frames`` needs,
+        with a margin for the resampling filter, and the output samples to skip after
+        resampling them; ``(0, n_in, 0)`` when the whole clip is kept."""
+        cfg = self.section
+        hop, win = self._hop_win()
+        up, down = resample_factors(sr, cfg.sample_rate)
+        ratio = down / up  # input samples per output sample
+        n_out = ceil(n_in / ratio)
+        n_frames = 1 + (max(n_out, win) - win) // hop
+        if n_frames <= cfg.max_frames:
+            return 0, n_in, 0
+        need = (cfg.max_frames - 1) * hop + win
+        start_out = ((n_frames - cfg.max_frames) // 2) * hop
+        margin = 64 + ceil(10 * max(ratio, 1.0))  # > the filter's half-length (input samples)
+        # ``start`` on a multiple of ``down``: output sample j of the window's resampling is
+        # then exactly output sample j + start * up / down of the whole clip's.
+        start = max(0, (floor(start_out * ratio) - margin) // down * down)
+        stop = min(n_in, ceil((start_out + need) * ratio) + margin)
+        return start, stop, start_out - start * up // down
 
     def from_array(self, array: np.ndarray, sample_rate: int | None = None, **_: Any) -> np.ndarray:
         """Featurizes a waveform (N,) or (N, C); ints are scaled to [-1, 1].
@@ -205,7 +287,9 @@ class AudioFeaturizer(Featurizer):
             array: Samples, time first.
             sample_rate: Its rate (defaults to ``section.sample_rate``).
         """
-        return self._features(*self._waveform(array, sample_rate))
+        a, sr = self._waveform(array, sample_rate)
+        start, stop, skip = self._window(a.shape[0], sr)
+        return self._features(a[start:stop], sr, skip)
 
     def _waveform(self, array: np.ndarray, sample_rate: float | None) -> tuple[np.ndarray, int]:
         """A waveform array -> ``(float32 (N, C), rate)``, dtype/shape/limits checked."""
@@ -223,9 +307,7 @@ class AudioFeaturizer(Featurizer):
             raise SampleError("bad_shape", f"audio array shape {a.shape}")
         if a.shape[0] == 0:
             raise SampleError("empty", "no audio samples")
-        sr = int(sample_rate or self.section.sample_rate)
-        if a.shape[0] / sr > self.section.max_seconds or a.shape[1] > 64:
-            raise SampleError("too_large", f"audio array shape {a.shape} at {sr} Hz")
+        sr = self._check(a.shape[0], sample_rate or self.section.sample_rate, a.shape[1])
         return a.astype(np.float32, copy=False), sr
 
     def decode_windows(
@@ -250,17 +332,20 @@ class AudioFeaturizer(Featurizer):
         out: list[tuple[float | None, float | None, Any]] = []
         for s, e in window_spans(len(x) / sr, window_s, hop_s):
             seg = x[int(round(s * sr)) : max(int(round(e * sr)), int(round(s * sr)) + 1)]
-            out.append((s, e, self._features(seg, sr)))
+            start, stop, skip = self._window(len(seg), sr)
+            out.append((s, e, self._features(seg[start:stop], sr, skip)))
         return out
 
-    def _features(self, x: np.ndarray, sr: int) -> np.ndarray:
-        """(N, C) float32 waveform at ``sr`` -> float16 (T, F) features."""
+    def _features(self, x: np.ndarray, sr: int, skip: int = 0) -> np.ndarray:
+        """(N, C) float32 waveform at ``sr`` -> float16 (T, F) features; ``skip``: output
+        samples before the kept window (see :meth:`_window`)."""
         cfg = self.section
         check_finite(x, "audio")
         mono = x.mean(axis=1)
         mono = resample(mono, sr, cfg.sample_rate)
-        win = max(1, int(round(cfg.sample_rate * cfg.win_ms / 1000.0)))
-        hop = max(1, int(round(cfg.sample_rate * cfg.hop_ms / 1000.0)))
+        hop, win = self._hop_win()
+        if skip:
+            mono = mono[skip : skip + (cfg.max_frames - 1) * hop + win]
         n_fft = 1 << (win - 1).bit_length()
         if len(mono) < win:
             mono = np.pad(mono, (0, win - len(mono)))

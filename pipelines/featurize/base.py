@@ -39,6 +39,8 @@ REASONS: tuple[str, ...] = (
     "not_found",
     "unsupported_format",
     "bad_path",
+    "decoder_crashed",
+    "unsupported_uri",
 )
 #: Row-level reasons used by the pipeline (the whole row is dropped).
 ROW_REASONS: tuple[str, ...] = (

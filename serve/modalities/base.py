@@ -87,6 +87,10 @@ def decode_base64(value: Any, limits: Limits, param: str) -> bytes:
         raise ApiError(
             422, f"{param} must be a base64 string, got {type(value).__name__}", "wrong_type", param
         )
+    if not value.isascii():
+        raise ApiError(
+            400, f"{param}: invalid base64 (non-ASCII characters)", "invalid_base64", param
+        )
     s = value.strip()
     if _URL_RE.match(s):
         raise ApiError(
@@ -136,7 +140,10 @@ def numeric_array(value: Any, param: str, max_rank: int, max_elems: int) -> np.n
             raise ApiError(413, f"{param}: more than {max_elems} values", "too_large", param)
         stack.extend((c, depth + 1) for c in node)
     try:
-        arr = np.asarray(value, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused below
+            arr = np.asarray(value, dtype=np.float32)
+    except OverflowError:  # a JSON integer beyond float64
+        raise ApiError(400, f"{param} holds a number out of range", "non_finite", param) from None
     except (ValueError, TypeError):
         raise ApiError(
             422, f"{param} must be a rectangular nested list of numbers", "wrong_shape", param
