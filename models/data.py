@@ -166,7 +166,7 @@ def synthetic_samples(
         drop_one: Row ``i`` lacks modality ``i % M`` (exercises missing-modality paths).
         num_labels: Labels are ``str(i % num_labels)``.
     """
-    from models.encoders import ENCODERS
+    from models.encoders import encoder_class
 
     rng = np.random.default_rng(seed)
     mods = list(cfg.modalities if modalities is None else modalities)
@@ -175,7 +175,7 @@ def synthetic_samples(
     for i in range(n):
         s: dict[str, Any] = {"label": str(i % num_labels)}
         for m in mods:
-            s[m] = ENCODERS[m].random_item(cfg, sections[m], rng)
+            s[m] = encoder_class(m, sections[m]).random_item(cfg, sections[m], rng)
         if drop_one and mods:
             s[mods[i % len(mods)]] = None
         out.append(s)
