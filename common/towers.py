@@ -260,7 +260,9 @@ def tower_revision(ref: str) -> str:
         cfg = load_config(ref)
         return str(getattr(cfg, "_commit_hash", None) or f"hub:{ref}")
     files = sorted(
-        f for f in p.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES)
+        f
+        for f in p.iterdir()
+        if f.is_file() and (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES)
     )
     stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _revision(str(p), stamp)

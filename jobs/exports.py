@@ -279,7 +279,8 @@ def load_featurizers(
                 f"{d / MODEL_CONFIG_FILE}: modality {m!r} has no registered featurizer "
                 f"(registered: {sorted(FEATURIZERS)})"
             )
-        if FEATURIZERS[m].tokenized and not (d / TOKENIZER_DIR).is_dir():
+        tower = getattr(features.section(m), "tower", "")  # a tower's processor: towers/<m>
+        if FEATURIZERS[m].tokenized and not tower and not (d / TOKENIZER_DIR).is_dir():
             raise ExportError(
                 f"{d / TOKENIZER_DIR} not found: the {m} featurizer needs the tokenizer"
             )
@@ -367,7 +368,7 @@ def load_export(
     import torch
 
     from common.config import ConfigError
-    from models import OmniConfig, OmniModel
+    from models import OmniModel
 
     d = check_export(export_dir)
     try:

@@ -19,9 +19,10 @@ def make_bert(path: str | Path, hidden: int = 32, max_pos: int = 64) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz0123456789"]
-    vocab += [w for w in _WORDS if w not in vocab] + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    vocab += [w for w in _WORDS if w not in vocab] + [
+        f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"
+    ]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
     tok.save_pretrained(path)
     cfg = BertConfig(
         vocab_size=len(vocab),

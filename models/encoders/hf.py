@@ -26,7 +26,6 @@ modelling on a tower regresses the tower's own output features at the masked pos
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +125,7 @@ class HFTowerEncoder(ModalityEncoder):
             if self.temporal != "mean":
                 raise ConfigError(f"temporal must be 'mean', got {self.temporal!r}")
             if self.input_name not in ("input_values", "input_features"):
-                raise ConfigError(f"input_name must be input_values|input_features")
+                raise ConfigError("input_name must be input_values|input_features")
 
     kind_modalities = TOWER_MODALITIES
     target_kind = "patches"
@@ -201,9 +200,11 @@ class HFTowerEncoder(ModalityEncoder):
             std = np.asarray(getattr(proc, "image_std", None) or [1.0, 1.0, 1.0], np.float32)
             if not getattr(proc, "do_normalize", True):
                 mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
-            scale = float(getattr(proc, "rescale_factor", 1 / 255)) if getattr(
-                proc, "do_rescale", True
-            ) else 1.0
+            scale = (
+                float(getattr(proc, "rescale_factor", 1 / 255))
+                if getattr(proc, "do_rescale", True)
+                else 1.0
+            )
             self.register_buffer("pix_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("pix_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
             self.pix_scale = scale
@@ -313,7 +314,11 @@ class HFTowerEncoder(ModalityEncoder):
             hs = self.tower(input_features=x.to(dtype).transpose(1, 2)).last_hidden_state
             return hs, torch.ones(hs.shape[:2], dtype=torch.bool, device=hs.device)
         wave = x[..., 0].to(dtype)  # (B, T)
-        amask = torch.ones(wave.shape, dtype=torch.bool, device=wave.device) if amask is None else amask.bool()
+        amask = (
+            torch.ones(wave.shape, dtype=torch.bool, device=wave.device)
+            if amask is None
+            else amask.bool()
+        )
         hs = self.tower(input_values=wave, attention_mask=amask.long()).last_hidden_state
         lengths = amask.sum(1)
         if hasattr(self.tower, "_get_feat_extract_output_lengths"):

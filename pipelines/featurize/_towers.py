@@ -129,9 +129,9 @@ class TowerTextFeaturizer(_TowerMixin, TextFeaturizer):
 
 def _pixels(processor: Any, images: list[Any]) -> np.ndarray:
     """The processor's resize/crop (no rescale/normalize) -> uint8 (N, H, W, 3)."""
-    out = processor(
-        images=images, do_rescale=False, do_normalize=False, return_tensors="np"
-    )["pixel_values"]  # (N, 3, H, W) float in 0..255
+    out = processor(images=images, do_rescale=False, do_normalize=False, return_tensors="np")[
+        "pixel_values"
+    ]  # (N, 3, H, W) float in 0..255
     return np.clip(np.rint(np.asarray(out)), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
