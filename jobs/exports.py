@@ -142,6 +142,8 @@ def _copy_towers(export: Path) -> None:
     ``towers/<m>/`` (config, weights, processor files) and points both the model config and
     the data config at it (relative), so the export featurizes and loads on any machine."""
     mc_path, dc_path = export / MODEL_CONFIG_FILE, export / DATA_CONFIG_FILE
+    if not mc_path.is_file():
+        return  # nothing to point at a tower (the loader reports the missing config)
     mc = yaml.safe_load(mc_path.read_text()) or {}
     dc = yaml.safe_load(dc_path.read_text()) if dc_path.is_file() else {}
     copied: dict[str, str] = {}
