@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +269,108 @@ def test_bad_towers(towers, tmp_path, monkeypatch):
         from pipelines.config import FeatureConfig
 
         FeatureConfig.from_config_dict({"signal": {"tower": str(towers["text"])}})
+
+
+def test_end_to_end_prepare_train_export_evaluate_serve(
+    ray_local, tiny_corpus, towers, tmp_path, capsys
+):
+    """Tiny towers through the whole job: prepare (text features cached by a Ray Data actor)
+    -> train (2 workers, DeepSpeed ZeRO-2; align = the connector-only recipe, finetune trains
+    the image tower's last layer) -> export (towers travel) -> evaluate -> serve over HTTP
+    (INT8 replicas, batching, 4xx on bad input)."""
+    import base64
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    import yaml
+    from ray import serve
+
+    from common.config import load_config
+    from jobs import prepare
+    from jobs.evaluation.config import EvalConfig
+    from jobs.evaluation.run import run_evaluation
+    from jobs.training.config import load_train_config
+    from jobs.training.runner import run_training
+    from serve.app import build_app
+    from tests.test_serve import _free_port
+
+    shards = tmp_path / "shards"
+    rc = prepare.main(
+        [
+            "--manifest", str(tiny_corpus / "manifest.jsonl"), "--out", str(shards),
+            "--config", "configs/data/omnidigits.yaml",
+            f"features.text.tower={towers['text']}", "features.text.cache=true",
+            "features.text.max_len=24",
+            f"features.image.tower={towers['image']}",
+            f"features.audio.tower={towers['audio']}", "features.audio.clip_seconds=0.5",
+            "execution.progress_bars=false",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    rec = _json.loads((shards / "tower_cache.json").read_text())
+    assert rec["text"]["revision"] == tower_revision(str(towers["text"]))
+    import pyarrow.parquet as pq
+
+    assert f"text{CACHE_SUFFIX}" in pq.read_table(shards / "train").column_names
+
+    cfg = load_train_config(
+        "configs/train/tiny.yaml",
+        [
+            f"data.shards_dir={shards}", f"runs_dir={tmp_path / 'runs'}",
+            "data.modalities=[text,image,audio]", "pretrain.steps=2", "align.steps=3",
+            "finetune.steps=2", "align.freeze=connectors", "finetune.towers={image: last_k}",
+            "pretrain.checkpoint_every=2", "align.checkpoint_every=3",
+            "finetune.checkpoint_every=2",
+        ],
+    )  # fmt: skip
+    res = run_training(cfg, ["pretrain", "align", "finetune"])
+    out = capsys.readouterr().out
+    assert "[align] trainable parameters:" in out and "freeze=connectors" in out
+    export = Path(res["export_dir"])
+    mc = yaml.safe_load((export / "model_config.yaml").read_text())
+    assert {m: mc["encoders"][m]["tower"] for m in ("text", "image", "audio")} == {
+        "text": "towers/text", "image": "towers/image", "audio": "towers/audio"
+    }  # fmt: skip
+
+    ev = run_evaluation(export, shards, load_config(EvalConfig, "configs/eval/default.yaml", []))
+    assert ev and "retrieval" in _json.dumps(ev)
+
+    sargs = yaml.safe_load(Path("configs/serve/tiny.yaml").read_text())["applications"][0]["args"]
+    sargs.update(export_dir=str(export), quantization="int8")
+    sargs["gallery"]["split_dir"] = str(shards / "test")
+    sargs["features"] = {"text": {"max_chars": 200}}
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def post(body):
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/embeddings",
+            data=_json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, _json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, _json.loads(e.read())
+
+    try:
+        serve.run(build_app(sargs), name="towers", route_prefix="/")
+        png, _ = __import__("pipelines.featurize", fromlist=["x"]).get_featurizer(
+            "image"
+        ).example(np.random.default_rng(0), 3)
+        code, body = post(
+            {"input": ["the digit seven", {"image": base64.b64encode(png).decode()}]}
+        )
+        assert code == 200 and len(body["data"]) == 2
+        assert all(np.isfinite(d["embedding"]).all() for d in body["data"])
+        code, body = post({"input": [{"image": base64.b64encode(b"not a png").decode()}]})
+        assert 400 <= code < 500, body
+        code, body = post({"input": "x" * 500})
+        assert code == 413, body
+    finally:
+        try:
+            serve.delete("towers")
+        finally:
+            serve.shutdown()
