@@ -271,6 +271,7 @@ def test_bad_towers(towers, tmp_path, monkeypatch):
         FeatureConfig.from_config_dict({"signal": {"tower": str(towers["text"])}})
 
 
+@pytest.mark.slow
 def test_end_to_end_prepare_train_export_evaluate_serve(
     ray_local, tiny_corpus, towers, tmp_path, capsys
 ):
