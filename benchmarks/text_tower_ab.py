@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            corpus = build_corpus(Path(tmp) / "corpus", n=args.rows, seed=0, workers=2)
+            corpus = Path(build_corpus(Path(tmp) / "corpus", n=args.rows, seed=0, workers=2))
+            if corpus.is_file():  # the manifest
+                corpus = corpus.parent
             for name, data_cfg in (
                 ("scratch", "configs/data/omnidigits.yaml"),
                 ("minilm", "configs/data/omnidigits_minilm.yaml"),
