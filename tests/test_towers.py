@@ -358,12 +358,12 @@ def test_end_to_end_prepare_train_export_evaluate_serve(
 
     try:
         serve.run(build_app(sargs), name="towers", route_prefix="/")
-        png, _ = __import__("pipelines.featurize", fromlist=["x"]).get_featurizer(
-            "image"
-        ).example(np.random.default_rng(0), 3)
-        code, body = post(
-            {"input": ["the digit seven", {"image": base64.b64encode(png).decode()}]}
+        png, _ = (
+            __import__("pipelines.featurize", fromlist=["x"])
+            .get_featurizer("image")
+            .example(np.random.default_rng(0), 3)
         )
+        code, body = post({"input": ["the digit seven", {"image": base64.b64encode(png).decode()}]})
         assert code == 200 and len(body["data"]) == 2
         assert all(np.isfinite(d["embedding"]).all() for d in body["data"])
         code, body = post({"input": [{"image": base64.b64encode(b"not a png").decode()}]})
