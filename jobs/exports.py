@@ -118,6 +118,7 @@ def write_export(
             shutil.rmtree(tmp, ignore_errors=True)
             raise ExportError(f"{sd / DATA_CONFIG_FILE} not found: an export needs the data config")
         shutil.copy2(sd / DATA_CONFIG_FILE, tmp / DATA_CONFIG_FILE)
+    _copy_towers(tmp)
     with open(tmp / ZERO_SHOT_FILE, "w") as f:
         zs: dict[str, Any] = {"templates": list(templates)}
         if label_text:
@@ -131,6 +132,42 @@ def write_export(
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+TOWERS_DIR = "towers"
+
+
+def _copy_towers(export: Path) -> None:
+    """Copies every local pretrained tower (``encoders.<m>.kind: hf``) into
+    ``towers/<m>/`` (config, weights, processor files) and points both the model config and
+    the data config at it (relative), so the export featurizes and loads on any machine."""
+    mc_path, dc_path = export / MODEL_CONFIG_FILE, export / DATA_CONFIG_FILE
+    if not mc_path.is_file():
+        return  # nothing to point at a tower (the loader reports the missing config)
+    mc = yaml.safe_load(mc_path.read_text()) or {}
+    dc = yaml.safe_load(dc_path.read_text()) if dc_path.is_file() else {}
+    copied: dict[str, str] = {}
+    changed = False
+    for m, sec in (mc.get("encoders") or {}).items():
+        if not isinstance(sec, dict) or sec.get("kind") != "hf":
+            continue
+        src = Path(str(sec.get("tower", "")))
+        if not src.is_dir():
+            continue  # a hub id travels as is
+        key = str(src.resolve())
+        if key not in copied:
+            rel = f"{TOWERS_DIR}/{m}"
+            shutil.copytree(src, export / rel, dirs_exist_ok=True)
+            copied[key] = rel
+        sec["tower"] = copied[key]
+        feats = (dc or {}).get("features") or {}
+        if isinstance(feats.get(m), dict) and feats[m].get("tower"):
+            feats[m]["tower"] = copied[key]
+        changed = True
+    if changed:
+        mc_path.write_text(yaml.safe_dump(mc, sort_keys=False))
+        if dc:
+            dc_path.write_text(yaml.safe_dump(dc, sort_keys=False))
 
 
 # --------------------------------------------------------------------------- reading
@@ -244,7 +281,8 @@ def load_featurizers(
                 f"{d / MODEL_CONFIG_FILE}: modality {m!r} has no registered featurizer "
                 f"(registered: {sorted(FEATURIZERS)})"
             )
-        if FEATURIZERS[m].tokenized and not (d / TOKENIZER_DIR).is_dir():
+        tower = getattr(features.section(m), "tower", "")  # a tower's processor: towers/<m>
+        if FEATURIZERS[m].tokenized and not tower and not (d / TOKENIZER_DIR).is_dir():
             raise ExportError(
                 f"{d / TOKENIZER_DIR} not found: the {m} featurizer needs the tokenizer"
             )
@@ -270,7 +308,10 @@ def model_sizes(featurizers: dict[str, Any]) -> dict[str, Any]:
     for m, feat in featurizers.items():
         if m not in ENCODERS:
             raise ExportError(f"no encoder registered for {m!r} (known: {sorted(ENCODERS)})")
-        out["encoders"][m] = ENCODERS[m].sizes_for(tuple(feat.max_output_shape()))
+        if hasattr(feat, "encoder_fields"):  # a pretrained tower: encoder kind ``hf``
+            out["encoders"][m] = feat.encoder_fields()
+        else:
+            out["encoders"][m] = ENCODERS[m].sizes_for(tuple(feat.max_output_shape()))
         out.update(feat.model_args())
     return out
 
@@ -290,7 +331,8 @@ def check_sizes(config: Any, featurizers: dict[str, Any], where: str = "export")
         bad = {
             k: (getattr(section, k, None), v)
             for k, v in want.items()
-            if getattr(section, k, None) != v
+            # A tower's path differs between the run and its export; its revision does not.
+            if k != "tower" and getattr(section, k, None) != v
         }
         if bad:
             detail = ", ".join(f"{k}: model {a!r} vs featurizer {b!r}" for k, (a, b) in bad.items())
@@ -328,11 +370,13 @@ def load_export(
     import torch
 
     from common.config import ConfigError
-    from models import OmniConfig, OmniModel
+    from models import OmniModel
 
     d = check_export(export_dir)
     try:
-        config = OmniConfig.from_yaml(d / MODEL_CONFIG_FILE)
+        from models.pretrained import read_config
+
+        config = read_config(d)
     except (ConfigError, OSError, ValueError, TypeError) as e:
         raise ExportError(f"unreadable {d / MODEL_CONFIG_FILE}: {e}") from e
     mods = list(config.modalities if modalities is None else modalities)

@@ -37,12 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
 
+    from common.towers import TowerError
     from pipelines.config import load_data_config
     from pipelines.stages import ManifestError
 
     try:
         cfg = load_data_config(args.config, args.overrides)
-    except ConfigError as e:
+        # Pretrained towers are checked here, before any Ray worker starts.
+        from pipelines.featurize import get_featurizer
+
+        for m in cfg.features.to_config_dict():
+            if m != "max_file_bytes" and getattr(cfg.features.section(m), "tower", ""):
+                get_featurizer(m, cfg.features)
+    except (ConfigError, TowerError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
@@ -61,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         started = True
     try:
         run_prepare(args.manifest, args.out, cfg)
+        from jobs.tower_cache import build_cache, cached_modalities
+
+        if cached_modalities(args.out):  # features.<m>.cache: frozen-tower features, once
+            build_cache(args.out)
     except (ManifestError, ConfigError) as e:  # the data does not fit the config: one line
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

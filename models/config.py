@@ -127,9 +127,8 @@ class OmniConfig:
             if m in self.encoders or m in self.modalities:
                 data = self.encoders.get(m)
                 # Resolved (every field) and validated by the section itself.
-                sections[m] = (
-                    to_dict(self.encoder_section(m, data)) if m in registry else (data or {})
-                )
+                known = m in registry or (isinstance(data, dict) and data.get("kind"))
+                sections[m] = to_dict(self.encoder_section(m, data)) if known else (data or {})
         self.encoders = sections
 
     @property
@@ -145,15 +144,17 @@ class OmniConfig:
             ConfigError: No encoder is registered for ``modality``, or the section has an
                 unknown key or a bad value (the message names the key).
         """
-        registry = _encoders()
-        if modality not in registry:
-            raise ConfigError(
-                f"no encoder registered for {modality!r}; registered: {sorted(registry)}"
-            )
+        from models.encoders import encoder_class
+
         data = self.encoders.get(modality, {}) if data is None else data
-        return from_dict(
-            registry[modality].Config, data or {}, where=f"OmniConfig.encoders.{modality}"
-        )
+        try:
+            cls = encoder_class(modality, data or {})
+        except KeyError as e:
+            raise ConfigError(str(e).strip("'\"")) from None
+        data = dict(data or {})
+        if "kind" not in {f.name for f in dataclasses.fields(cls.Config)}:
+            data.pop("kind", None)  # ``kind: native`` on a native section
+        return from_dict(cls.Config, data, where=f"OmniConfig.encoders.{modality}")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> OmniConfig:

@@ -138,6 +138,26 @@ def collate(
         ):
             steps = torch.arange(longest)[None, :]
             batch[f"{m}_mask"] = steps < torch.tensor(lengths)[:, None]
+    # Cached frozen-tower features (``common.towers.CACHE_SUFFIX``): float (N, h) per row,
+    # padded on N with a mask; rows without them get zeros and an all-False mask.
+    for m in modalities:
+        key = f"{m}__tower"
+        feats = [s.get(key) for s in samples]
+        if all(f is None for f in feats):
+            continue
+        if any(f is None for f in feats if True) and any(
+            s.get(m) is not None and s.get(key) is None for s in samples
+        ):
+            continue  # a partial cache: the tower runs instead
+        h = next(f for f in feats if f is not None).shape[-1]
+        n = max(0 if f is None else f.shape[0] for f in feats)
+        out = np.zeros((b, n, h), dtype=np.float32)
+        lens = [0 if f is None else f.shape[0] for f in feats]
+        for i, f in enumerate(feats):
+            if f is not None:
+                out[i, : f.shape[0]] = f
+        batch[key] = torch.from_numpy(out)
+        batch[f"{key}_mask"] = torch.arange(n)[None, :] < torch.tensor(lens)[:, None]
     batch["label"] = torch.tensor(
         [_label_index(s.get("label"), label_names) for s in samples], dtype=torch.long
     )
@@ -166,7 +186,7 @@ def synthetic_samples(
         drop_one: Row ``i`` lacks modality ``i % M`` (exercises missing-modality paths).
         num_labels: Labels are ``str(i % num_labels)``.
     """
-    from models.encoders import ENCODERS
+    from models.encoders import encoder_class
 
     rng = np.random.default_rng(seed)
     mods = list(cfg.modalities if modalities is None else modalities)
@@ -175,7 +195,7 @@ def synthetic_samples(
     for i in range(n):
         s: dict[str, Any] = {"label": str(i % num_labels)}
         for m in mods:
-            s[m] = ENCODERS[m].random_item(cfg, sections[m], rng)
+            s[m] = encoder_class(m, sections[m]).random_item(cfg, sections[m], rng)
         if drop_one and mods:
             s[mods[i % len(mods)]] = None
         out.append(s)

@@ -479,7 +479,10 @@ def build_model(
     )
     # Linear/Embedding init (parameters such as positions are initialized where created).
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear | nn.Embedding) and "ffn.moe" not in name:
+        # Pretrained towers (encoder kind ``hf``) keep their weights.
+        if isinstance(module, nn.Linear | nn.Embedding) and "ffn.moe" not in name and (
+            ".tower." not in f".{name}."
+        ):
             _init_weights(module)
     for enc in encoders.values():  # input layers: fan-in init (see ModalityEncoder.stem_names)
         enc.reset_stem()

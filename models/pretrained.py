@@ -45,6 +45,20 @@ def save_pretrained(model: OmniModel, directory: str | Path) -> Path:
     return directory
 
 
+def read_config(directory: str | Path) -> OmniConfig:
+    """``model_config.yaml`` of an export, with the pretrained towers it carries
+    (``encoders.<m>.tower: towers/<m>``, relative) resolved against ``directory``."""
+    from common.config import read_yaml
+
+    directory = Path(directory)
+    data = read_yaml(directory / CONFIG_NAME)
+    for sec in (data.get("encoders") or {}).values():
+        ref = sec.get("tower") if isinstance(sec, dict) else None
+        if ref and not Path(ref).is_absolute() and (directory / ref).is_dir():
+            sec["tower"] = str((directory / ref).resolve())
+    return OmniConfig.from_dict(data)
+
+
 def load_pretrained(
     directory: str | Path,
     modalities: Iterable[str] | None = None,
@@ -77,7 +91,7 @@ def load_pretrained(
     for p in (wpath, cpath):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found (expected an export directory)")
-    cfg = OmniConfig.from_yaml(cpath)
+    cfg = read_config(directory)
     model = build_model(cfg, modalities=modalities, parts=parts)
     state = load_file(str(wpath), device=str(map_location))
     wanted = model.state_dict().keys()

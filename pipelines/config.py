@@ -50,7 +50,9 @@ class FeatureConfig:
         self.max_file_bytes = int(max_file_bytes)
         self._sections: dict[str, Any] = {}
         for name, sec in (sections or {}).items():
-            cls = _section_class(name, "features")
+            cls = _section_class(name, "features", data=sec)
+            if not isinstance(sec, Mapping) and getattr(sec, "tower", ""):
+                cls = type(sec)
             if isinstance(sec, cls):
                 self._sections[name] = sec
             elif isinstance(sec, Mapping):
@@ -88,7 +90,7 @@ class FeatureConfig:
             raise ConfigError(f"{where}.max_file_bytes: expected int, got {mfb!r}")
         sections = {}
         for name, sec in data.items():
-            sc = _section_class(name, where)
+            sc = _section_class(name, where, data=sec)
             if sec is None:
                 sec = {}
             if not isinstance(sec, Mapping):
@@ -129,7 +131,9 @@ def _ordered(names) -> list[str]:
     return table + sorted(set(names) - set(table))
 
 
-def _section_class(name: str, where: str, error: type[Exception] = ConfigError) -> type:
+def _section_class(
+    name: str, where: str, error: type[Exception] = ConfigError, data: Any = None
+) -> type:
     from pipelines.featurize import FEATURIZERS
 
     if name not in FEATURIZERS:
@@ -137,6 +141,16 @@ def _section_class(name: str, where: str, error: type[Exception] = ConfigError) 
             f"{where}: unknown key {name!r}; valid keys: "
             f"{_ordered(FEATURIZERS) + ['max_file_bytes']}"
         )
+    if isinstance(data, Mapping) and data.get("tower"):
+        # A pretrained tower's processor is this modality's featurizer.
+        from pipelines.featurize._towers import TOWER_FEATURIZERS
+
+        if name not in TOWER_FEATURIZERS:
+            raise error(
+                f"{where}.{name}.tower: no pretrained-tower featurizer for {name!r} "
+                f"(towers serve {sorted(TOWER_FEATURIZERS)})"
+            )
+        return TOWER_FEATURIZERS[name].Config
     return FEATURIZERS[name].Config
 
 

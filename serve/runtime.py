@@ -23,10 +23,9 @@ logger = logging.getLogger("omniray.serve")
 
 def export_modalities(export_dir: str | Path) -> list[str]:
     """The modalities the exported model has a branch for (its ``model_config.yaml``)."""
-    from jobs.exports import MODEL_CONFIG_FILE
-    from models import OmniConfig
+    from models.pretrained import read_config
 
-    return list(OmniConfig.from_yaml(Path(export_dir) / MODEL_CONFIG_FILE).modalities)
+    return list(read_config(export_dir).modalities)
 
 
 def check_serving(
@@ -49,10 +48,10 @@ def check_serving(
             that do not apply or change the featurizers' output sizes.
     """
     from jobs.exports import MODEL_CONFIG_FILE, ExportError, check_export, load_featurizers
-    from models import OmniConfig
+    from models.pretrained import read_config
 
     d = check_export(export_dir)
-    config = OmniConfig.from_yaml(d / MODEL_CONFIG_FILE)
+    config = read_config(d)
     branches = list(config.modalities)
     served = branches if modalities is None else list(modalities)
     missing = [m for m in served if m not in branches]

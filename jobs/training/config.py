@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from common.config import ConfigError, load_config
 
 STAGES: tuple[str, ...] = ("pretrain", "align", "finetune")
-FREEZE_CHOICES: tuple[str, ...] = ("none", "encoders", "top_k")
+FREEZE_CHOICES: tuple[str, ...] = ("none", "encoders", "top_k", "connectors")
 CLASS_WEIGHTING: tuple[str, ...] = ("none", "balanced")
 
 
@@ -123,7 +123,16 @@ class StageSection:
         modality_dropout: finetune: probability of dropping a modality from a row.
         freeze: finetune: ``none`` (train all), ``encoders`` (freeze modality encoders), or
             ``top_k`` (train only the top ``train_top_k`` trunk layers + adapters/fusion/heads).
+            ``connectors``: the connector-only alignment recipe: every encoder (pretrained
+            towers and from-scratch encoders), the trunk, adapters, fusion and heads are
+            frozen except the towers' connectors and the parts named in ``also_train``;
+            the trainable fraction is reported in the stage's start event.
         train_top_k: Trunk layers trained when ``freeze=top_k``.
+        also_train: ``freeze=connectors``: model parts trained besides the connectors
+            (``trunk``, ``adapters``, ``projections``, ``fusion``, ``recon_heads``,
+            ``decoder``, ``classifier``, ``logit_scale``).
+        towers: Pretrained towers (encoder kind ``hf``) per modality: ``frozen``,
+            ``last_k`` or ``lora`` for this stage (default: the section's ``train``).
         tasks: finetune tasks among ``classification``, ``retrieval``, ``description``.
         class_weighting: finetune classification loss: ``none`` (every row weighs 1) or
             ``balanced`` (class ``c`` weighs ``N / (C * n_c)`` with ``n_c`` its train rows, as
@@ -148,6 +157,8 @@ class StageSection:
     modality_dropout: float = 0.3
     freeze: str = "none"
     train_top_k: int = 1
+    also_train: list[str] = field(default_factory=list)
+    towers: dict[str, str] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=lambda: ["classification", "retrieval", "description"])
     class_weighting: str = "none"
     checkpoint_every: int = 50
@@ -159,6 +170,9 @@ class StageSection:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.freeze not in FREEZE_CHOICES:
             raise ValueError(f"freeze must be one of {FREEZE_CHOICES}, got {self.freeze!r}")
+        bad_modes = {m: v for m, v in self.towers.items() if v not in ("frozen", "last_k", "lora")}
+        if bad_modes:
+            raise ValueError(f"towers: modes must be frozen|last_k|lora, got {bad_modes}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.class_weighting not in CLASS_WEIGHTING:

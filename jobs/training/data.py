@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.schema import MODALITIES, unpack_table
+from pipelines.schema import MODALITIES, unpack_column, unpack_table
 
 
 def resolve_path(path: str) -> str:
@@ -131,9 +131,19 @@ def table_to_samples(table: pa.Table, modalities: list[str]) -> list[dict[str, A
     """A shard table -> one dict per row: modality -> ndarray | None, plus ``label``/``id``."""
     cols = unpack_table(table, [m for m in modalities if m in table.column_names])
     n = table.num_rows
+    # Cached frozen-tower features (jobs.tower_cache), read instead of running the tower.
+    cached = {}
+    for m in modalities:
+        key = f"{m}__tower"
+        if key in table.column_names:
+            cached[key] = unpack_column(
+                m, table.column(key), table.column(f"{key}_shape"), "float16"
+            )
     samples = []
     for i in range(n):
         s: dict[str, Any] = {m: (cols[m][i] if m in cols else None) for m in modalities}
+        for key, vals in cached.items():
+            s[key] = vals[i]
         s["label"] = cols.get("label", [None] * n)[i]
         s["id"] = cols.get("id", [None] * n)[i]
         samples.append(s)

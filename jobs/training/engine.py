@@ -91,6 +91,29 @@ def apply_freeze(model: torch.nn.Module, st: StageSection) -> dict[str, int]:
             if i < len(layers) - keep:
                 for p in layer.parameters():
                     p.requires_grad_(False)
+    encoders = getattr(model, "encoders", None) or {}
+    for m, enc in encoders.items():
+        if not hasattr(enc, "set_tower_training"):
+            continue
+        if st.freeze == "none":
+            enc.set_tower_training(st.towers.get(m, enc.section.train))
+        elif st.freeze == "connectors":
+            enc.set_tower_training("frozen")  # the connector trains, the tower does not
+        else:  # encoders / top_k: the whole branch frozen
+            for p in enc.parameters():
+                p.requires_grad_(False)
+    if st.freeze == "connectors":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for enc in encoders.values():
+            for p in getattr(enc, "connector_parameters", list)():
+                p.requires_grad_(True)
+        for attr in st.also_train:
+            part = getattr(model, attr, None)
+            if part is None:
+                raise AttributeError(f"also_train: the model has no part {attr!r}")
+            for p in [part] if isinstance(part, torch.nn.Parameter) else part.parameters():
+                p.requires_grad_(True)
     return param_counts(model)
 
 
@@ -98,7 +121,11 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     """``{"trainable": n, "frozen": n}`` parameter counts."""
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    return {"trainable": n_train, "frozen": n_all - n_train}
+    return {
+        "trainable": n_train,
+        "frozen": n_all - n_train,
+        "trainable_fraction": n_train / max(n_all, 1),
+    }
 
 
 def lift_scalar_params(model: torch.nn.Module) -> list[str]:

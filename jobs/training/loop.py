@@ -95,6 +95,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     apply_freeze(model, st)
     unused = objective.freeze_unused(model)
     counts = {**param_counts(model), "unused_by_stage": unused}
+    if rank == 0:  # what this stage trains (the connector-only recipe aims at <= 5 %)
+        print(
+            f"[{stage}] trainable parameters: {counts['trainable']:,} of "
+            f"{counts['trainable'] + counts['frozen']:,} "
+            f"({100 * counts['trainable_fraction']:.2f} %, freeze={st.freeze})",
+            flush=True,
+        )
     lift_scalar_params(model)
     model_params = [p for p in model.parameters() if p.requires_grad]
     if tc.deepspeed.zero_stage == 3:

@@ -150,6 +150,10 @@ def resolve_run(tc: TrainConfig) -> RunSetup:
         )
     mods = [m for m in (tc.data.modalities or info.modalities) if m in info.modalities]
     model_cfg = model_config_from_data(tc, paths.shards, info, mods)
+    from jobs.tower_cache import check_cache
+
+    # Cached frozen-tower features must come from the model's tower revision.
+    check_cache(paths.shards, model_cfg.encoders)
     pairs = aligned_pairs(tc, mods, info)
     for a, b in pairs:
         if info.rows_with_pair(a, b) == 0:

@@ -71,6 +71,13 @@ def get_featurizer(
     if name not in FEATURIZERS:
         raise KeyError(f"unknown modality {name!r}; registered: {sorted(FEATURIZERS)}")
     cls = FEATURIZERS[name]
+    config = config or FeatureConfig()
+    if getattr(config.section(name), "tower", ""):
+        # features.<m>.tower: the pretrained tower's processor is the featurizer.
+        from pipelines.featurize._towers import TOWER_FEATURIZERS
+
+        kwargs.pop("tokenizer", None), kwargs.pop("tokenizer_dir", None)
+        return TOWER_FEATURIZERS[name](config, assets_dir=assets_dir, **kwargs)
     if (
         assets_dir is not None
         and cls.tokenized
@@ -78,7 +85,7 @@ def get_featurizer(
         and "tokenizer_dir" not in kwargs
     ):
         kwargs["tokenizer_dir"] = f"{str(assets_dir).rstrip('/')}/{TOKENIZER_DIR}"
-    return cls(config or FeatureConfig(), **kwargs)
+    return cls(config, **kwargs)
 
 
 def build_featurizers(
