@@ -20,6 +20,7 @@ same; what changes is the featurized form, which follows the tower:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import ceil
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,17 @@ class TowerAudioFeaturizer(_TowerMixin, AudioFeaturizer):
         out = np.asarray(out, np.float32)
         return out[:, None] if out.ndim == 1 else out.T  # (T, 1) | (F, T) -> (T, F)
 
-    def _features(self, x: np.ndarray, sr: int) -> np.ndarray:
+    def _window(self, n_in: int, sr: int) -> tuple[int, int, int]:
+        """The centre ``clip_seconds`` of the input (+ a margin for the resampling filter):
+        only those samples are read and resampled, whatever the clip's length."""
+        need = ceil(self.section.clip_seconds * sr) + 2 * (64 + ceil(10 * max(
+            sr / self.section.sample_rate, 1.0)))  # fmt: skip
+        if n_in <= need:
+            return 0, n_in, 0
+        start = (n_in - need) // 2
+        return start, start + need, 0
+
+    def _features(self, x: np.ndarray, sr: int, skip: int = 0) -> np.ndarray:
         check_finite(x, "audio")
         mono = resample(x.mean(axis=1), sr, self.section.sample_rate)
         n = int(round(self.section.clip_seconds * self.section.sample_rate))
