@@ -21,8 +21,8 @@ from torch import nn
 from models.config import OmniConfig
 from models.encoders import ModalityEncoder, build_encoder
 from models.fusion import GatedFusion
-from models.heads import Adapter, ClassifierHead, ProjectionHead, ReconHead, TextDecoder
 from models.generation import build_generators
+from models.heads import Adapter, ClassifierHead, ProjectionHead, ReconHead, TextDecoder
 from models.layers import masked_mean
 from models.outputs import ModalityFeatures, OmniOutput, ReconOutput
 from models.pretrained import CONFIG_NAME, WEIGHTS_NAME
@@ -378,9 +378,7 @@ class OmniModel(nn.Module):
             KeyError: No generation head for ``target`` is loaded.
         """
         if target not in self.generators:
-            raise KeyError(
-                f"no generation head for {target!r} (loaded: {sorted(self.generators)})"
-            )
+            raise KeyError(f"no generation head for {target!r} (loaded: {sorted(self.generators)})")
         head = self.generators[target]
         cond = F.normalize(cond.float(), dim=-1)
         return head.to_items(head.sample(cond, seeds, steps=steps, guidance=guidance))

@@ -31,8 +31,8 @@ from jobs.training.engine import gather_with_grad
 from models.objectives import (
     IGNORE_INDEX,
     caption_loss,
-    info_nce,
     flow_matching_loss,
+    info_nce,
     masked_cross_entropy,
     moe_aux_terms,
     recon_loss,
@@ -312,7 +312,9 @@ class StageObjective:
     # ----------------------------------------------------------------- loss terms
     def _generation_terms(self, out: Any) -> dict[str, torch.Tensor]:
         """``gen_<target>``: flow matching of each generation head (empty without heads)."""
-        return {f"gen_{m}": self.w("generate") * flow_matching_loss(fo) for m, fo in out.flow.items()}
+        return {
+            f"gen_{m}": self.w("generate") * flow_matching_loss(fo) for m, fo in out.flow.items()
+        }
 
     def _recon(self, r: Any) -> torch.Tensor:
         return recon_loss(r, norm_pix_targets=self.st.norm_pix_targets)

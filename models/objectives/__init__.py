@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from models.objectives.captioning import caption_loss
 from models.objectives.classification import masked_cross_entropy
-from models.objectives.generation import flow_matching_loss
 from models.objectives.contrastive import IGNORE_INDEX, GatherFn, info_nce
+from models.objectives.generation import flow_matching_loss
 from models.objectives.moe_aux import moe_aux_terms
 from models.objectives.reconstruction import chamfer_distance, normalize_patches, recon_loss
 

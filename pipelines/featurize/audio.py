@@ -281,7 +281,9 @@ class AudioFeaturizer(Featurizer):
             raise SampleError("unsupported_format", "only log-mel features can be written as audio")
         feats = np.asarray(item, dtype=np.float32)
         if feats.ndim != 2 or feats.shape[1] != cfg.n_mels or feats.shape[0] < 1:
-            raise SampleError("bad_shape", f"audio item shape {feats.shape}, want (T, {cfg.n_mels})")
+            raise SampleError(
+                "bad_shape", f"audio item shape {feats.shape}, want (T, {cfg.n_mels})"
+            )
         check_finite(feats, "audio features")
         sr = cfg.sample_rate
         win = max(1, int(round(sr * cfg.win_ms / 1000.0)))

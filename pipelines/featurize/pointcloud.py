@@ -231,7 +231,9 @@ class PointCloudFeaturizer(Featurizer):
             SampleError: ``unsupported_format``, ``bad_shape``, ``non_finite``.
         """
         if (fmt or "ply") != "ply":
-            raise SampleError("unsupported_format", f"point cloud writer formats: {self.write_formats}")
+            raise SampleError(
+                "unsupported_format", f"point cloud writer formats: {self.write_formats}"
+            )
         a = np.asarray(item, dtype=np.float32)
         if a.ndim != 2 or a.shape[1] < 3:
             raise SampleError("bad_shape", f"point item shape {a.shape}, want (N, >=3)")
@@ -243,10 +245,8 @@ class PointCloudFeaturizer(Featurizer):
             props += ["nx", "ny", "nz"]
             cols.append(a[:, 3:6])
         data = np.concatenate(cols, 1)
-        head = (
-            "ply\nformat ascii 1.0\n"
-            f"element vertex {len(data)}\n"
-            + "".join(f"property float {p}\n" for p in props)
+        head = f"ply\nformat ascii 1.0\nelement vertex {len(data)}\n" + "".join(
+            f"property float {p}\n" for p in props
         )
         if cfg.colors and a.shape[1] >= 6:
             rgb = np.clip(a[:, -3:] * 255.0 + 0.5, 0, 255).astype(np.uint8)

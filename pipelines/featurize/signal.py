@@ -450,9 +450,10 @@ class SignalFeaturizer(Featurizer):
         if cfg.normalize == "dataset" and cfg.stats:
             k = min(x.shape[0], len(cfg.stats["mean"]))
             x = x.copy()
-            x[:k] = x[:k] * np.asarray(cfg.stats["std"][:k], np.float32)[:, None] + np.asarray(
-                cfg.stats["mean"][:k], np.float32
-            )[:, None]
+            x[:k] = (
+                x[:k] * np.asarray(cfg.stats["std"][:k], np.float32)[:, None]
+                + np.asarray(cfg.stats["mean"][:k], np.float32)[:, None]
+            )
         if fmt == "npy":
             buf = io.BytesIO()
             np.save(buf, x, allow_pickle=False)
