@@ -295,7 +295,8 @@ class VelocityNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        c = F.silu(self.t_mlp(time_embedding(t, self.t_dim)) + self.c_mlp(cond))  # (B, ctx)
+        temb = time_embedding(t, self.t_dim).to(cond.dtype)
+        c = F.silu(self.t_mlp(temb) + self.c_mlp(cond))  # (B, ctx)
         h = self.inp(x)
         bias = self.cond_in(c)
         h = h + (bias[:, None] if h.dim() == 3 else bias)
@@ -347,8 +348,11 @@ class FlowGenerator(nn.Module):
         return x if self.space.kind == "set" else x.flatten(1)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``(B, *shape)`` -> ``(B, *shape)`` velocity."""
-        return self.net(self._flat(x), t, cond).view_as(x)
+        """``(B, *shape)`` -> ``(B, *shape)`` velocity (in ``x``'s dtype; the net runs in
+        its parameters' dtype, e.g. bf16 under DeepSpeed's bf16 mode)."""
+        dt = self.null_cond.dtype
+        v = self.net(self._flat(x).to(dt), t, cond.to(dt))
+        return v.reshape(x.shape).to(x.dtype)
 
     def flow_output(
         self, x1: torch.Tensor, weight: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor
@@ -366,7 +370,8 @@ class FlowGenerator(nn.Module):
         xt = (1 - tb) * x0 + tb * x1
         if self.training and self.gen.cond_dropout > 0:
             drop = torch.rand(r, device=x1.device) < self.gen.cond_dropout
-            cond = torch.where(drop[:, None], self.null_cond.expand_as(cond), cond)
+            null = self.null_cond.to(cond.dtype).expand_as(cond)
+            cond = torch.where(drop[:, None], null, cond)
         pred = self.velocity(xt, t, cond)
         return FlowOutput(pred=pred, target=x1 - x0, weight=weight, valid=valid)
 
@@ -405,7 +410,7 @@ class FlowGenerator(nn.Module):
             ]
         ).to(dev)
         cond = cond.float()
-        null = self.null_cond.expand_as(cond)
+        null = self.null_cond.float().expand_as(cond)
 
         def v(xx: torch.Tensor, tt: float) -> torch.Tensor:
             t = torch.full((xx.shape[0],), tt, device=dev)
