@@ -53,14 +53,14 @@ def test_each_head_loss_falls_on_tiny_corpus(corpus_rows):
     ex = _model(export)
     model = ex.model
     torch.manual_seed(0)
-    batch = collate(rows, modalities=model.modalities)
+    batch = collate(rows[:24], modalities=model.modalities)
     with torch.no_grad():
         feats = model.encode_many(batch, model._active(batch, None))
     conds = {m: (f.embed, f.present) for m, f in feats.items()}
     model.generators.train()
     opt = torch.optim.Adam(model.generators.parameters(), lr=3e-3)
     hist: dict[str, list[float]] = {t: [] for t in TARGETS}
-    for _ in range(40):
+    for _ in range(30):
         outs = flow_terms(dict(model.generators.items()), batch, conds, detach=True, repeats=1)
         losses = {t: flow_matching_loss(fo) for t, fo in outs.items()}
         assert set(losses) == set(TARGETS)
@@ -202,3 +202,49 @@ def test_generation_config_is_validated():
     assert set(TARGETS) <= set(SPACES)
     # An export without the section (older exports) builds no heads.
     assert len(build_model(OmniConfig.from_name("tiny", modalities=["text"])).generators) == 0
+
+
+def test_fit_generation_adds_heads_to_an_export_and_evaluation_runs(
+    corpus_rows, tiny_corpus, tmp_path
+):
+    """``jobs.fit_generation`` on an export without heads: cached embeddings, falling loss,
+    a new export that loads with its heads; then the generation evaluation runs on it."""
+    from jobs.evaluation.data import load_split
+    from jobs.evaluation.generation import GenerationEvalConfig, evaluate_generation
+    from jobs.exports import load_export
+    from jobs.fit_generation import main as fit_main
+    from serve.devtools import make_untrained_export, write_gallery_split
+
+    rows, export = corpus_rows
+    manifest = Path(tiny_corpus) / "manifest.jsonl"
+    texts = [json.loads(x).get("text") or "" for x in manifest.read_text().splitlines()]
+    # The same tokenizer as the rows' export (same texts), without generation heads.
+    bare = make_untrained_export(
+        tmp_path / "bare", texts=[t for t in texts if t] + ["zero", "one"], generation={}
+    )
+    assert len(load_export(bare).model.generators) == 0
+    shards = tmp_path / "shards"
+    write_gallery_split(rows, shards / "train")
+    write_gallery_split(rows, shards / "test")
+    out = tmp_path / "with_heads"
+    args = ["--export", str(bare), "--shards", str(shards), "--out", str(out)]
+    assert fit_main([*args, "--steps", "40", "--batch", "32", "--hidden", "48"]) == 0
+    ex = load_export(out)
+    assert set(ex.model.generators) == set(TARGETS)
+    assert ex.config.generation["hidden"] == 48
+    res = evaluate_generation(
+        ex.model,
+        load_split(str(shards), "test"),
+        load_split(str(shards), "train"),
+        GenerationEvalConfig(max_prompts=6, seeds=2, steps=2),
+        tmp_path / "reports",
+    )
+    for key in ("text->image", "audio->image", "image->audio", "text->signal", "text->pointcloud"):
+        d = res["directions"][key]
+        assert 0.0 <= d["recognized"] <= 1.0 and d["prompts"] > 0, (key, d)
+        assert d["diversity"] is not None and d["diversity"] > 0, (key, d)
+        assert "classifier_accuracy" in d and isinstance(d["meaningful"], bool)
+    assert len(res["grids"]) == len(res["directions"])
+    assert all(Path(p).is_file() for p in res["grids"])
+    # Untrained encoders and 40 steps: recognition means nothing here; the figures'
+    # plumbing is what this test checks (the demo's numbers are in benchmarks/results).
