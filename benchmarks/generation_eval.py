@@ -103,7 +103,34 @@ def cost(export: Path, shards: Path, steps: int, batch_size: int) -> dict:
     }
 
 
-def http_latency(export: Path, requests: int) -> dict:
+def _demo_requests(client, shards: Path, corpus: Path, reports: Path) -> dict:
+    """The demo's generation requests (``jobs.demo.generation_exercise``) against the app."""
+    from jobs.demo.generation_exercise import exercise_generation
+    from jobs.demo.serve_exercise import _test_rows
+
+    results: dict = {"requests": {}, "_models": client.get("/v1/models").json()["data"][0]}
+
+    def call(name, method, path, body=None, summarize=None):
+        t0 = time.perf_counter()
+        r = client.request(method, path, json=body)
+        ms = round((time.perf_counter() - t0) * 1000, 1)
+        ok = r.status_code == 200
+        results["requests"][name] = {"status": r.status_code, "latency_ms": ms}
+        print(f"    {name:<32} {r.status_code} {ms:8.1f} ms", flush=True)
+        return r.json() if ok else None
+
+    exercise_generation(call, _test_rows(shards, corpus), corpus, results, reports)
+    results.pop("_models")
+    return results
+
+
+def http_latency(
+    export: Path,
+    requests: int,
+    shards: Path | None = None,
+    corpus: Path | None = None,
+    reports: Path | None = None,
+) -> dict:
     import httpx
     import numpy as np
     import yaml
@@ -140,6 +167,8 @@ def http_latency(export: Path, requests: int) -> dict:
                         "requests": requests,
                     }
                     print(f"  text->{target:<10} n={n}: {out[f'text->{target} n={n}']}", flush=True)
+            if corpus is not None and shards is not None and reports is not None:
+                out["demo_requests"] = _demo_requests(c, shards, corpus, reports)
     finally:
         serve.shutdown()
     return out
@@ -156,6 +185,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="align steps timed per variant")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--no-quality", action="store_true")
+    ap.add_argument("--corpus", type=Path, default=None, help="raw corpus: demo requests too")
     ap.add_argument("--reports", type=Path, default=ROOT / "reports")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/generation_eval.json")
     a = ap.parse_args()
@@ -173,7 +204,7 @@ def main() -> None:
         import ray
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-        res["http_latency"] = http_latency(a.export, a.requests)
+        res["http_latency"] = http_latency(a.export, a.requests, a.shards, a.corpus, a.reports)
         ray.shutdown()
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -228,7 +228,7 @@ def test_fit_generation_adds_heads_to_an_export_and_evaluation_runs(
     write_gallery_split(rows, shards / "test")
     out = tmp_path / "with_heads"
     args = ["--export", str(bare), "--shards", str(shards), "--out", str(out)]
-    assert fit_main([*args, "--steps", "40", "--batch", "32", "--hidden", "48"]) == 0
+    assert fit_main([*args, "--steps", "20", "--batch", "32", "--hidden", "48"]) == 0
     ex = load_export(out)
     assert set(ex.model.generators) == set(TARGETS)
     assert ex.config.generation["hidden"] == 48
@@ -246,5 +246,5 @@ def test_fit_generation_adds_heads_to_an_export_and_evaluation_runs(
         assert "classifier_accuracy" in d and isinstance(d["meaningful"], bool)
     assert len(res["grids"]) == len(res["directions"])
     assert all(Path(p).is_file() for p in res["grids"])
-    # Untrained encoders and 40 steps: recognition means nothing here; the figures'
+    # Untrained encoders and 20 steps: recognition means nothing here; the figures'
     # plumbing is what this test checks (the demo's numbers are in benchmarks/results).
