@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         help="heads added to an export without any",
     )
     ap.add_argument("--hidden", type=int, default=256, help="width of added vector heads")
+    ap.add_argument("--blocks", type=int, default=3, help="residual blocks of added heads")
+    ap.add_argument("--cache", default=None, help="file caching the embedded train split")
+    ap.add_argument("--log-every", type=int, default=250)
     a = ap.parse_args(argv)
     cfg = FitGenerationConfig(
         steps=a.steps,
@@ -37,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         lr=a.lr,
         max_rows=a.max_rows,
         seed=a.seed,
-        generation={"targets": list(a.targets), "hidden": a.hidden},
+        generation={"targets": list(a.targets), "hidden": a.hidden, "blocks": a.blocks},
+        cache=a.cache,
+        log_every=a.log_every,
     )
     try:
         res = fit_generation_heads(a.export, a.shards, a.out, cfg)

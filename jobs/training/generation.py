@@ -39,6 +39,8 @@ class FitGenerationConfig:
         generation: The ``generation`` section for an export that has none (ignored when
             the export already has heads, which are then refined).
         log_every: Steps between progress lines.
+        cache: A file for the embedded train split (written once, reused when it exists:
+            iterating on the heads skips the encoder pass). None: no cache.
     """
 
     steps: int = 3000
@@ -51,6 +53,7 @@ class FitGenerationConfig:
         default_factory=lambda: {"targets": ["image", "audio", "signal", "pointcloud"]}
     )
     log_every: int = 250
+    cache: str | None = None
 
 
 def _embed_split(model: Any, data: Any, batch_size: int = 128) -> dict[str, torch.Tensor]:
@@ -109,7 +112,16 @@ def fit_generation_heads(
     train = load_split(str(shards_dir), "train", cfg.max_rows)
     t0 = time.perf_counter()
     model.eval()
-    emb = _embed_split(model, train)
+    cache = Path(cfg.cache) if cfg.cache else None
+    if cache is not None and cache.is_file():
+        emb = torch.load(cache, weights_only=True)  # plain tensors, no pickled objects
+        if set(emb) - set(model.modalities) or any(len(e) != len(train) for e in emb.values()):
+            raise ValueError(f"{cache} does not match this export and split; delete it")
+    else:
+        emb = _embed_split(model, train)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(emb, cache)
     present = {m: torch.tensor([x is not None for x in train.tensors[m]]) for m in emb}  # (N,) each
     data_space: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
     for m, head in model.generators.items():
