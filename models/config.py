@@ -65,6 +65,9 @@ class OmniConfig:
             input sizes, patch sizes, stems). Filled with the section's defaults for every
             modality in ``modalities`` and validated by the section's ``__post_init__``;
             read it back typed with :meth:`encoder_section`.
+        generation: The generation heads' section (fields of
+            :class:`models.generation.GenerationConfig`: ``targets``, widths, sampling
+            defaults); empty = no generation heads.
     """
 
     name: str = "custom"
@@ -99,6 +102,7 @@ class OmniConfig:
     mask_id: int = 4
     max_text_len: int = 32
     encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.modalities = list(self.modalities)
@@ -130,6 +134,14 @@ class OmniConfig:
                 known = m in registry or (isinstance(data, dict) and data.get("kind"))
                 sections[m] = to_dict(self.encoder_section(m, data)) if known else (data or {})
         self.encoders = sections
+        if self.generation:
+            from models.generation import GenerationConfig
+
+            gen = GenerationConfig.from_model(self)  # validated (unknown keys raise)
+            missing = [t for t in gen.targets if t not in self.modalities]
+            if missing:
+                raise ConfigError(f"generation.targets {missing} not in modalities")
+            self.generation = to_dict(gen)
 
     @property
     def ffn_hidden(self) -> int:

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.config import OmniConfig
 from models.encoders import ModalityEncoder, build_encoder
 from models.fusion import GatedFusion
+from models.generation import build_generators
 from models.heads import Adapter, ClassifierHead, ProjectionHead, ReconHead, TextDecoder
 from models.layers import masked_mean
 from models.outputs import ModalityFeatures, OmniOutput, ReconOutput
@@ -27,7 +29,7 @@ from models.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from models.trunk import MoETrunk
 
 #: Optional parts besides the per-modality branches and the trunk.
-PARTS: tuple[str, ...] = ("fusion", "recon", "decoder", "classifier")
+PARTS: tuple[str, ...] = ("fusion", "recon", "decoder", "classifier", "generate")
 
 
 class OmniModel(nn.Module):
@@ -45,12 +47,15 @@ class OmniModel(nn.Module):
         recon_heads: dict[str, nn.Module] | None = None,
         decoder: TextDecoder | None = None,
         classifier: nn.Module | None = None,
+        generators: dict[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         keys = set(encoders)
         for name, part in (("adapters", adapters), ("projections", projections)):
             if set(part) != keys:
                 raise ValueError(f"{name} keys {sorted(part)} != encoder keys {sorted(keys)}")
+        if generators and not set(generators) <= keys:
+            raise ValueError(f"generators {sorted(generators)} lack encoders ({sorted(keys)})")
         if recon_heads and set(recon_heads) != keys:
             raise ValueError(f"recon_heads keys {sorted(recon_heads)} != {sorted(keys)}")
         unknown = keys - set(config.modalities)
@@ -65,6 +70,8 @@ class OmniModel(nn.Module):
         self.recon_heads = nn.ModuleDict(recon_heads or {})
         self.decoder = decoder
         self.classifier = classifier
+        #: ``{target: models.generation.FlowGenerator}`` (modality translation heads).
+        self.generators = nn.ModuleDict(generators or {})
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
 
     # ------------------------------------------------------------------ introspection
@@ -321,11 +328,60 @@ class OmniModel(nn.Module):
                 out.caption_logits[m] = self.decoder(
                     ids[:, :-1], memory, mem_mask, ids_mask[:, :-1]
                 )
+        if self.generators and "generate" in run and feats:
+            out.flow = self._flow(batch, feats, out.fused)
         if self.classifier is not None and "classifier" in run:
             if out.fused is not None:
                 out.logits = self.classifier(out.fused)
             out.modality_logits = {m: self.classifier(f.embed) for m, f in feats.items()}
         return out
+
+    def _flow(
+        self,
+        batch: dict[str, Any],
+        feats: dict[str, ModalityFeatures],
+        fused: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        """Translation draws: every generated target from every other modality's embedding
+        (and from the fused embedding when fusion ran); see :func:`models.generation.flow_terms`."""
+        from models.generation import GenerationConfig, flow_terms
+
+        gen = GenerationConfig.from_model(self.config)
+        conds = {m: (f.embed, f.present) for m, f in feats.items()}
+        if fused is not None:
+            conds["fused"] = (fused, torch.stack([f.present for f in feats.values()]).any(0))
+        return flow_terms(
+            dict(self.generators.items()),
+            batch,
+            conds,
+            detach=gen.detach_condition,
+            repeats=gen.repeats,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        target: str,
+        cond: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> list[Any]:
+        """Samples of ``target`` for ``(B, E)`` shared-space conditions (an embedding of any
+        other modality, or a fused embedding), one seed per sample.
+
+        Returns:
+            ``B`` featurized items of ``target`` (the form its featurizer produces).
+
+        Raises:
+            KeyError: No generation head for ``target`` is loaded.
+        """
+        if target not in self.generators:
+            raise KeyError(f"no generation head for {target!r} (loaded: {sorted(self.generators)})")
+        head = self.generators[target]
+        cond = F.normalize(cond.float(), dim=-1)
+        return head.to_items(head.sample(cond, seeds, steps=steps, guidance=guidance))
 
     # ------------------------------------------------------------------ training helpers
     def freeze(self, *, encoders: bool = True, trunk_top_k: int | None = None) -> OmniModel:
@@ -476,12 +532,17 @@ def build_model(
         classifier=(
             ClassifierHead(config) if "classifier" in parts_set and config.num_classes else None
         ),
+        generators=build_generators(config, mods) if "generate" in parts_set else None,
     )
     # Linear/Embedding init (parameters such as positions are initialized where created).
     for name, module in model.named_modules():
-        # Pretrained towers (encoder kind ``hf``) keep their weights.
-        if isinstance(module, nn.Linear | nn.Embedding) and "ffn.moe" not in name and (
-            ".tower." not in f".{name}."
+        # Pretrained towers (encoder kind ``hf``) keep their weights; the generation heads
+        # keep their own init (zero output / FiLM layers).
+        if (
+            isinstance(module, nn.Linear | nn.Embedding)
+            and "ffn.moe" not in name
+            and ".tower." not in f".{name}."
+            and not name.startswith("generators.")
         ):
             _init_weights(module)
     for enc in encoders.values():  # input layers: fan-in init (see ModalityEncoder.stem_names)

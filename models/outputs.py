@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -72,3 +73,5 @@ class OmniOutput:
     caption_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
     modality_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: ``{target: models.generation.FlowOutput}`` (the ``generate`` part).
+    flow: dict[str, Any] = field(default_factory=dict)

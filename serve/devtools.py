@@ -35,6 +35,7 @@ def make_untrained_export(
     seed: int = 0,
     modalities: list[str] | None = None,
     templates: list[str] | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> Path:
     """Writes an export directory with a randomly initialized model of ``size``.
 
@@ -50,6 +51,8 @@ def make_untrained_export(
         seed: Torch seed for the weights.
         modalities: Branches of the model (default: every declared modality).
         templates: Zero-shot templates of the export (default: ``models.zeroshot``'s).
+        generation: The model's ``generation`` section (default: small heads for every
+            modality of the model that has a generation space; ``{}``: none).
 
     Returns:
         ``out`` as a Path.
@@ -73,7 +76,14 @@ def make_untrained_export(
         data_cfg = DataConfig(name=f"untrained-{size}")
         save_yaml(data_cfg, shards / DATA_CONFIG_FILE)
         sizes = model_sizes(build_featurizers(data_cfg.features, mods, assets_dir=shards))
-        cfg = OmniConfig.from_name(size, modalities=mods, num_classes=num_classes, **sizes)
+        if generation is None:
+            from models.generation import SPACES
+
+            targets = [m for m in mods if m in SPACES]
+            generation = {"targets": targets, "hidden": 64, "blocks": 1, "point_hidden": 32}
+        cfg = OmniConfig.from_name(
+            size, modalities=mods, num_classes=num_classes, generation=generation, **sizes
+        )
         torch.manual_seed(seed)
         build_model(cfg).eval().save_pretrained(weights)
         return write_export(

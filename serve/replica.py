@@ -29,6 +29,7 @@ from ray import serve
 
 from serve.config import BatchingConfig, OmniServeArgs
 from serve.errors import ApiError, error_value, sample_error_to_api
+from serve.generation import GenerationMixin
 from serve.modalities import RawInput, get_spec
 
 logger = logging.getLogger("omniray.serve")
@@ -63,8 +64,9 @@ def batch_cost(jobs: list[_Job]) -> int:
     ray_actor_options={"num_cpus": 0.25},  # serve YAML sets real resources
     health_check_period_s=10,
 )
-class ModalityEncoder:
-    """Serves one modality: featurize → (batched) encode → embedding / features.
+class ModalityEncoder(GenerationMixin):
+    """Serves one modality: featurize → (batched) encode → embedding / features; and, when
+    the export has a generation head for it, ``/v1/generate`` into this modality.
 
     Args:
         modality: The modality this deployment serves.
@@ -83,7 +85,8 @@ class ModalityEncoder:
         ex = load_for_serving(
             self.args.export_dir,
             modalities=[modality],
-            parts=[],  # branch + trunk + temperature only: no fusion/decoder/heads
+            # Branch + trunk + temperature (+ this modality's generation head, if any).
+            parts=["generate"],
             quantization=self.args.quantization,
             features=self.args.features,
         )
@@ -109,6 +112,7 @@ class ModalityEncoder:
         self._replica_id = f"{modality}-{os.getpid()}"
         self._metrics = _Metrics(modality)
         self._apply_batching(self.args.batching_for(modality))
+        self._init_generation()
         logger.info(
             "%s replica ready (pid %d, quantization=%s, batching=%s)",
             modality,
@@ -216,6 +220,7 @@ class ModalityEncoder:
             "quantization": self.args.quantization,
             "batching": self.batching.model_dump(),
             "pid": os.getpid(),
+            **self.generation_info(),
         }
 
     def stats(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from serve.config import OmniServeArgs
 from serve.dispatch import Encoders, deadline, gather
 from serve.errors import ApiError
 from serve.gallery import Gallery, build_galleries, load_embedding_galleries, search_galleries
+from serve.generation import directions, generate_endpoint
 from serve.http import (
     Admission,
     ClassifyRequest,
@@ -38,7 +39,14 @@ from serve.http import (
 from serve.modalities import RawInput, language_modality
 
 #: The API's endpoints, as listed by ``/v1/models``.
-ENDPOINTS = ["/v1/embeddings", "/v1/fuse", "/v1/search", "/v1/classify", "/v1/describe"]
+ENDPOINTS = [
+    "/v1/embeddings",
+    "/v1/fuse",
+    "/v1/search",
+    "/v1/classify",
+    "/v1/describe",
+    "/v1/generate",
+]
 #: ``/v1/search`` target that searches every gallery.
 ANY_TARGET = "any"
 #: Label classifier rows kept between requests.
@@ -151,6 +159,14 @@ class Router:
                 "gallery": {m: len(g.ids) for m, g in self.galleries.items()},
                 "zero_shot_templates": self.templates,
                 "endpoints": ENDPOINTS,
+                "generation": directions(
+                    sorted(self.encoders),
+                    [
+                        t
+                        for t in self.model_info.get("generation_targets", [])
+                        if t in self.encoders
+                    ],
+                ),
             }
             return {"object": "list", "data": [info]}
 
@@ -331,6 +347,11 @@ class Router:
                 "text": res["text"],
                 "token_ids": res["token_ids"],
             }
+
+    @app.post("/v1/generate")
+    async def generate(self, request: Request) -> dict[str, Any]:
+        async with self.admission.admit(request):
+            return await generate_endpoint(self, request)
 
     def stats(self) -> dict[str, Any]:
         """Router counters (in-flight and rejected requests, replica retries)."""

@@ -626,3 +626,113 @@ def test_overload_gives_503_not_crashes(env):
     assert codes.count(200) > 0
     with env.client() as c:
         assert c.post("/v1/embeddings", json={"input": "after the storm"}).status_code == 200
+
+
+# -- generation (/v1/generate): every direction, files that featurize, hostile cases -------
+GEN_TARGETS = ("image", "audio", "signal", "pointcloud")
+
+
+def _generate(c, body: dict[str, Any]):
+    return c.post("/v1/generate", json=body)
+
+
+def test_models_lists_generation_directions(env):
+    with env.client() as c:
+        (info,) = c.get("/v1/models").json()["data"]
+    assert "/v1/generate" in info["endpoints"]
+    dirs = {(d["input"], d["target"]) for d in info["generation"]}
+    for t in GEN_TARGETS:
+        assert ("fused", t) in dirs
+        for s in MODALITIES:
+            assert ((s, t) in dirs) == (s != t), (s, t)
+
+
+@pytest.mark.parametrize("target", GEN_TARGETS)
+def test_generate_every_direction_over_http(env, target):
+    """Every served input modality -> target: files of the declared type that the
+    target's featurizer reads back; same seed = same bytes, other seed = other sample."""
+    with env.client() as c:
+        for source in MODALITIES:
+            if source == target:
+                continue
+            row = env.row_with(source)
+            body = {"input": {source: env.value(row["id"], source)}, "target": target, "n": 2}
+            r = _generate(c, {**body, "seed": 3, "steps": 2})
+            assert r.status_code == 200, (source, r.text[:300])
+            out = r.json()
+            assert out["object"] == "list" and out["target"] == target
+            assert out["input_modalities"] == [source]
+            assert [d["index"] for d in out["data"]] == [0, 1]
+            assert [d["seed"] for d in out["data"]] == [3, 4]
+            files = [base64.b64decode(d["b64"]) for d in out["data"]]
+            f = env.featurizers[target]
+            for d, data in zip(out["data"], files, strict=True):
+                assert d["mime"] in {
+                    "image/png",
+                    "audio/wav",
+                    "application/x-npy",
+                    "application/x-ply",
+                }
+                arr = f.featurize(data, suffix=f.sniff(data))
+                assert np.isfinite(arr.astype(np.float32)).all()
+            assert files[0] != files[1]
+            again = _generate(c, {**body, "seed": 3, "steps": 2}).json()
+            assert [d["b64"] for d in again["data"]] == [d["b64"] for d in out["data"]]
+
+
+def test_generate_from_several_inputs_uses_fusion_and_formats(env):
+    row = env.row_with("text", "image")
+    with env.client() as c:
+        r = _generate(
+            c,
+            {
+                "input": {m: env.value(row["id"], m) for m in ("text", "image")},
+                "target": "signal",
+                "format": "csv",
+                "seed": 0,
+            },
+        )
+    assert r.status_code == 200, r.text[:300]
+    out = r.json()
+    assert out["input_modalities"] == ["text", "image"]
+    (d,) = out["data"]
+    assert d["mime"] == "text/csv"
+    text = base64.b64decode(d["b64"]).decode()
+    assert text.startswith("ch0,")
+
+
+def test_generate_hostile_requests_give_4xx(env):
+    text = {"text": "the digit seven"}
+    cases = [
+        ("unknown target", {"input": text, "target": "smell"}, 422, "unknown_target"),
+        ("no head for target", {"input": text, "target": "text"}, 422, "unsupported_target"),
+        (
+            "target is input",
+            {"input": {"image": "AAAA"}, "target": "image"},
+            422,
+            "target_is_input",
+        ),
+        ("n over limit", {"input": text, "target": "image", "n": 999}, 413, "too_large"),
+        ("n zero", {"input": text, "target": "image", "n": 0}, 422, "invalid_field"),
+        ("steps over limit", {"input": text, "target": "image", "steps": 10_000}, 413, "too_large"),
+        ("negative seed", {"input": text, "target": "image", "seed": -1}, 422, "invalid_field"),
+        ("bad format", {"input": text, "target": "image", "format": "gif"}, 422, "invalid_field"),
+        ("empty input", {"input": {}, "target": "image"}, 422, "empty_input"),
+        ("unknown field", {"input": text, "target": "image", "size": 3}, 422, "invalid_field"),
+        (
+            "undecodable input",
+            {"input": {"audio": base64.b64encode(b"RIFF nonsense").decode()}, "target": "image"},
+            400,
+            None,
+        ),
+        ("bad base64", {"input": {"image": "%%%"}, "target": "audio"}, 400, "invalid_base64"),
+    ]
+    with env.client() as c:
+        for name, body, status, code in cases:
+            r = _generate(c, body)
+            assert r.status_code < 500, (name, r.status_code, r.text[:300])
+            try:
+                _assert_error(r, status, code)
+            except AssertionError as e:
+                raise AssertionError(f"case {name!r}: {e}") from e
+        assert _generate(c, {"input": text, "target": "image"}).status_code == 200

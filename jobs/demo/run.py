@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 work_dir=paths.run_dir,
                 port=args.port,
                 env=head.env,
+                reports_dir=paths.reports,
             )
             orch.timings["serve"] = {
                 "seconds": round(time.perf_counter() - t0, 1),

@@ -122,6 +122,7 @@ def exercise_service(
     port: int,
     env: dict[str, str] | None = None,
     startup_timeout_s: float = 600.0,
+    reports_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Starts the app with ``serve run``, sends one request per endpoint/modality, stops it.
 
@@ -152,7 +153,7 @@ def exercise_service(
                 _wait_healthy(client, base, proc, startup_timeout_s, log_path)
                 results["startup_seconds"] = round(time.perf_counter() - t0, 1)
                 print(f"    service up at {base} after {results['startup_seconds']}s", flush=True)
-                _send_all(client, base, rows, corpus_dir, results)
+                _send_all(client, base, rows, corpus_dir, results, reports_dir or work_dir)
         except Exception as e:  # noqa: BLE001 - reported, then the service is stopped
             results["ok"] = False
             results["error"] = f"{type(e).__name__}: {e}"
@@ -183,7 +184,9 @@ def _stop(proc: subprocess.Popen) -> None:
     stop_process_group(proc, ((signal.SIGINT, 90), (signal.SIGTERM, 20), (signal.SIGKILL, 10)))
 
 
-def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: dict) -> None:
+def _send_all(
+    client, base: str, rows: list[dict], corpus_dir: Path, results: dict, reports_dir: Path
+) -> None:
     reqs = results["requests"]
 
     def call(name: str, method: str, path: str, body: Any = None, summarize=None) -> Any:
@@ -207,6 +210,7 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
         "models", "GET", "/v1/models", summarize=lambda d: ",".join(m["id"] for m in d["data"])
     )
     model_id = listed["data"][0]["id"] if listed and listed.get("data") else "omniray"
+    results["_models"] = listed["data"][0] if listed and listed.get("data") else {}
     for m in modality_names():
         row = _pick(rows, (m,))
         if row is None:
@@ -272,6 +276,10 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
             {"input": _input_for(row, "image", corpus_dir)},
             summarize=lambda d: f"{d['text']!r} (true {row.get('label')})",
         )
+    from jobs.demo.generation_exercise import exercise_generation
+
+    exercise_generation(call, rows, corpus_dir, results, reports_dir)
+    results.pop("_models", None)
 
 
 def _gate_items(gates: Any):

@@ -22,6 +22,7 @@ from jobs.evaluation.config import EvalConfig
 from jobs.evaluation.data import (
     EvaluationError,
     SplitData,
+    list_splits,
     load_split,
     read_label_text,
     read_training_info,
@@ -132,6 +133,8 @@ def run_evaluation(
     zero_shot = _zero_shot(export, data, embeds, class_names, cfg)
     t = lap("zero_shot", t)
     emergent = _emergent(retrieval, mods, aligned, source)
+    generation = _generation(model, data, data_loc, cfg, out_dir)
+    t = lap("generation", t)
     r1 = {k: round(headline_r1(v), 4) for k, v in retrieval.items() if "skipped" not in v}
     mean_r1 = float(np.mean(list(r1.values()))) if r1 else None
 
@@ -149,6 +152,7 @@ def run_evaluation(
         "classification": classification,
         "fusion": fusion,
         "emergent_alignment": emergent,
+        "generation": generation,
         # Compact headline views (reports, jobs.demo); the full numbers are above.
         "mean_R@1": mean_r1,
         "retrieval_summary": {"level": level, "R@1": r1},
@@ -168,6 +172,20 @@ def run_evaluation(
     if cfg.merge_into_export:
         merge_into_export_metrics(export_dir / "metrics.json", cfg.split, result)
     return result
+
+
+def _generation(model, data, data_loc: str, cfg: EvalConfig, out_dir: Path) -> dict[str, Any]:
+    """Generation figures (:mod:`jobs.evaluation.generation`) when the export has heads;
+    the independent classifiers train on the ``train`` split."""
+    from jobs.evaluation.generation import GenerationEvalConfig, evaluate_generation
+
+    if not len(getattr(model, "generators", {})):
+        return {"skipped": "the export has no generation heads"}
+    if cfg.split == "train" or "train" not in list_splits(data_loc):
+        return {"skipped": "needs a train split (the classifiers) besides the evaluated one"}
+    train = load_split(data_loc, "train", GenerationEvalConfig().max_train_rows)
+    reports = out_dir if cfg.plots else None
+    return evaluate_generation(model, data, train, GenerationEvalConfig(), reports)
 
 
 def head_class_names(model, info, cfg: EvalConfig) -> tuple[list[str] | None, str]:

@@ -7,10 +7,12 @@ The loss math lives in :mod:`models.objectives`; this module picks the terms, th
 * ``align``: InfoNCE over ``align.pairs`` with features gathered across ranks *with*
   gradients (OpenCLIP's local loss), masked-modality reconstruction from the other
   modalities (one modality masked per step, rotating, same on every rank), modality -> text
-  translation (captioning), MoE aux.
+  translation (captioning), modality -> image/audio/signal/point cloud translation (flow
+  matching of the generation heads, ``loss_weights.generate``), MoE aux.
 * ``finetune``: classification (fused + every single modality, with per-row modality
   dropout so that subsets work), retrieval (label-aware InfoNCE over the aligned pairs, so
-  pairs left out of alignment stay "emergent"), description (captioning), MoE aux.
+  pairs left out of alignment stay "emergent"), description (captioning), generation
+  refined (also from the fused embedding when fusion runs), MoE aux.
 
 ZeRO-3 needs every rank to call the same modules: :meth:`StageObjective.sync_modalities`
 keeps, per micro-batch, only modalities present on *every* rank (one small all-reduce).
@@ -29,6 +31,7 @@ from jobs.training.engine import gather_with_grad
 from models.objectives import (
     IGNORE_INDEX,
     caption_loss,
+    flow_matching_loss,
     info_nce,
     masked_cross_entropy,
     moe_aux_terms,
@@ -115,10 +118,11 @@ class StageObjective:
         read; the forward runs only these (pretraining computes no fusion or logits)."""
         if self.stage == "pretrain":
             return ("recon",)
+        gen = ("generate",) if self.w("generate") > 0 else ()
         if self.stage == "align":
-            return ("recon", "decoder")
+            return ("recon", "decoder", *gen)
         tasks = set(self.st.tasks)
-        parts: list[str] = []
+        parts: list[str] = list(gen)
         if "classification" in tasks:
             parts += ["fusion", "classifier"]
         if "description" in tasks:
@@ -139,6 +143,7 @@ class StageObjective:
                 ("recon", "recon_heads"),
                 ("decoder", "decoder"),
                 ("classifier", "classifier"),
+                ("generate", "generators"),
             )
             if part not in parts
         ]
@@ -259,6 +264,7 @@ class StageObjective:
                 terms[f"xrecon_{m}"] = self.w("recon") * self._recon(r)
             for m, lg in out.caption_logits.items():
                 terms[f"caption_{m}"] = self.w("caption") * self._caption(lg, batch, m)
+            terms.update(self._generation_terms(out))
         elif self.stage == "finetune":
             tasks = set(self.st.tasks)
             out = engine(
@@ -292,6 +298,7 @@ class StageObjective:
             if "description" in tasks:
                 for m, lg in out.caption_logits.items():
                     terms[f"caption_{m}"] = self.w("description") * self._caption(lg, batch, m)
+            terms.update(self._generation_terms(out))
         else:
             raise ValueError(f"unknown stage {self.stage!r}")
         terms.update(moe_aux_terms(out.aux, cfg.aux_loss_weight, cfg.z_loss_weight))
@@ -303,6 +310,12 @@ class StageObjective:
         return {"loss": total, **terms}, out
 
     # ----------------------------------------------------------------- loss terms
+    def _generation_terms(self, out: Any) -> dict[str, torch.Tensor]:
+        """``gen_<target>``: flow matching of each generation head (empty without heads)."""
+        return {
+            f"gen_{m}": self.w("generate") * flow_matching_loss(fo) for m, fo in out.flow.items()
+        }
+
     def _recon(self, r: Any) -> torch.Tensor:
         return recon_loss(r, norm_pix_targets=self.st.norm_pix_targets)
 

@@ -11,6 +11,7 @@ a zero still attached to its inputs (so every worker's graph covers the same par
 * :func:`caption_loss`: teacher-forced modality -> text cross-entropy ignoring padding.
 * :func:`masked_cross_entropy`: classification over selected rows.
 * :func:`moe_aux_terms`: weighted MoE balance and z losses.
+* :func:`flow_matching_loss`: conditional flow matching of the generation heads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from models.objectives.captioning import caption_loss
 from models.objectives.classification import masked_cross_entropy
 from models.objectives.contrastive import IGNORE_INDEX, GatherFn, info_nce
+from models.objectives.generation import flow_matching_loss
 from models.objectives.moe_aux import moe_aux_terms
 from models.objectives.reconstruction import chamfer_distance, normalize_patches, recon_loss
 
@@ -26,6 +28,7 @@ __all__ = [
     "GatherFn",
     "caption_loss",
     "chamfer_distance",
+    "flow_matching_loss",
     "info_nce",
     "masked_cross_entropy",
     "moe_aux_terms",

@@ -23,7 +23,13 @@ import scipy.signal
 import soundfile as sf
 
 from pipelines.featurize import register
-from pipelines.featurize.base import Featurizer, SampleError, check_finite, window_spans
+from pipelines.featurize.base import (
+    Featurizer,
+    SampleError,
+    Written,
+    check_finite,
+    window_spans,
+)
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -368,3 +374,76 @@ class AudioFeaturizer(Featurizer):
             )
         check_finite(feats, "audio features")
         return feats.astype(np.float16)
+
+    # -- writer (the inverse of featurization) ------------------------------------------
+    write_formats = ("wav",)
+    #: Log-mel level of a written clip: the featurizer's per-bin normalization removed the
+    #: level and spectral tilt, so they are put back as a fixed speech-like envelope (a
+    #: re-featurized file normalizes them away again, so they cannot change what it means).
+    write_level_std: float = 2.0
+    write_griffin_lim_iters: int = 48
+
+    def write(self, item: np.ndarray, fmt: str | None = None, *, seed: int = 0) -> Written:
+        """Featurized log-mel frames (T, n_mels) -> a 16-bit mono WAV at ``sample_rate``.
+
+        The mel power is mapped back to a linear spectrogram by non-negative least squares
+        against the featurizer's own filterbank (multiplicative updates), and its phase
+        rebuilt by fast Griffin-Lim (Perraudin et al. 2013) with ``torch.stft``/``istft``
+        using the featurizer's window and hop, so re-featurizing the WAV gives back frames
+        close to ``item``.
+
+        Raises:
+            SampleError: ``unsupported_format`` (``fmt`` not ``wav``, or MFCC features,
+                which drop the information a waveform needs), ``bad_shape``, ``non_finite``.
+        """
+        import torch
+
+        cfg = self.section
+        if (fmt or "wav") != "wav":
+            raise SampleError("unsupported_format", f"audio writer formats: {self.write_formats}")
+        if cfg.features != "logmel":
+            raise SampleError("unsupported_format", "only log-mel features can be written as audio")
+        feats = np.asarray(item, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[1] != cfg.n_mels or feats.shape[0] < 1:
+            raise SampleError(
+                "bad_shape", f"audio item shape {feats.shape}, want (T, {cfg.n_mels})"
+            )
+        check_finite(feats, "audio features")
+        sr = cfg.sample_rate
+        win = max(1, int(round(sr * cfg.win_ms / 1000.0)))
+        hop = max(1, int(round(sr * cfg.hop_ms / 1000.0)))
+        n_fft = 1 << (win - 1).bit_length()
+        fb = torch.from_numpy(mel_filterbank(sr, n_fft, cfg.n_mels)).double()  # (M, K)
+        logmel = torch.from_numpy(feats).double()  # (T, M)
+        if cfg.normalize:
+            tilt = torch.linspace(0.0, -4.0, cfg.n_mels, dtype=torch.float64)
+            logmel = logmel * self.write_level_std + tilt - 4.0
+        mel = logmel.exp().T  # (M, T) mel power
+        # Non-negative least squares  min ||fb @ S - mel||, S >= 0 (Lee-Seung updates).
+        spec = (fb.T @ mel).clamp_min(1e-10)  # (K, T)
+        for _ in range(60):
+            spec = spec * (fb.T @ mel) / (fb.T @ (fb @ spec) + 1e-12)
+        mag = spec.clamp_min(0).sqrt().float()  # (K, T)
+        window = torch.hann_window(win, periodic=True)
+        stft_kw = dict(n_fft=n_fft, hop_length=hop, win_length=win, window=window, center=True)
+        n_samples = (feats.shape[0] - 1) * hop
+        g = torch.Generator().manual_seed(int(seed))
+        angles = torch.polar(torch.ones_like(mag), torch.rand(mag.shape, generator=g) * 6.2832)
+        prev = torch.zeros_like(angles)
+        momentum = 0.99
+        for _ in range(self.write_griffin_lim_iters):
+            wave = torch.istft(mag * angles, length=n_samples, **stft_kw)
+            rebuilt = torch.stft(wave, return_complex=True, **stft_kw)[:, : mag.shape[1]]
+            if rebuilt.shape[1] < mag.shape[1]:
+                rebuilt = torch.nn.functional.pad(rebuilt, (0, mag.shape[1] - rebuilt.shape[1]))
+            nxt = rebuilt - (momentum / (1 + momentum)) * prev
+            angles = nxt / nxt.abs().clamp_min(1e-12)
+            prev = rebuilt
+        wave = torch.istft(mag * angles, length=n_samples, **stft_kw).numpy()
+        # The featurizer's frame t starts at t*hop (no centring): shift by half a window.
+        wave = np.concatenate([np.zeros(win // 2, np.float32), wave, np.zeros(win - win // 2)])
+        peak = float(np.abs(wave).max())
+        wave = wave / peak * 0.9 if peak > 0 else wave
+        buf = io.BytesIO()
+        sf.write(buf, wave.astype(np.float32), sr, format="WAV", subtype="PCM_16")
+        return Written(buf.getvalue(), "audio/wav", ".wav")

@@ -300,6 +300,36 @@ def window_spans(duration_s: float, window_s: float, hop_s: float) -> list[tuple
     # Rounded so that float noise (9.000000001 s) does not add a sliver window.
     n = 1 + math.ceil(round((duration_s - window_s) / hop_s, 9))
     return [(k * hop_s, min(k * hop_s + window_s, duration_s)) for k in range(n)]
+@dataclass
+class Written:
+    """A featurized item written back to a file a person can open (:meth:`Featurizer.write`).
+
+    Attributes:
+        data: The file's bytes.
+        mime: Its media type (``image/png``).
+        suffix: Its file suffix (``.png``).
+    """
+
+    data: bytes
+    mime: str
+    suffix: str
+
+
+def write_item(featurizer: Featurizer, item: np.ndarray, fmt: str | None = None) -> Written:
+    """``featurizer.write(item, fmt)``, refusing modalities that have no writer.
+
+    Raises:
+        SampleError: ``unsupported_format`` when the featurizer has no writer or no ``fmt``.
+    """
+    if not has_writer(featurizer):
+        raise SampleError("unsupported_format", f"{featurizer.modality} has no writer")
+    return featurizer.write(item, fmt)  # type: ignore[attr-defined]
+
+
+def has_writer(featurizer: Featurizer | type[Featurizer]) -> bool:
+    """Whether the featurizer writes its featurized form back to a file (the inverse of
+    featurization: ``write(item, fmt=None) -> Written`` and ``write_formats``)."""
+    return callable(getattr(featurizer, "write", None))
 
 
 def check_finite(x: np.ndarray, what: str) -> None:

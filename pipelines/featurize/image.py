@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipelines.featurize import register
-from pipelines.featurize.base import Featurizer, SampleError, check_finite
+from pipelines.featurize.base import Featurizer, SampleError, Written, check_finite
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
@@ -170,3 +170,21 @@ class ImageFeaturizer(Featurizer):
         # fromarray infers L / RGB / RGBA from the (contiguous uint8) shape.
         img = Image.fromarray(np.ascontiguousarray(a))
         return resize_center_crop(to_rgb(img), self.section.size)
+
+    # -- writer (the inverse of featurization) ------------------------------------------
+    write_formats = ("png",)
+
+    def write(self, item: np.ndarray, fmt: str | None = None) -> Written:
+        """A featurized uint8 (H, W, 3) image -> PNG bytes.
+
+        Raises:
+            SampleError: ``unsupported_format`` (``fmt`` not ``png``), ``bad_shape``.
+        """
+        if (fmt or "png") != "png":
+            raise SampleError("unsupported_format", f"image writer formats: {self.write_formats}")
+        a = np.asarray(item)
+        if a.ndim != 3 or a.shape[-1] != 3:
+            raise SampleError("bad_shape", f"image item shape {a.shape}, want (H, W, 3)")
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB").save(buf, "PNG")
+        return Written(buf.getvalue(), "image/png", ".png")

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from pipelines.featurize import register
-from pipelines.featurize.base import Featurizer, SampleError, check_finite, normalize_suffix
+from pipelines.featurize.base import (
+    Featurizer,
+    SampleError,
+    Written,
+    check_finite,
+    normalize_suffix,
+)
 from pipelines.featurize.sandbox import can_isolate, run_isolated
 
 
@@ -448,3 +454,42 @@ class PointCloudFeaturizer(Featurizer):
         if cfg.colors:
             chans.append(colors)
         return np.concatenate(chans, axis=1)  # (N, C)
+
+    # -- writer (the inverse of featurization) ------------------------------------------
+    write_formats = ("ply",)
+
+    def write(self, item: np.ndarray, fmt: str | None = None) -> Written:
+        """A featurized (N, C) cloud -> ASCII PLY of its xyz (+ normals/colours when the
+        section has them), which open3d, MeshLab or Blender open.
+
+        Raises:
+            SampleError: ``unsupported_format``, ``bad_shape``, ``non_finite``.
+        """
+        if (fmt or "ply") != "ply":
+            raise SampleError(
+                "unsupported_format", f"point cloud writer formats: {self.write_formats}"
+            )
+        a = np.asarray(item, dtype=np.float32)
+        if a.ndim != 2 or a.shape[1] < 3:
+            raise SampleError("bad_shape", f"point item shape {a.shape}, want (N, >=3)")
+        check_finite(a, "point coordinates")
+        cfg = self.section
+        props = ["x", "y", "z"]
+        cols = [a[:, :3]]
+        if cfg.normals and a.shape[1] >= 6:
+            props += ["nx", "ny", "nz"]
+            cols.append(a[:, 3:6])
+        data = np.concatenate(cols, 1)
+        head = f"ply\nformat ascii 1.0\nelement vertex {len(data)}\n" + "".join(
+            f"property float {p}\n" for p in props
+        )
+        if cfg.colors and a.shape[1] >= 6:
+            rgb = np.clip(a[:, -3:] * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            head += "property uchar red\nproperty uchar green\nproperty uchar blue\n"
+            body = "\n".join(
+                " ".join(f"{v:.5f}" for v in p) + " " + " ".join(str(int(c)) for c in col)
+                for p, col in zip(data, rgb, strict=True)
+            )
+        else:
+            body = "\n".join(" ".join(f"{v:.5f}" for v in p) for p in data)
+        return Written((head + "end_header\n" + body + "\n").encode(), "application/x-ply", ".ply")

@@ -58,6 +58,7 @@ from pipelines.featurize import register
 from pipelines.featurize.base import (
     Featurizer,
     SampleError,
+    Written,
     check_finite,
     normalize_suffix,
     window_spans,
@@ -479,6 +480,40 @@ class SignalFeaturizer(Featurizer):
         if x.shape[1] < cfg.length:
             x = np.pad(x, ((0, 0), (0, cfg.length - x.shape[1])))
         return np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)
+
+    # -- writer (the inverse of featurization) ------------------------------------------
+    write_formats = ("npy", "csv")
+
+    def write(self, item: np.ndarray, fmt: str | None = None) -> Written:
+        """A featurized (C, L) signal -> ``.npy`` (float32 (C, L), no pickle) or ``.csv``
+        (one row per time step, a ``ch0,ch1,...`` header). ``normalize: dataset``
+        statistics are undone, so the file holds values in the recording's units.
+
+        Raises:
+            SampleError: ``unsupported_format``, ``bad_shape``, ``non_finite``.
+        """
+        fmt = fmt or "npy"
+        if fmt not in self.write_formats:
+            raise SampleError("unsupported_format", f"signal writer formats: {self.write_formats}")
+        x = np.asarray(item, dtype=np.float32)
+        if x.ndim != 2:
+            raise SampleError("bad_shape", f"signal item shape {x.shape}, want (C, L)")
+        check_finite(x, "signal")
+        cfg = self.section
+        if cfg.normalize == "dataset" and cfg.stats:
+            k = min(x.shape[0], len(cfg.stats["mean"]))
+            x = x.copy()
+            x[:k] = (
+                x[:k] * np.asarray(cfg.stats["std"][:k], np.float32)[:, None]
+                + np.asarray(cfg.stats["mean"][:k], np.float32)[:, None]
+            )
+        if fmt == "npy":
+            buf = io.BytesIO()
+            np.save(buf, x, allow_pickle=False)
+            return Written(buf.getvalue(), "application/x-npy", ".npy")
+        head = ",".join(f"ch{i}" for i in range(x.shape[0]))
+        rows = "\n".join(",".join(f"{v:.6g}" for v in row) for row in x.T)
+        return Written(f"{head}\n{rows}\n".encode(), "text/csv", ".csv")
 
 
 def _cell(c: str) -> float:
