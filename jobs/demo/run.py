@@ -67,6 +67,8 @@ class Step:
     cmd: list[str]
     inputs: list[Path]
     outputs: list[Path]
+    #: What the step does, in a few words (the console's start line).
+    title: str = ""
     #: Directories removed before the step reruns with inputs that differ from its last
     #: attempt's (an interrupted attempt with the same inputs resumes from them instead).
     clean: list[Path] = dataclasses.field(default_factory=list)
@@ -93,8 +95,15 @@ def _fingerprint(step: Step, upstream: str) -> str:
 class Orchestrator:
     """Runs steps in order, skipping the ones that are up to date."""
 
-    def __init__(self, work: Path, fresh: bool, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        fresh: bool,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
         self.work = work
+        self.log_dir = log_dir or work / "logs"
         self.env = dict(env or os.environ)
         self.state_path = work / "demo_state.json"
         self.state: dict[str, str] = {}
@@ -111,33 +120,44 @@ class Orchestrator:
     def run(self, step: Step) -> None:
         fp = _fingerprint(step, self._upstream)
         if self.up_to_date(step):
-            print(f"\n==> [{step.name}] up to date, skipped", flush=True)
+            print(f"[demo] {step.name}: up to date, skipped", flush=True)
             self.timings[step.name] = {"seconds": 0.0, "skipped": True}
             self._upstream += fp
             return
         if self.state.get(f"{step.name}.attempt") != fp:
             for d in step.clean:
                 if d.exists():
-                    print(f"==> [{step.name}] inputs changed: removing {d}", flush=True)
+                    self._log(f"[{step.name}] inputs changed: removing {d}")
                     shutil.rmtree(d)
         self.state[f"{step.name}.attempt"] = fp
         self._save()
-        print(f"\n==> [{step.name}] {shlex.join(step.cmd)}", flush=True)
+        # The full command goes to the log; each job prints its own start line and result
+        # and writes everything verbose to <log_dir>/<job>.log (OMNIRAY_LOG_DIR).
+        self._log(f"[{step.name}] {shlex.join(step.cmd)}")
+        print(f"[demo] {step.name}: {step.title or step.cmd[2]}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(step.cmd, cwd=ROOT, env=dict(self.env, PYTHONUNBUFFERED="1"))
+        env = dict(self.env, PYTHONUNBUFFERED="1")
+        env["OMNIRAY_LOG_DIR"] = str(self.log_dir)
+        proc = subprocess.run(step.cmd, cwd=ROOT, env=env)
         dt = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(
-                f"demo: step '{step.name}' failed (exit {proc.returncode}) after {dt:.0f}s"
+                f"demo: step '{step.name}' failed (exit {proc.returncode}) after {dt:.0f}s; "
+                f"logs in {self.log_dir}"
             )
         missing = [str(p) for p in step.outputs if not p.exists()]
         if missing:
             raise SystemExit(f"demo: step '{step.name}' finished but did not produce {missing}")
-        print(f"==> [{step.name}] done in {dt:.1f}s", flush=True)
+        print(f"[demo] {step.name}: done in {dt:.1f}s", flush=True)
         self.timings[step.name] = {"seconds": round(dt, 1), "skipped": False}
         self.state[step.name] = fp
         self._upstream += fp
         self._save()
+
+    def _log(self, msg: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / "demo.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def _save(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -161,7 +181,7 @@ class LocalHead:
     process session and stopped by signalling that process, never by a global ``ray stop``.
     """
 
-    def __init__(self, num_cpus: int | None) -> None:
+    def __init__(self, num_cpus: int | None, log_path: Path | None = None) -> None:
         import tempfile
 
         self.port = _free_port()
@@ -192,7 +212,17 @@ class LocalHead:
         if num_cpus:
             cmd.append(f"--num-cpus={num_cpus}")
         env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # `ray start` prints a banner, and on SIGTERM a drain_node traceback from its own
+        # shutdown: both belong in a log, not on the console.
+        self.log_path = log_path
+        out = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log_path, "a")  # noqa: SIM115 - closed in stop()
+        self._out = out
+        self.proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
         self._wait()
 
     def _wait(self, timeout_s: float = 180.0) -> None:
@@ -203,7 +233,8 @@ class LocalHead:
                 raise SystemExit(f"demo: `ray start --head` exited with {self.proc.returncode}")
             ok = subprocess.run(probe, env=self.env, capture_output=True, timeout=120)
             if ok.returncode == 0:
-                print(f"==> Ray head up at {self.address}", flush=True)
+                where = f" (log: {self.log_path})" if self.log_path else ""
+                print(f"[demo] Ray head up at {self.address}{where}", flush=True)
                 return
             time.sleep(2)
         self.stop()
@@ -216,6 +247,8 @@ class LocalHead:
 
         stop_process_group(self.proc, ((signal.SIGTERM, 60), (signal.SIGKILL, 10)))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self._out is not None:
+            self._out.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,6 +316,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             ],
             inputs=[ROOT / "jobs" / "demo" / "corpus"],
             outputs=[paths.corpus / "manifest.jsonl"],
+            title=f"generate the OmniDigits corpus ({n} rows, 7 modalities) -> {paths.corpus}",
         ),
         Step(
             "prepare",
@@ -300,6 +334,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             inputs=[data_cfg, paths.corpus / "manifest.jsonl"],
             outputs=[paths.shards / "stats.json", paths.shards / "test"],
             clean=[paths.shards],
+            title="Ray Data: decode, validate, dedupe, featurize -> Parquet shards",
         ),
         Step(
             "train",
@@ -325,6 +360,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             ],
             outputs=[paths.export / "model.safetensors", paths.export / "model_config.yaml"],
             clean=[paths.run_dir],
+            title=f"Ray Train + DeepSpeed, 3 stages ({train_cfg.relative_to(ROOT)})",
         ),
         Step(
             "evaluate",
@@ -344,6 +380,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             inputs=[paths.export / "model.safetensors"],
             outputs=[paths.eval_dir / "metrics.json"],
             clean=[paths.eval_dir],
+            title="retrieval, zero-shot, classification, fusion on the test split",
         ),
     ]
 
@@ -363,13 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     state_dir = work / "runs" / f"{args.profile}_demo_state"
     steps = build_steps(args, prof, paths)
-    orch = Orchestrator(state_dir, fresh=args.fresh)
+    log_dir = work / "logs" / args.profile
+    orch = Orchestrator(state_dir, fresh=args.fresh, log_dir=log_dir)
+    print(
+        f"[demo] OmniRay demo, profile {args.profile}: work dir {work}; every step logs "
+        f"in full to {log_dir}/",
+        flush=True,
+    )
     head: LocalHead | None = None
     serving: dict = {}
     try:
         for step in steps:
             if head is None and step.name != "corpus" and not orch.up_to_date(step):
-                head = LocalHead(args.num_cpus)
+                head = LocalHead(args.num_cpus, log_dir / "ray_head.log")
                 orch.env = head.env
             orch.run(step)
         _collect_plots(paths)
@@ -377,8 +420,12 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.demo.serve_exercise import exercise_service
 
             if head is None:
-                head = LocalHead(args.num_cpus)
-            print("\n==> [serve] serve run (Ray Serve) + one request per endpoint", flush=True)
+                head = LocalHead(args.num_cpus, log_dir / "ray_head.log")
+            print(
+                f"[demo] serve: `serve run {prof.serve_config}` + one request per endpoint "
+                f"(log: {paths.run_dir / 'serve.log'})",
+                flush=True,
+            )
             t0 = time.perf_counter()
             serving = exercise_service(
                 serve_yaml=ROOT / prof.serve_config,
