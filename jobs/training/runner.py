@@ -313,6 +313,11 @@ def run_training(
     if tc.export_at_end and last is not None and stages and last == stages[-1]:
         export_dir = export_run(tc, paths, info, pairs, mods)
         say(f"[train] exported {last} weights to {export_dir}")
+    records = read_jsonl(paths.metrics)
+    from jobs.training.plots import expert_load_heatmap, gate_weights
+
+    expert_load_heatmap(records, os.path.join(paths.run_dir, "expert_load.png"))
+    gate_weights(records, os.path.join(paths.run_dir, "gate_weights.png"))
     disk = disk_usage(paths.run_dir, paths.storage, paths.export)
     say(f"[train] {format_disk(disk)}")
     summary = {
