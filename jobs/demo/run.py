@@ -382,6 +382,23 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             clean=[paths.eval_dir],
             title="retrieval, zero-shot, classification, fusion on the test split",
         ),
+        Step(
+            "baselines",
+            [
+                py,
+                "-m",
+                "benchmarks.baselines",
+                "--data",
+                str(paths.shards),
+                "--metrics",
+                str(paths.eval_dir / "metrics.json"),
+                "--out",
+                str(paths.reports / "baselines.json"),
+            ],
+            inputs=[paths.eval_dir / "metrics.json", ROOT / "benchmarks" / "baselines.py"],
+            outputs=[paths.reports / "baselines.json"],
+            title="logistic regression per modality on the same featurized data",
+        ),
     ]
 
 
@@ -440,12 +457,30 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.perf_counter() - t0, 1),
                 "skipped": False,
             }
+            reqs = serving.get("requests") or {}
+            n_ok = sum(1 for r in reqs.values() if r.get("status") == 200)
+            print(
+                f"[demo] serve: done in {orch.timings['serve']['seconds']:.0f}s, "
+                f"{n_ok}/{len(reqs)} requests answered 200",
+                flush=True,
+            )
     finally:
         if head is not None:
             head.stop()
     report = build_report(paths, orch.timings, serving, time.perf_counter() - t_start)
     paths.reports.mkdir(parents=True, exist_ok=True)
     (paths.reports / "demo_report.json").write_text(json.dumps(report, indent=2))
+    from jobs.demo.html_report import write_html_report
+
+    html = write_html_report(
+        report,
+        paths.reports,
+        metrics=_read_json(paths.eval_dir / "metrics.json"),
+        baselines=_read_json(paths.reports / "baselines.json") or None,
+        corpus_dir=paths.corpus,
+        log_dir=log_dir,
+    )
+    report["paths"]["html"] = str(html)
     print(format_report(report))
     if serving and not serving.get("ok", False):
         print("demo: some sample requests failed (see above)", file=sys.stderr)
@@ -490,6 +525,7 @@ def build_report(paths: Paths, timings: dict, serving: dict, total_s: float) -> 
             if k in metrics
         },
         "serving": serving,
+        "baselines": _baselines_line(paths.reports / "baselines.json"),
         "paths": {
             "export": str(paths.export),
             "reports": str(paths.reports),
@@ -498,8 +534,20 @@ def build_report(paths: Paths, timings: dict, serving: dict, total_s: float) -> 
     }
 
 
+def _baselines_line(path: Path) -> str | None:
+    result = _read_json(path)
+    if not result.get("per_modality"):
+        return None
+    from benchmarks.baselines import one_line
+
+    return one_line(result)
+
+
 def format_report(report: dict) -> str:
-    """A one-screen summary of :func:`build_report`."""
+    """A one-screen summary of :func:`build_report` (the page ``reports/index.html`` has
+    the rest)."""
+    from jobs.demo.html_report import TARGETS, headline, meets
+
     lines = ["", "=" * 72, "OmniRay demo report", "=" * 72]
     steps = ", ".join(
         f"{k} " + ("cached" if v.get("skipped") else f"{v['seconds']:.0f}s")
@@ -509,20 +557,32 @@ def format_report(report: dict) -> str:
     c = report["corpus"]
     lines.append(
         f"corpus: read {c.get('rows_read')}, written {c.get('rows_written')} {c.get('splits')}, "
-        f"rows dropped {c.get('rows_dropped')}; quarantined inputs {c.get('quarantine_records')} "
-        f"{report.get('quarantine_by_reason')}"
+        f"quarantined inputs {c.get('quarantine_records')}"
     )
-    tr = report.get("training") or {}
-    if tr:
-        lines.append("training: " + json.dumps(tr)[:300])
-    ev = report.get("evaluation") or {}
-    for k, v in ev.items():
-        lines.append(f"{k}: {json.dumps(v)[:300]}")
+    metrics = report.get("evaluation") or {}
+    if metrics:
+        h = headline(metrics)
+        cells = []
+        for key, label, op, target in TARGETS:
+            ok = meets(h.get(key), op, target)
+            v = "n/a" if h.get(key) is None else f"{h[key]:.3f}"
+            cells.append(f"{label.split(' (')[0]} {v} ({op} {target}: {_mark(ok)})")
+        lines.append("targets: " + "; ".join(cells))
+    if report.get("baselines"):
+        lines.append(report["baselines"])
     sv = report.get("serving") or {}
-    for name, r in (sv.get("requests") or {}).items():
+    for name, ex in (sv.get("examples") or {}).items():
         lines.append(
-            f"  {name:<22} {r.get('status')} {r.get('latency_ms', 0):7.1f} ms  {r.get('summary', '')}"
+            f"example {name}: top-5 labels {','.join(map(str, ex['top5_labels']))} "
+            f"(true {ex['true']}; top-1 {'right' if ex['top1_right'] else 'WRONG'})"
         )
     lines.append(f"export: {report['paths']['export']}")
-    lines.append(f"reports: {report['paths']['reports']} ({len(report['paths']['plots'])} plots)")
+    html = report["paths"].get("html")
+    lines.append(
+        f"report: {html or report['paths']['reports']} ({len(report['paths']['plots'])} plots)"
+    )
     return "\n".join(lines)
+
+
+def _mark(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "MISSED")
