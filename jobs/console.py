@@ -78,7 +78,8 @@ def verbose_requested(flag: bool = False) -> bool:
 def quiet_console(job: str, log_path: str | Path, *, verbose: bool = False) -> Iterator[Path]:
     """Sends fds 1 and 2 to ``log_path`` (appending) for the block; the terminal keeps
     :func:`say` and :class:`Progress`. An exception leaving the block is written to the log
-    and summarized on the terminal in one line (then re-raised, so the exit status holds).
+    with its traceback and summarized on the terminal's stderr in one line; the process then
+    exits with status 1 (``SystemExit(1)``).
 
     With ``verbose`` (or ``OMNIRAY_VERBOSE=1``) nothing is redirected.
     """
@@ -100,19 +101,20 @@ def quiet_console(job: str, log_path: str | Path, *, verbose: bool = False) -> I
     # Ray Data logs its progress every N s when stdout is no terminal (here: never one).
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "5" if term.isatty() else "30")
     say(f"[{job}] log: {_short(log_path)}")
+    failed = False
     try:
         yield log_path
+    except (SystemExit, KeyboardInterrupt):
+        raise
     except BaseException as e:
         import traceback
 
         traceback.print_exc()  # into the log
-        sys.stderr.flush()
-        if not isinstance(e, SystemExit | KeyboardInterrupt):
-            first = " ".join(str(e).split())[:200]
-            term_err.write(
-                f"[{job}] failed: {type(e).__name__}: {first} (traceback: {_short(log_path)})\n"
-            )
-        raise
+        first = " ".join(str(e).split())[:200]
+        term_err.write(
+            f"[{job}] failed: {type(e).__name__}: {first} (traceback: {_short(log_path)})\n"
+        )
+        failed = True
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -124,6 +126,8 @@ def quiet_console(job: str, log_path: str | Path, *, verbose: bool = False) -> I
             f.flush()
             f.close()
         _state.update(console=None, err=None, log=None)
+    if failed:  # the traceback is in the log; the exit status says it failed
+        raise SystemExit(1)
 
 
 def _real_stdio() -> bool:
@@ -175,6 +179,7 @@ class Progress:
         self._last_line = self.t0
         self._bar = None
         self._closed = False
+        self._said = ""
         if is_tty():
             from tqdm import tqdm
 
@@ -203,7 +208,13 @@ class Progress:
         now = time.monotonic()
         if now - self._last_line >= self.interval_s:
             self._last_line = now
-            say(self.line())
+            self._say(self.line())
+
+    def _say(self, line: str) -> None:
+        # The same figures twice (a last update, then close) print once.
+        if line.split(" elapsed ")[0] != self._said.split(" elapsed ")[0]:
+            say(line)
+        self._said = line
 
     def line(self) -> str:
         """``[train] align 150/300 (50%) loss 1.23 samples/s 41 elapsed 1m10s ETA 1m10s``."""
@@ -224,7 +235,7 @@ class Progress:
             self._bar.close()
             print(self.line(), flush=True)  # into the log as well
         elif final:
-            say(self.line())
+            self._say(self.line())
 
     def __enter__(self) -> Progress:
         return self

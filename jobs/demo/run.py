@@ -192,6 +192,9 @@ class LocalHead:
         # Loopback-only throwaway cluster: no token handshake between its own processes.
         self.env.setdefault("RAY_AUTH_MODE", "disabled")
         self.env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # A loaded machine registers the raylet slowly (the 30 s default failed at a load
+        # average of 60 on 2 cores).
+        self.env.setdefault("RAY_raylet_start_wait_time_s", "180")
         ray_bin = Path(sys.executable).with_name("ray")
         cmd = [
             str(ray_bin),
