@@ -94,7 +94,7 @@ def run_variant(
     return {
         "overrides": overrides,
         "test_accuracy": round(correct / max(1, len(te)), 4),
-        "final_train_loss": round(float(loss), 4),
+        "final_train_loss": round(float(loss.detach()), 4),
         "encoder_params": n_params,
         "train_s": round(train_s, 1),
         "n_train": len(tr),

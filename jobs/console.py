@@ -110,7 +110,7 @@ def quiet_console(job: str, log_path: str | Path, *, verbose: bool = False) -> I
         import traceback
 
         traceback.print_exc()  # into the log
-        first = " ".join(str(e).split())[:200]
+        first = " ".join(str(e).split())[:160]
         term_err.write(
             f"[{job}] failed: {type(e).__name__}: {first} (traceback: {_short(log_path)})\n"
         )
@@ -225,7 +225,8 @@ class Progress:
         eta = ""
         if self.total and 0 < self.n < self.total:
             eta = f" ETA {format_duration(el / self.n * (self.total - self.n))}"
-        return f"{self.prefix} {self.desc} {self.n}{tot}{pct}{figs} elapsed {format_duration(el)}{eta}".strip()
+        count = "" if self.total is None and self.n == 0 else f" {self.n}{tot}{pct}"
+        return f"{self.prefix} {self.desc}{count}{figs} elapsed {format_duration(el)}{eta}".strip()
 
     def close(self, final: bool = True) -> None:
         if self._closed:
@@ -281,7 +282,7 @@ class _RayDataProgress(logging.Handler):
                     self.bar.n = self.rows
                 elif self.bar.total:
                     self.bar.update_to(self.bar.total)
-                self.bar.post = {"dataset": m.group(1), "": m.group(2)}
+                self.bar.post = {"": m.group(2)}
                 self.finish()
                 self.dataset = None
                 return
