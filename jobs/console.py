@@ -188,7 +188,7 @@ class Progress:
                 desc=f"{prefix} {desc}".strip(),
                 unit=unit,
                 file=console(),
-                dynamic_ncols=True,
+                ncols=_width(),
                 leave=True,
             )
 
@@ -243,6 +243,14 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _width() -> int:
+    """The terminal's width (tqdm's own probe reads fd 1, which is the log here)."""
+    try:
+        return max(40, min(os.get_terminal_size(console().fileno()).columns, 160))
+    except (AttributeError, OSError, ValueError):
+        return 100
 
 
 def _fmt(v: float | str) -> str:
