@@ -100,7 +100,8 @@ def quiet_console(job: str, log_path: str | Path, *, verbose: bool = False) -> I
     _state.update(console=term, err=term_err, log=log_path)
     # Ray Data logs its progress every N s when stdout is no terminal (here: never one).
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "5" if term.isatty() else "30")
-    say(f"[{job}] log: {_short(log_path)}")
+    if not os.environ.get(LOG_DIR_ENV):  # under jobs.demo, whose first line names the dir
+        say(f"[{job}] log: {_short(log_path)}")
     failed = False
     try:
         yield log_path
@@ -159,7 +160,8 @@ class Progress:
         total: Number of units (None when unknown).
         unit: Name of a unit (``"step"``, ``"row"``).
         prefix: Tag of the summary lines (``"[train]"``).
-        interval_s: Seconds between summary lines when not in a terminal.
+        interval_s: Seconds between summary lines when not in a terminal (with a known
+            ``total``: a line at each ``quarter`` of it instead, at most 3 + the final one).
     """
 
     def __init__(
@@ -180,6 +182,7 @@ class Progress:
         self._bar = None
         self._closed = False
         self._said = ""
+        self._quarter = 0
         if is_tty():
             from tqdm import tqdm
 
@@ -206,7 +209,12 @@ class Progress:
             return
         self.n = n
         now = time.monotonic()
-        if now - self._last_line >= self.interval_s:
+        if self.total:
+            quarter = 4 * n // self.total
+            if 0 < quarter < 4 and quarter > self._quarter:
+                self._quarter = quarter
+                self._say(self.line())
+        elif now - self._last_line >= self.interval_s:
             self._last_line = now
             self._say(self.line())
 

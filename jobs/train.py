@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from jobs.training.runner import run_training
 
-        say(f"[train] {args.config}: stages {', '.join(stages)}")
         result = run_training(cfg, stages, setup)
         print(json.dumps({"run_dir": result["run_dir"], "export_dir": result["export_dir"]}))
         say(f"[train] done in {format_duration(time.perf_counter() - t0)}")

@@ -551,7 +551,7 @@ def format_report(report: dict) -> str:
     the rest)."""
     from jobs.demo.html_report import TARGETS, headline, meets
 
-    lines = ["", "=" * 72, "OmniRay demo report", "=" * 72]
+    lines = ["=" * 30 + " OmniRay demo report " + "=" * 30]
     steps = ", ".join(
         f"{k} " + ("cached" if v.get("skipped") else f"{v['seconds']:.0f}s")
         for k, v in report["steps"].items()

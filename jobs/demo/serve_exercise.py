@@ -207,6 +207,7 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
         summarize=None,
         inputs: dict[str, str] | None = None,
         keep=None,
+        quiet: bool = False,
     ) -> Any:
         """One request; ``inputs`` = ``{modality: corpus path or inline value}`` of the query
         and ``keep(data)`` = the part of the answer the HTML report shows."""
@@ -226,7 +227,8 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
             reqs[name]["inputs"] = inputs
         if ok and keep is not None:
             reqs[name]["answer"] = keep(data)
-        print(f"    {name:<22} {r.status_code} {ms:7.1f} ms  {summary}", flush=True)
+        if not quiet or not ok:
+            print(f"    {name:<26} {r.status_code} {ms:7.1f} ms  {summary}", flush=True)
         return data if ok else None
 
     call("healthz", "GET", "/healthz", summarize=lambda d: d.get("status", ""))
@@ -246,7 +248,12 @@ def _send_all(client, base: str, rows: list[dict], corpus_dir: Path, results: di
             {"input": [_input_for(row, m, corpus_dir)], "model": model_id},
             summarize=lambda d: f"dim={len(d['data'][0]['embedding'])}",
             inputs=_shown(row, (m,)),
+            quiet=True,
         )
+    embeds = {k[6:]: v for k, v in reqs.items() if k.startswith("embed/") and v["status"]}
+    if embeds:
+        cells = ", ".join(f"{m} {v['status']} {v['latency_ms']:.0f} ms" for m, v in embeds.items())
+        print(f"    {'embeddings':<26} {cells}", flush=True)
     # Fusion of as many of these as one test row has (tiny corpora may lack the full set).
     preferred = ("image", "audio", "signal", "tabular")
     row = max(rows, key=lambda r: sum(m in r["kept"] for m in preferred), default=None)

@@ -203,8 +203,9 @@ def run_training(
     model_cfg.save_yaml(paths.model_config)
     print(f"[train] modalities {mods}; align pairs {pairs}", flush=True)
     say(
-        f"[train] {tc.model} model, {len(mods)} modalities, {len(pairs)} align pairs, "
-        f"{tc.scaling.num_workers} workers; run dir {paths.run_dir}"
+        f"[train] {tc.name}: {tc.model} model, {len(mods)} modalities, {len(pairs)} align "
+        f"pairs, {tc.scaling.num_workers} workers, stages {', '.join(stages)}; run dir "
+        f"{paths.run_dir}"
     )
     with open(os.path.join(paths.run_dir, "train_config.yaml"), "w") as f:
         import yaml
