@@ -266,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--fresh", action="store_true", help="redo every step")
     p.add_argument("--n", type=int, default=None, help="corpus size (default: the profile's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the served app")
     p.add_argument("--no-serve", action="store_true", help="stop after evaluation")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the demo's Ray head")
@@ -312,7 +313,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
                 "--n",
                 str(n),
                 "--seed",
-                "0",
+                str(args.seed),
                 "--workers",
                 str(prof.corpus_workers),
                 "--overwrite",
