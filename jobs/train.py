@@ -60,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from jobs.training.runner import run_training
 
-        result = run_training(cfg, stages, setup)
+        try:
+            result = run_training(cfg, stages, setup)
+        finally:
+            # Ray streams the workers' logs to this process from a thread; shutting down here
+            # drains them into the log before the terminal gets fds 1 and 2 back.
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
         print(json.dumps({"run_dir": result["run_dir"], "export_dir": result["export_dir"]}))
         say(f"[train] done in {format_duration(time.perf_counter() - t0)}")
     return 0
