@@ -57,12 +57,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated modality pairs trained together, e.g. text-image,text-audio "
         "(default: the export's training info)",
     )
+    p.add_argument(
+        "--verbose", action="store_true", help="everything on the terminal (no log file)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from jobs.console import log_path_for, quiet_console
+
+    out = args.out or Path(args.export) / "eval" / (args.split or "test")
+    with quiet_console("evaluate", log_path_for("evaluate", out), verbose=args.verbose):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    import time
+
+    from jobs.console import format_duration, say
+    from jobs.evaluation.report import compact_summary
+
+    t0 = time.perf_counter()
     try:
         overrides = list(args.overrides)
         if args.split is not None:
@@ -71,13 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         pairs = None
         if args.aligned_pairs is not None:
             pairs = [p for p in args.aligned_pairs.split(",") if p.strip()]
+        say(f"[evaluate] {args.export} on {args.data} (split {cfg.split})")
         result = run_evaluation(args.export, args.data, cfg, args.out, aligned_pairs=pairs)
     except (EvaluationError, ConfigError) as e:
-        print(f"jobs.evaluate: error: {one_line(e)}", file=sys.stderr)
+        say(f"jobs.evaluate: error: {one_line(e)}", err=True)
         return EXIT_USER_ERROR
-    print(format_summary(result))
+    print(format_summary(result))  # the full table: into the log when the console is quiet
+    for line in compact_summary(result):
+        say(f"[evaluate] {line}")
     out = Path(args.out) if args.out else Path(args.export) / "eval" / cfg.split
-    print(f"wrote {out / 'metrics.json'} and {len(result.get('plots', {}))} plots")
+    say(
+        f"[evaluate] done in {format_duration(time.perf_counter() - t0)}: wrote "
+        f"{out / 'metrics.json'} and {len(result.get('plots', {}))} plots"
+    )
     return 0
 
 

@@ -34,12 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)"
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
+    parser.add_argument(
+        "--verbose", action="store_true", help="everything on the terminal (no log file)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
 
     from common.towers import TowerError
     from pipelines.config import load_data_config
-    from pipelines.stages import ManifestError
 
     try:
         cfg = load_data_config(args.config, args.overrides)
@@ -53,11 +55,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
+    from jobs.console import log_path_for, quiet_console
+
+    log = log_path_for("prepare", args.out)
+    with quiet_console("prepare", log, verbose=args.verbose):
+        return _run(args, cfg)
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
+    import time
+
     import ray
 
+    from jobs.console import format_duration, ray_data_progress, say
     from pipelines.prepare import run_prepare
+    from pipelines.stages import ManifestError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    say(f"[prepare] {args.manifest} -> {args.out}")
+    t0 = time.perf_counter()
     started = False
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS")
@@ -67,17 +83,26 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
         started = True
     try:
-        run_prepare(args.manifest, args.out, cfg)
+        with ray_data_progress("[prepare]"):
+            stats = run_prepare(args.manifest, args.out, cfg)
         from jobs.tower_cache import build_cache, cached_modalities
 
         if cached_modalities(args.out):  # features.<m>.cache: frozen-tower features, once
             build_cache(args.out)
     except (ManifestError, ConfigError) as e:  # the data does not fit the config: one line
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        msg = f"error: {' '.join(str(e).split())}"
+        say(msg, err=True)
         return 2
     finally:
         if started:
             ray.shutdown()
+    w = stats["rows_written"]
+    q = stats["quarantined"]
+    say(
+        f"[prepare] done in {format_duration(time.perf_counter() - t0)}: read {stats['rows_read']}"
+        f" rows, wrote train {w.get('train', 0)} / val {w.get('val', 0)} / test {w.get('test', 0)}"
+        f", quarantined {q.get('records', 0)} inputs (details: {args.out}/stats.json)"
+    )
     return 0
 
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(libusb-1.0-0 ffmpeg espeak-ng g++ ninja-build libsndfile1 libgl1 libgomp1)
+APT_PKGS=(libusb-1.0-0 ffmpeg espeak-ng g++ ninja-build libsndfile1 libgl1 libgomp1 chromium)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -91,6 +91,8 @@ class Step:
     cmd: list[str]
     inputs: list[Path]
     outputs: list[Path]
+    #: What the step does, in a few words (the console's start line).
+    title: str = ""
     #: Directories removed before the step reruns with inputs that differ from its last
     #: attempt's (an interrupted attempt with the same inputs resumes from them instead).
     clean: list[Path] = dataclasses.field(default_factory=list)
@@ -117,8 +119,15 @@ def _fingerprint(step: Step, upstream: str) -> str:
 class Orchestrator:
     """Runs steps in order, skipping the ones that are up to date."""
 
-    def __init__(self, work: Path, fresh: bool, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        fresh: bool,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
         self.work = work
+        self.log_dir = log_dir or work / "logs"
         self.env = dict(env or os.environ)
         self.state_path = work / "demo_state.json"
         self.state: dict[str, str] = {}
@@ -135,33 +144,44 @@ class Orchestrator:
     def run(self, step: Step) -> None:
         fp = _fingerprint(step, self._upstream)
         if self.up_to_date(step):
-            print(f"\n==> [{step.name}] up to date, skipped", flush=True)
+            print(f"[demo] {step.name}: up to date, skipped", flush=True)
             self.timings[step.name] = {"seconds": 0.0, "skipped": True}
             self._upstream += fp
             return
         if self.state.get(f"{step.name}.attempt") != fp:
             for d in step.clean:
                 if d.exists():
-                    print(f"==> [{step.name}] inputs changed: removing {d}", flush=True)
+                    self._log(f"[{step.name}] inputs changed: removing {d}")
                     shutil.rmtree(d)
         self.state[f"{step.name}.attempt"] = fp
         self._save()
-        print(f"\n==> [{step.name}] {shlex.join(step.cmd)}", flush=True)
+        # The full command goes to the log; each job prints its own start line and result
+        # and writes everything verbose to <log_dir>/<job>.log (OMNIRAY_LOG_DIR).
+        self._log(f"[{step.name}] {shlex.join(step.cmd)}")
+        print(f"[demo] {step.name}: {step.title or step.cmd[2]}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(step.cmd, cwd=ROOT, env=dict(self.env, PYTHONUNBUFFERED="1"))
+        env = dict(self.env, PYTHONUNBUFFERED="1")
+        env["OMNIRAY_LOG_DIR"] = str(self.log_dir)
+        proc = subprocess.run(step.cmd, cwd=ROOT, env=env)
         dt = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(
-                f"demo: step '{step.name}' failed (exit {proc.returncode}) after {dt:.0f}s"
+                f"demo: step '{step.name}' failed (exit {proc.returncode}) after {dt:.0f}s; "
+                f"logs in {self.log_dir}"
             )
         missing = [str(p) for p in step.outputs if not p.exists()]
         if missing:
             raise SystemExit(f"demo: step '{step.name}' finished but did not produce {missing}")
-        print(f"==> [{step.name}] done in {dt:.1f}s", flush=True)
+        print(f"[demo] {step.name}: done in {dt:.1f}s", flush=True)
         self.timings[step.name] = {"seconds": round(dt, 1), "skipped": False}
         self.state[step.name] = fp
         self._upstream += fp
         self._save()
+
+    def _log(self, msg: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / "demo.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def _save(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -185,7 +205,7 @@ class LocalHead:
     process session and stopped by signalling that process, never by a global ``ray stop``.
     """
 
-    def __init__(self, num_cpus: int | None) -> None:
+    def __init__(self, num_cpus: int | None, log_path: Path | None = None) -> None:
         import tempfile
 
         self.port = _free_port()
@@ -196,6 +216,9 @@ class LocalHead:
         # Loopback-only throwaway cluster: no token handshake between its own processes.
         self.env.setdefault("RAY_AUTH_MODE", "disabled")
         self.env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # A loaded machine registers the raylet slowly (the 30 s default failed at a load
+        # average of 60 on 2 cores).
+        self.env.setdefault("RAY_raylet_start_wait_time_s", "180")
         ray_bin = Path(sys.executable).with_name("ray")
         cmd = [
             str(ray_bin),
@@ -216,7 +239,17 @@ class LocalHead:
         if num_cpus:
             cmd.append(f"--num-cpus={num_cpus}")
         env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # `ray start` prints a banner, and on SIGTERM a drain_node traceback from its own
+        # shutdown: both belong in a log, not on the console.
+        self.log_path = log_path
+        out = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log_path, "a")  # noqa: SIM115 - closed in stop()
+        self._out = out
+        self.proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
         self._wait()
 
     def _wait(self, timeout_s: float = 180.0) -> None:
@@ -227,7 +260,8 @@ class LocalHead:
                 raise SystemExit(f"demo: `ray start --head` exited with {self.proc.returncode}")
             ok = subprocess.run(probe, env=self.env, capture_output=True, timeout=120)
             if ok.returncode == 0:
-                print(f"==> Ray head up at {self.address}", flush=True)
+                where = f" (log: {self.log_path})" if self.log_path else ""
+                print(f"[demo] Ray head up at {self.address}{where}", flush=True)
                 return
             time.sleep(2)
         self.stop()
@@ -240,6 +274,8 @@ class LocalHead:
 
         stop_process_group(self.proc, ((signal.SIGTERM, 60), (signal.SIGKILL, 10)))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self._out is not None:
+            self._out.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -254,6 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--fresh", action="store_true", help="redo every step")
     p.add_argument("--n", type=int, default=None, help="corpus size (default: the profile's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the served app")
     p.add_argument("--no-serve", action="store_true", help="stop after evaluation")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the demo's Ray head")
@@ -300,13 +337,14 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
                 "--n",
                 str(n),
                 "--seed",
-                "0",
+                str(args.seed),
                 "--workers",
                 str(prof.corpus_workers),
                 "--overwrite",
             ],
             inputs=[ROOT / "jobs" / "demo" / "corpus"],
             outputs=[paths.corpus / "manifest.jsonl"],
+            title=f"generate the OmniDigits corpus ({n} rows, 7 modalities) -> {paths.corpus}",
         ),
         Step(
             "prepare",
@@ -324,6 +362,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             inputs=[data_cfg, paths.corpus / "manifest.jsonl"],
             outputs=[paths.shards / "stats.json", paths.shards / "test"],
             clean=[paths.shards],
+            title="Ray Data: decode, validate, dedupe, featurize -> Parquet shards",
         ),
         Step(
             "train",
@@ -349,6 +388,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             ],
             outputs=[paths.export / "model.safetensors", paths.export / "model_config.yaml"],
             clean=[paths.run_dir],
+            title=f"Ray Train + DeepSpeed, 3 stages ({train_cfg.relative_to(ROOT)})",
         ),
         Step(
             "evaluate",
@@ -368,6 +408,24 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
             inputs=[paths.export / "model.safetensors"],
             outputs=[paths.eval_dir / "metrics.json"],
             clean=[paths.eval_dir],
+            title="retrieval, zero-shot, classification, fusion on the test split",
+        ),
+        Step(
+            "baselines",
+            [
+                py,
+                "-m",
+                "benchmarks.baselines",
+                "--data",
+                str(paths.shards),
+                "--metrics",
+                str(paths.eval_dir / "metrics.json"),
+                "--out",
+                str(paths.reports / "baselines.json"),
+            ],
+            inputs=[paths.eval_dir / "metrics.json", ROOT / "benchmarks" / "baselines.py"],
+            outputs=[paths.reports / "baselines.json"],
+            title="logistic regression per modality on the same featurized data",
         ),
     ]
 
@@ -388,13 +446,19 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     state_dir = work / "runs" / f"{args.profile}_demo_state"
     steps = build_steps(args, prof, paths)
-    orch = Orchestrator(state_dir, fresh=args.fresh)
+    log_dir = work / "logs" / args.profile
+    orch = Orchestrator(state_dir, fresh=args.fresh, log_dir=log_dir)
+    print(
+        f"[demo] OmniRay demo, profile {args.profile}: work dir {work}; every step logs "
+        f"in full to {log_dir}/",
+        flush=True,
+    )
     head: LocalHead | None = None
     serving: dict = {}
     try:
         for step in steps:
             if head is None and step.name != "corpus" and not orch.up_to_date(step):
-                head = LocalHead(args.num_cpus)
+                head = LocalHead(args.num_cpus, log_dir / "ray_head.log")
                 orch.env = head.env
             orch.run(step)
         _collect_plots(paths)
@@ -402,8 +466,12 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.demo.serve_exercise import exercise_service
 
             if head is None:
-                head = LocalHead(args.num_cpus)
-            print("\n==> [serve] serve run (Ray Serve) + one request per endpoint", flush=True)
+                head = LocalHead(args.num_cpus, log_dir / "ray_head.log")
+            print(
+                f"[demo] serve: `serve run {prof.serve_config}` + one request per endpoint "
+                f"(log: {paths.run_dir / 'serve.log'})",
+                flush=True,
+            )
             t0 = time.perf_counter()
             serving = exercise_service(
                 serve_yaml=ROOT / prof.serve_config,
@@ -419,12 +487,30 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.perf_counter() - t0, 1),
                 "skipped": False,
             }
+            reqs = serving.get("requests") or {}
+            n_ok = sum(1 for r in reqs.values() if r.get("status") == 200)
+            print(
+                f"[demo] serve: done in {orch.timings['serve']['seconds']:.0f}s, "
+                f"{n_ok}/{len(reqs)} requests answered 200",
+                flush=True,
+            )
     finally:
         if head is not None:
             head.stop()
     report = build_report(paths, orch.timings, serving, time.perf_counter() - t_start)
     paths.reports.mkdir(parents=True, exist_ok=True)
     (paths.reports / "demo_report.json").write_text(json.dumps(report, indent=2))
+    from jobs.demo.html_report import write_html_report
+
+    html = write_html_report(
+        report,
+        paths.reports,
+        metrics=_read_json(paths.eval_dir / "metrics.json"),
+        baselines=_read_json(paths.reports / "baselines.json") or None,
+        corpus_dir=paths.corpus,
+        log_dir=log_dir,
+    )
+    report["paths"]["html"] = str(html)
     print(format_report(report))
     if serving and not serving.get("ok", False):
         print("demo: some sample requests failed (see above)", file=sys.stderr)
@@ -469,6 +555,7 @@ def build_report(paths: Paths, timings: dict, serving: dict, total_s: float) -> 
             if k in metrics
         },
         "serving": serving,
+        "baselines": _baselines_line(paths.reports / "baselines.json"),
         "paths": {
             "export": str(paths.export),
             "reports": str(paths.reports),
@@ -477,9 +564,21 @@ def build_report(paths: Paths, timings: dict, serving: dict, total_s: float) -> 
     }
 
 
+def _baselines_line(path: Path) -> str | None:
+    result = _read_json(path)
+    if not result.get("per_modality"):
+        return None
+    from benchmarks.baselines import one_line
+
+    return one_line(result)
+
+
 def format_report(report: dict) -> str:
-    """A one-screen summary of :func:`build_report`."""
-    lines = ["", "=" * 72, "OmniRay demo report", "=" * 72]
+    """A one-screen summary of :func:`build_report` (the page ``reports/index.html`` has
+    the rest)."""
+    from jobs.demo.html_report import TARGETS, headline, meets
+
+    lines = ["=" * 30 + " OmniRay demo report " + "=" * 30]
     steps = ", ".join(
         f"{k} " + ("cached" if v.get("skipped") else f"{v['seconds']:.0f}s")
         for k, v in report["steps"].items()
@@ -488,20 +587,32 @@ def format_report(report: dict) -> str:
     c = report["corpus"]
     lines.append(
         f"corpus: read {c.get('rows_read')}, written {c.get('rows_written')} {c.get('splits')}, "
-        f"rows dropped {c.get('rows_dropped')}; quarantined inputs {c.get('quarantine_records')} "
-        f"{report.get('quarantine_by_reason')}"
+        f"quarantined inputs {c.get('quarantine_records')}"
     )
-    tr = report.get("training") or {}
-    if tr:
-        lines.append("training: " + json.dumps(tr)[:300])
-    ev = report.get("evaluation") or {}
-    for k, v in ev.items():
-        lines.append(f"{k}: {json.dumps(v)[:300]}")
+    metrics = report.get("evaluation") or {}
+    if metrics:
+        h = headline(metrics)
+        cells = []
+        for key, label, op, target in TARGETS:
+            ok = meets(h.get(key), op, target)
+            v = "n/a" if h.get(key) is None else f"{h[key]:.3f}"
+            cells.append(f"{label.split(' (')[0]} {v} ({op} {target}: {_mark(ok)})")
+        lines.append("targets: " + "; ".join(cells))
+    if report.get("baselines"):
+        lines.append(report["baselines"])
     sv = report.get("serving") or {}
-    for name, r in (sv.get("requests") or {}).items():
+    for name, ex in (sv.get("examples") or {}).items():
         lines.append(
-            f"  {name:<22} {r.get('status')} {r.get('latency_ms', 0):7.1f} ms  {r.get('summary', '')}"
+            f"example {name}: top-5 labels {','.join(map(str, ex['top5_labels']))} "
+            f"(true {ex['true']}; top-1 {'right' if ex['top1_right'] else 'WRONG'})"
         )
     lines.append(f"export: {report['paths']['export']}")
-    lines.append(f"reports: {report['paths']['reports']} ({len(report['paths']['plots'])} plots)")
+    html = report["paths"].get("html")
+    lines.append(
+        f"report: {html or report['paths']['reports']} ({len(report['paths']['plots'])} plots)"
+    )
     return "\n".join(lines)
+
+
+def _mark(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "MISSED")

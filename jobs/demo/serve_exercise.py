@@ -25,6 +25,14 @@ import yaml
 from common.modalities import get_modality, modality_names
 
 ROOT = Path(__file__).resolve().parents[2]
+#: (query modality, digit) of the demo's example searches against the image gallery.
+SEARCH_EXAMPLES = (
+    ("audio", "7"),
+    ("text", "3"),
+    ("video", "5"),
+    ("pointcloud", "2"),
+    ("signal", "8"),
+)
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -141,7 +149,12 @@ def exercise_service(
     # the app and leaves the cluster to its owner.
     env = dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1")
     rows = _test_rows(shards_dir, corpus_dir)
-    results: dict[str, Any] = {"ok": True, "requests": {}, "log": str(log_path)}
+    results: dict[str, Any] = {
+        "ok": True,
+        "requests": {},
+        "log": str(log_path),
+        "corpus_dir": str(corpus_dir),
+    }
     base = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -189,7 +202,18 @@ def _send_all(
 ) -> None:
     reqs = results["requests"]
 
-    def call(name: str, method: str, path: str, body: Any = None, summarize=None) -> Any:
+    def call(
+        name: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        summarize=None,
+        inputs: dict[str, str] | None = None,
+        keep=None,
+        quiet: bool = False,
+    ) -> Any:
+        """One request; ``inputs`` = ``{modality: corpus path or inline value}`` of the query
+        and ``keep(data)`` = the part of the answer the HTML report shows."""
         t = time.perf_counter()
         r = client.request(method, f"{base}{path}", json=body)
         ms = (time.perf_counter() - t) * 1000
@@ -202,7 +226,12 @@ def _send_all(
             summary = json.dumps(data)[:200]
             results["ok"] = False
         reqs[name] = {"status": r.status_code, "latency_ms": round(ms, 1), "summary": summary}
-        print(f"    {name:<22} {r.status_code} {ms:7.1f} ms  {summary}", flush=True)
+        if inputs:
+            reqs[name]["inputs"] = inputs
+        if ok and keep is not None:
+            reqs[name]["answer"] = keep(data)
+        if not quiet or not ok:
+            print(f"    {name:<26} {r.status_code} {ms:7.1f} ms  {summary}", flush=True)
         return data if ok else None
 
     call("healthz", "GET", "/healthz", summarize=lambda d: d.get("status", ""))
@@ -222,7 +251,13 @@ def _send_all(
             "/v1/embeddings",
             {"input": [_input_for(row, m, corpus_dir)], "model": model_id},
             summarize=lambda d: f"dim={len(d['data'][0]['embedding'])}",
+            inputs=_shown(row, (m,)),
+            quiet=True,
         )
+    embeds = {k[6:]: v for k, v in reqs.items() if k.startswith("embed/") and v["status"]}
+    if embeds:
+        cells = ", ".join(f"{m} {v['status']} {v['latency_ms']:.0f} ms" for m, v in embeds.items())
+        print(f"    {'embeddings':<26} {cells}", flush=True)
     # Fusion of as many of these as one test row has (tiny corpora may lack the full set).
     preferred = ("image", "audio", "signal", "tabular")
     row = max(rows, key=lambda r: sum(m in r["kept"] for m in preferred), default=None)
@@ -239,24 +274,40 @@ def _send_all(
             summarize=lambda d: (
                 "gates " + json.dumps({k: round(float(v), 2) for k, v in _gate_items(d["gates"])})
             ),
+            inputs=_shown(row, fuse_mods),
+            keep=lambda d: {"gates": {k: float(v) for k, v in _gate_items(d["gates"])}},
         )
-    # The headline check: a spoken "seven" retrieves images of sevens.
-    row = _pick(rows, ("audio",), label="7")
-    if row is not None:
+    # The headline check: a spoken "seven" retrieves images of sevens; then one query of
+    # each other input kind (a different digit each) against the image gallery.
+    results["examples"] = {}
+    for m, label in SEARCH_EXAMPLES:
+        row = _pick(rows, (m,), label=label)
+        if row is None:
+            continue
+        name = f"search {m}{label}->image"
         data = call(
-            "search audio7->image",
+            name,
             "POST",
             "/v1/search",
-            {"query": {"audio": _b64(corpus_dir, row["audio"])}, "target": "image", "k": 5},
+            {"query": _input_for(row, m, corpus_dir), "target": "image", "k": 5},
             summarize=lambda d: "labels " + ",".join(str(x.get("label")) for x in d["results"]),
+            inputs=_shown(row, (m,)),
+            keep=lambda d, row=row: {"results": d["results"], "true": row.get("label")},
         )
         if data:
             labels = [x.get("label") for x in data["results"]]
-            results["seven_search"] = {
+            results["examples"][name] = {
                 "query_id": row["id"],
+                "true": label,
                 "top5_labels": labels,
-                "sevens_in_top5": sum(lab == "7" for lab in labels),
+                "top1_right": bool(labels) and labels[0] == label,
             }
+            if m == "audio" and label == "7":
+                results["seven_search"] = {
+                    "query_id": row["id"],
+                    "top5_labels": labels,
+                    "sevens_in_top5": sum(lab == "7" for lab in labels),
+                }
     row = _pick(rows, ("image",))
     if row is not None:
         labels = [str(i) for i in range(10)]
@@ -266,6 +317,8 @@ def _send_all(
             "/v1/classify",
             {"input": _input_for(row, "image", corpus_dir), "labels": labels},
             summarize=lambda d: f"pred {d['label']} (true {row.get('label')})",
+            inputs=_shown(row, ("image",)),
+            keep=lambda d: {"label": d["label"], "true": row.get("label")},
         )
         if data:
             results["classify"] = {"true": row.get("label"), "pred": data["label"]}
@@ -275,11 +328,18 @@ def _send_all(
             "/v1/describe",
             {"input": _input_for(row, "image", corpus_dir)},
             summarize=lambda d: f"{d['text']!r} (true {row.get('label')})",
+            inputs=_shown(row, ("image",)),
+            keep=lambda d: {"text": d["text"], "true": row.get("label")},
         )
     from jobs.demo.generation_exercise import exercise_generation
 
     exercise_generation(call, rows, corpus_dir, results, reports_dir)
     results.pop("_models", None)
+
+
+def _shown(row: dict[str, Any], modalities: tuple[str, ...]) -> dict[str, Any]:
+    """What the report shows of a query: each modality's corpus path (or inline value)."""
+    return {"id": row["id"], **{m: row[m] for m in modalities if m in row}}
 
 
 def _gate_items(gates: Any):

@@ -239,3 +239,59 @@ def format_summary(result: dict[str, Any]) -> str:
     for k, why in result["skipped"].items():
         lines.append(f"skipped {k}: {why}")
     return "\n".join(lines)
+
+
+#: The six modalities of the first OmniDigits release: the quality targets (mean R@1 over
+#: their 30 ordered pairs) are stated over these, whatever was added since.
+ORIGINAL_MODALITIES = ("text", "image", "audio", "video", "pointcloud", "signal")
+
+
+def mean_r1_over(result: dict[str, Any], modalities: tuple[str, ...] | list[str]) -> dict:
+    """Mean headline R@1 over the ordered pairs among ``modalities`` that were measured."""
+    r1 = (result.get("retrieval_summary") or {}).get("R@1", {})
+    vals = [
+        r1[pair_key(a, b)]
+        for a in modalities
+        for b in modalities
+        if a != b and pair_key(a, b) in r1
+    ]
+    return {"mean": float(np.mean(vals)) if vals else None, "pairs": len(vals)}
+
+
+def compact_summary(result: dict[str, Any]) -> list[str]:
+    """The headline numbers in a few lines of at most ~250 characters (the console's; the
+    full table of :func:`format_summary` goes to the log and ``metrics.json``)."""
+    lines = []
+    r1 = (result.get("retrieval_summary") or {}).get("R@1", {})
+    if r1:
+        worst = min(r1, key=r1.get)
+        orig = mean_r1_over(result, ORIGINAL_MODALITIES)
+        line = f"retrieval R@1: mean {np.mean(list(r1.values())):.3f} over {len(r1)} pairs"
+        if orig["mean"] is not None and orig["pairs"] != len(r1):
+            line += f" ({orig['mean']:.3f} over the {orig['pairs']} pairs of the first 6)"
+        lines.append(line + f", lowest {worst} {r1[worst]:.3f}")
+    em = result["emergent_alignment"]
+    if "mean_R@1" in em:
+        pairs = ", ".join(f"{k} {v:.3f}" for k, v in em["R@1"].items())
+        lines.append(f"emergent alignment: mean R@1 {em['mean_R@1']:.3f} ({pairs})"[:250])
+    cl = result.get("classification", {})
+    panels = classification_panels(cl)
+    if panels:
+        cells = ", ".join(
+            f"{k} {v['accuracy']:.2f}/{v['balanced_accuracy']:.2f}" for k, v in panels.items()
+        )
+        lines.append(f"classification head, per sample (acc/balanced): {cells}"[:250])
+    zs = result["zero_shot"]
+    if "per_modality" in zs:
+        cells = ", ".join(
+            f"{m} {v['accuracy']:.2f}" for m, v in zs["per_modality"].items() if "accuracy" in v
+        )
+        lines.append(f"zero-shot accuracy: {cells}"[:250])
+    fu = result["fusion"]
+    if "fused_accuracy" in fu:
+        lines.append(
+            f"fusion ({'+'.join(fu['modalities'])}): {fu['fused_accuracy']:.3f} vs best single "
+            f"{fu['best_single_modality']} {fu['best_single_accuracy']:.3f}, "
+            f"gain {fu['fusion_gain']:+.3f}"
+        )
+    return lines

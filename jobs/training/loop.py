@@ -40,6 +40,7 @@ from jobs.training.engine import (
 )
 from jobs.training.metrics import (
     JsonlWriter,
+    expert_load_by_layer,
     expert_load_fractions,
     mean_gates,
     peak_bf16_tflops,
@@ -240,6 +241,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "mfu": mfu,
                     "grad_norm": _grad_norm(engine),
                     "expert_load": expert_load_fractions(getattr(out, "expert_load", {}) or {}),
+                    "expert_load_layers": expert_load_by_layer(
+                        getattr(out, "expert_load", {}) or {}
+                    ),
                     "gates": mean_gates(
                         getattr(out, "gates", None),
                         list(getattr(out, "fusion_modalities", []) or []),

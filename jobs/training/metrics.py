@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -59,6 +58,18 @@ def expert_load_fractions(expert_load: dict[str, torch.Tensor]) -> dict[str, lis
     return out
 
 
+def expert_load_by_layer(expert_load: dict[str, torch.Tensor]) -> dict[str, list[list[float]]]:
+    """``{m: (L, E) token counts}`` -> ``{m: L rows of E fractions}`` (each layer sums to 1):
+    the expert-load heatmap per modality and layer."""
+    out = {}
+    for m, load in expert_load.items():
+        x = load.detach().float()
+        if x.dim() == 1:
+            x = x[None]
+        out[m] = (x / x.sum(-1, keepdim=True).clamp_min(1.0)).tolist()
+    return out
+
+
 def mean_gates(
     gates: torch.Tensor | None, modalities: list[str], batch: dict[str, torch.Tensor]
 ) -> dict[str, float]:
@@ -86,34 +97,11 @@ def mean_gates(
 
 
 def plot_losses(records: list[dict[str, Any]], stage: str, path: str) -> str | None:
-    """Saves the loss terms of ``stage`` over steps as a PNG (matplotlib Agg)."""
-    import matplotlib
+    """Saves the loss terms of ``stage`` as small multiples grouped by family (see
+    :func:`jobs.training.plots.loss_small_multiples`)."""
+    from jobs.training.plots import loss_small_multiples
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, dict[int, float]] = defaultdict(dict)
-    for r in records:
-        if r.get("stage") != stage or "step" not in r or r.get("event"):
-            continue
-        for k, v in r.items():
-            if (k == "loss" or k.startswith("loss/")) and isinstance(v, int | float):
-                series[k][int(r["step"])] = float(v)  # a resumed step overwrites its first try
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k, pts in sorted(series.items()):
-        xs = sorted(pts)
-        ax.plot(xs, [pts[x] for x in xs], label=k, lw=2 if k == "loss" else 1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{stage} losses")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return loss_small_multiples(records, stage, path)
 
 
 def _plain(x: Any) -> Any:

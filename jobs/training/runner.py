@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from itertools import combinations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from common.config import ConfigError, to_dict
+from jobs.console import Progress, format_duration, say
 from jobs.training.checkpoint import disk_usage, find_resumable, format_disk
 from jobs.training.config import STAGES, TrainConfig
 from jobs.training.data import ShardInfo, inspect_shards, join_path, resolve_path
@@ -157,9 +159,9 @@ def resolve_run(tc: TrainConfig) -> RunSetup:
     pairs = aligned_pairs(tc, mods, info)
     for a, b in pairs:
         if info.rows_with_pair(a, b) == 0:
-            print(f"[train] warning: align.pairs [{a}, {b}]: no train row holds both", flush=True)
+            say(f"[train] warning: align.pairs [{a}, {b}]: no train row holds both")
     if not pairs and tc.align.enabled and len(mods) > 1:
-        print("[train] warning: no train row holds two modalities: align has no pair", flush=True)
+        say("[train] warning: no train row holds two modalities: align has no pair")
     weights = {
         s: class_weights(tc.stage(s).class_weighting, info.label_names, info.label_counts)
         for s in STAGES
@@ -204,6 +206,11 @@ def run_training(
     os.makedirs(paths.run_dir, exist_ok=True)
     model_cfg.save_yaml(paths.model_config)
     print(f"[train] modalities {mods}; align pairs {pairs}", flush=True)
+    say(
+        f"[train] {tc.name}: {tc.model} model, {len(mods)} modalities, {len(pairs)} align "
+        f"pairs, {tc.scaling.num_workers} workers, stages {', '.join(stages)}; run dir "
+        f"{paths.run_dir}"
+    )
     with open(os.path.join(paths.run_dir, "train_config.yaml"), "w") as f:
         import yaml
 
@@ -217,12 +224,12 @@ def run_training(
         done = Path(paths.done(stage))
         if done.is_file():
             log.info("stage %s already finished (%s): skipped", stage, done)
-            print(f"[train] stage {stage}: already finished, skipped", flush=True)
+            say(f"[train] stage {stage}: already finished, skipped")
             summaries[stage] = json.loads(done.read_text())
             continue
         prev = _previous_final(paths, stage)
         if prev is None and stage != STAGES[0]:
-            print(f"[train] stage {stage}: no earlier stage weights, starting from scratch")
+            say(f"[train] stage {stage}: no earlier stage weights, starting from scratch")
         t0 = time.time()
         st = tc.stage(stage)
         use_gpu = tc.scaling.use_gpu
@@ -265,7 +272,12 @@ def run_training(
             ),
             datasets={"train": ray.data.read_parquet(join_path(paths.shards, "train"))},
         )
-        result = trainer.fit()
+        say(
+            f"[train] stage {stage}: {st.steps} steps, batch {tc.data.batch_size} x "
+            f"{tc.scaling.num_workers} workers, lr {st.lr:g}"
+        )
+        with StageProgress(paths.metrics, stage, st.steps):
+            result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"stage {stage} failed: {result.error}") from result.error
         found = find_resumable(
@@ -294,19 +306,25 @@ def run_training(
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(summary, indent=2))
         summaries[stage] = summary
-        print(
-            f"[train] stage {stage}: done in {summary['wall_s']:.0f}s, "
-            f"final loss {summary.get('final_loss')}",
-            flush=True,
+        first, final = summary.get("first_loss"), summary.get("final_loss")
+        say(
+            f"[train] stage {stage}: done in {format_duration(summary['wall_s'])}, loss "
+            + (f"{first:.3f} -> {final:.3f}" if first is not None and final is not None else "n/a")
+            + f", {summary.get('samples_per_s', 0):.0f} samples/s"
         )
 
     export_dir = None
     last = next((s for s in reversed(STAGES) if Path(paths.done(s)).is_file()), None)
     if tc.export_at_end and last is not None and stages and last == stages[-1]:
         export_dir = export_run(tc, paths, info, pairs, mods)
-        print(f"[train] exported {last} weights to {export_dir}", flush=True)
+        say(f"[train] exported {last} weights to {export_dir}")
+    records = read_jsonl(paths.metrics)
+    from jobs.training.plots import expert_load_heatmap, gate_weights
+
+    expert_load_heatmap(records, os.path.join(paths.run_dir, "expert_load.png"))
+    gate_weights(records, os.path.join(paths.run_dir, "gate_weights.png"))
     disk = disk_usage(paths.run_dir, paths.storage, paths.export)
-    print(f"[train] {format_disk(disk)}", flush=True)
+    say(f"[train] {format_disk(disk)}")
     summary = {
         "stages": summaries,
         "export_dir": export_dir,
@@ -316,6 +334,53 @@ def run_training(
     with open(os.path.join(paths.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     return summary
+
+
+class StageProgress:
+    """One progress bar per stage on the driver, fed by rank 0's ``metrics.jsonl`` records
+    (step, loss, samples/s) while ``trainer.fit()`` runs; the workers print nothing."""
+
+    def __init__(self, metrics_path: str, stage: str, steps: int, poll_s: float = 2.0) -> None:
+        self.path, self.stage, self.steps, self.poll_s = metrics_path, stage, steps, poll_s
+        self.offset = os.path.getsize(metrics_path) if os.path.exists(metrics_path) else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> StageProgress:
+        self.bar = Progress(self.stage, self.steps, prefix="[train]", interval_s=60.0)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._poll()
+        if self.bar is not None:
+            self.bar.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._poll()
+
+    def _poll(self) -> None:
+        if self.bar is None or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind("\n") + 1  # a line still being written waits for the next poll
+        self.offset += len(chunk[:end].encode())
+        for line in chunk[:end].splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("stage") != self.stage or r.get("event") or "step" not in r:
+                continue
+            self.bar.update_to(
+                int(r["step"]), loss=r.get("loss"), samples_per_s=r.get("samples_per_s")
+            )
 
 
 def export_run(

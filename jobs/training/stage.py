@@ -281,14 +281,14 @@ class StageObjective:
                 terms["cls_fused"] = self.w("classification") * masked_cross_entropy(
                     out.logits, labels, valid, cw
                 )
+                # Each modality's own head term: loss_weights.classification_modality, by
+                # default the fused term's weight shared out over the modalities.
                 n_mod = max(1, len(out.modality_logits))
+                w_mod = self.st.loss_weights.get("classification_modality")
+                w_mod = self.w("classification") / n_mod if w_mod is None else float(w_mod)
                 for m, lg in out.modality_logits.items():
                     rows = valid & out.present[m]
-                    terms[f"cls_{m}"] = (
-                        self.w("classification")
-                        * masked_cross_entropy(lg, labels, rows, cw)
-                        / n_mod
-                    )
+                    terms[f"cls_{m}"] = w_mod * masked_cross_entropy(lg, labels, rows, cw)
             if "retrieval" in tasks:
                 for a, b in self.pairs:
                     if a in out.embeds and b in out.embeds:

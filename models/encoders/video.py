@@ -32,12 +32,17 @@ class VideoEncoder(ModalityEncoder):
             size: Square frame side.
             patch: Spatial tubelet side.
             tubelet: Frames per tubelet.
+            stem: ``linear`` (the ViViT tubelet embedding) or ``conv`` (the image
+                encoder's stride-2 convolutional stem on every frame, then the ``tubelet``
+                frames' tokens of one patch concatenated and projected: the same tokens,
+                with a convolutional inductive bias for the strokes inside a patch).
         """
 
         frames: int = 8
         size: int = 32
         patch: int = 16
         tubelet: int = 2
+        stem: str = "linear"
 
         def __post_init__(self) -> None:
             bad = [
@@ -50,6 +55,10 @@ class VideoEncoder(ModalityEncoder):
             ]
             if bad:
                 raise ConfigError(f"sizes must divide evenly: {bad}")
+            if self.stem not in ("conv", "linear"):
+                raise ConfigError(f"stem must be conv|linear, got {self.stem!r}")
+            if self.stem == "conv" and (self.patch < 2 or self.patch & (self.patch - 1)):
+                raise ConfigError(f"stem=conv needs a power-of-two patch, got {self.patch}")
 
     presets = {"base": {"patch": 8}}
     legacy_keys = {
@@ -80,7 +89,16 @@ class VideoEncoder(ModalityEncoder):
         self.tubelet = sec.tubelet
         n = (sec.frames // sec.tubelet) * (sec.size // sec.patch) ** 2
         self.target_dim = sec.tubelet * sec.patch**2 * 3
-        self.proj = nn.Linear(self.target_dim, cfg.d_model)
+        self.conv = sec.stem == "conv"
+        if self.conv:
+            from models.encoders.image import conv_stem
+
+            self.conv_stem = conv_stem(sec.patch, cfg.d_model)
+            self.stem_norm = nn.LayerNorm(cfg.d_model)
+            self.proj = nn.Linear(sec.tubelet * cfg.d_model, cfg.d_model)
+            self.stem_names = ("conv_stem", "proj")
+        else:
+            self.proj = nn.Linear(self.target_dim, cfg.d_model)
         self.pos = nn.Parameter(torch.randn(1, n, cfg.d_model) * 0.02)
 
     def tokenize(self, batch: dict[str, torch.Tensor]) -> Tokenized:
@@ -96,4 +114,18 @@ class VideoEncoder(ModalityEncoder):
         x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, F/t, H/p, W/p, t, p, p, 3)
         tubes = x.reshape(b, -1, self.target_dim)  # (B, N, t*p*p*3)
         mask = torch.ones(tubes.shape[:2], dtype=torch.bool, device=v.device)
-        return Tokenized(x=self.proj(self.as_params(tubes)), pos=self.pos, mask=mask, targets=tubes)
+        if self.conv:
+            tokens = self._conv_tokens(standardize(v))
+        else:
+            tokens = self.proj(self.as_params(tubes))
+        return Tokenized(x=tokens, pos=self.pos, mask=mask, targets=tubes)
+
+    def _conv_tokens(self, v: torch.Tensor) -> torch.Tensor:
+        """``(B, F, H, W, 3)`` standardized clip -> ``(B, N, d)`` tokens in tubelet order."""
+        b, f = v.shape[:2]
+        t, g = self.tubelet, self.size // self.patch
+        frames = self.as_params(v).reshape(b * f, self.size, self.size, 3).permute(0, 3, 1, 2)
+        y = self.stem_norm(self.conv_stem(frames).flatten(2).transpose(1, 2))  # (B*F, g*g, d)
+        d = y.shape[-1]
+        y = y.reshape(b, f // t, t, g * g, d).permute(0, 1, 3, 2, 4)  # (B, F/t, g*g, t, d)
+        return self.proj(y.reshape(b, (f // t) * g * g, t * d))
