@@ -216,6 +216,11 @@ class LocalHead:
         # Loopback-only throwaway cluster: no token handshake between its own processes.
         self.env.setdefault("RAY_AUTH_MODE", "disabled")
         self.env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Serve's proxy answers undecodable header bytes with 400, not a plain-text 500
+        # (serve/proxy_guard.py; the proxy reads this when the node starts).
+        self.env.setdefault(
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve.proxy_guard:proxy_middlewares"
+        )
         # A loaded machine registers the raylet slowly (the 30 s default failed at a load
         # average of 60 on 2 cores).
         self.env.setdefault("RAY_raylet_start_wait_time_s", "180")
