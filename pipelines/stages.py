@@ -440,6 +440,16 @@ class FinalizeRows:
                         for v, have in zip(items, mods, strict=True)
                     ],
                 )
+            elif all(m in have for have in mods) or not any(m in have for have in mods):
+                # Nothing to null out (every row keeps it, or none has it): no copy of
+                # the column (224-px pixels are ~150 kB a row).
+                have_any = any(m in have for have in mods)
+                data = batch.column(m) if have_any else pa.nulls(len(mods), batch.schema.field(m).type)
+                shape = (
+                    batch.column(f"{m}_shape")
+                    if have_any
+                    else pa.nulls(len(mods), pa.list_(pa.int32()))
+                )
             else:
                 keep_m = pa.array([m in have for have in mods], type=pa.bool_())
                 null_data = pa.nulls(len(mods), type=batch.schema.field(m).type)
