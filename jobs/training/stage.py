@@ -272,15 +272,16 @@ class StageObjective:
                 # Zero-with-graph fallbacks keep every rank's graph over the same parameters.
                 valid = labels != IGNORE_INDEX
                 cw = self.class_weights
+                ls = self.st.label_smoothing
                 terms["cls_fused"] = self.w("classification") * masked_cross_entropy(
-                    out.logits, labels, valid, cw
+                    out.logits, labels, valid, cw, ls
                 )
                 n_mod = max(1, len(out.modality_logits))
                 for m, lg in out.modality_logits.items():
                     rows = valid & out.present[m]
                     terms[f"cls_{m}"] = (
                         self.w("classification")
-                        * masked_cross_entropy(lg, labels, rows, cw)
+                        * masked_cross_entropy(lg, labels, rows, cw, ls)
                         / n_mod
                     )
             if "retrieval" in tasks:
