@@ -284,7 +284,8 @@ def write_shard(
     filesystem: pafs.FileSystem | None = None,
     sort: bool = True,
 ) -> pa.Table:
-    """Writes one Parquet shard (zstd; dictionaries and statistics on meta columns only).
+    """Writes one Parquet shard (tensor columns snappy, the rest zstd; dictionaries and
+    statistics on meta columns only).
 
     Args:
         path: File path (local, or inside ``filesystem``); parent folders are created.
@@ -300,18 +301,24 @@ def write_shard(
 
     table = to_shard_table(rows_or_columns, modalities)
     if sort and table.num_rows:
-        table = table.take(pc.sort_indices(table, sort_keys=[("id", "ascending")]))
+        order = pc.sort_indices(table, sort_keys=[("id", "ascending")])
+        # Already in id order (e.g. a manifest's order): no take, which copies every tensor.
+        if not np.array_equal(order.to_numpy(), np.arange(table.num_rows)):
+            table = table.take(order)
     fs = filesystem or pafs.LocalFileSystem()
     path = str(path)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.create_dir(parent, recursive=True)
     meta = list(META_COLUMNS)
+    tensors = set(shard_modalities(table))
     pq.write_table(
         table,
         path,
         filesystem=fs,
-        compression="zstd",
+        # Tensor bytes: snappy (224-px JPEG-sourced pixels, 256 rows: 0.25 ms a row to
+        # write vs 1.7 with zstd, files 11% larger; reads 2x faster); the rest zstd.
+        compression={c: "snappy" if c in tensors else "zstd" for c in table.column_names},
         row_group_size=1024,
         # Dictionaries and min/max statistics are useless on tensor payloads and cost
         # ~5x the write time; keep them for the small metadata columns only.

@@ -411,7 +411,8 @@ class FinalizeRows:
             if err is None and rid is not None and rid not in self.drop_rows:
                 if offset + i not in self.drop_index:
                     keep.append(i)
-        batch = batch.take(pa.array(keep, type=pa.int64()))
+        if len(keep) < batch.num_rows:  # a take copies every column (pixels included)
+            batch = batch.take(pa.array(keep, type=pa.int64()))
         ids = batch.column("id").to_pylist()
         groups = batch.column("group").to_pylist()
         present = batch.column("_present").to_pylist()
