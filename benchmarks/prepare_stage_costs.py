@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -78,9 +77,7 @@ def main() -> int:
     dec = DecodeRows(cd, str(corpus), False, str(manifest))
     dec(pa.Table.from_pylist(rows[:4]))  # warm
     t = time.process_time()
-    blocks = [
-        dec(pa.Table.from_pylist(rows[i : i + args.block])) for i in range(0, n, args.block)
-    ]
+    blocks = [dec(pa.Table.from_pylist(rows[i : i + args.block])) for i in range(0, n, args.block)]
     cost["decode_rows"] = time.process_time() - t
 
     plan = {

@@ -49,9 +49,7 @@ def image_phash(image: np.ndarray) -> int:
             from PIL import Image
 
             img = np.asarray(
-                Image.fromarray(img.astype(np.float32)).resize(
-                    (32, 32), Image.Resampling.BILINEAR
-                )
+                Image.fromarray(img.astype(np.float32)).resize((32, 32), Image.Resampling.BILINEAR)
             )
     low = scipy.fft.dctn(img, type=2, norm="ortho")[:8, :8].ravel()  # (64,)
     # The DC term only measures brightness; leave it out of the median.

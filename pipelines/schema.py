@@ -92,7 +92,9 @@ def list_to_tensor_column(
         return pa.array([], TENSOR_TYPE)
     offsets = data.offsets.to_numpy().astype(np.int64)
     values = data.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    return _binary_array(np.ascontiguousarray(values).view(np.uint8), offsets * dtype.itemsize, nulls)
+    return _binary_array(
+        np.ascontiguousarray(values).view(np.uint8), offsets * dtype.itemsize, nulls
+    )
 
 
 def _binary_array(flat: np.ndarray, offsets: np.ndarray, nulls: np.ndarray) -> pa.Array:
@@ -199,7 +201,9 @@ def _unpack_binary(data: pa.Array, shapes: list, dtype: np.dtype) -> list[np.nda
     buf = data.buffers()[2]
     raw = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
     otype = np.int64 if pa.types.is_large_binary(data.type) else np.int32
-    offsets = np.frombuffer(data.buffers()[1], dtype=otype)[data.offset : data.offset + len(data) + 1]
+    offsets = np.frombuffer(data.buffers()[1], dtype=otype)[
+        data.offset : data.offset + len(data) + 1
+    ]
     nulls = data.is_null().to_numpy(zero_copy_only=False)
     out: list[np.ndarray | None] = []
     for i in range(len(data)):

@@ -445,7 +445,9 @@ class FinalizeRows:
                 # Nothing to null out (every row keeps it, or none has it): no copy of
                 # the column (224-px pixels are ~150 kB a row).
                 have_any = any(m in have for have in mods)
-                data = batch.column(m) if have_any else pa.nulls(len(mods), batch.schema.field(m).type)
+                data = (
+                    batch.column(m) if have_any else pa.nulls(len(mods), batch.schema.field(m).type)
+                )
                 shape = (
                     batch.column(f"{m}_shape")
                     if have_any

@@ -844,7 +844,7 @@ def test_stage2_in_process_drops_routes_and_writes_sorted(tmp_path):
         assert set(p.column("_shard").to_pylist()) <= {shard}
     # Two blocks of one group (halves of the parts) concatenate into one sorted shard.
     seen = []
-    for g, p in enumerate(parts):
+    for p in parts:
         half = p.num_rows // 2
         w = write_group(str(tmp_path / "out"), plan["num_shards"], p.slice(half), p.slice(0, half))
         if not p.num_rows:

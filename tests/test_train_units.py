@@ -207,9 +207,7 @@ def test_rank_batches_balanced_sampling_draws_classes_equally():
         _FakeShard(t), modalities=["text"], batch_size=20, cache=True, shuffle=True, seed=0,
         rank=0, sampling="balanced",
     )  # fmt: skip
-    assert [s["id"] for b in again.epoch(3) for s in b] == [
-        s["id"] for b in rb.epoch(3) for s in b
-    ]
+    assert [s["id"] for b in again.epoch(3) for s in b] == [s["id"] for b in rb.epoch(3) for s in b]
     # Unlabelled rows weigh as the mean labelled row; no labels at all: uniform.
     order = balanced_order(["a", "a", "a", "b", None], np.random.default_rng(0))
     assert len(order) == 5 and set(order) <= set(range(5))
