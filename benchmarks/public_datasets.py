@@ -5,7 +5,7 @@ a ``text`` caption), then run, as subprocesses, exactly what the README's "Bring
 corpus" section tells a user to run::
 
     python -m jobs.prepare --manifest M --out SHARDS --config configs/data/omnidigits.yaml k=v...
-    python -m jobs.train --config configs/train/demo_small.yaml data.shards_dir=SHARDS name=N k=v...
+    python -m jobs.train --config configs/train/small_labelled.yaml data.shards_dir=SHARDS name=N k=v...
     python -m jobs.evaluate --export RUNS/N/export --data SHARDS --split test --out EVAL
 
 and report OmniRay's test accuracy (from evaluation's ``metrics.json``) next to a
@@ -74,6 +74,7 @@ DATASETS: dict[str, dict] = {
             "normalize": "dataset",
         },
         "published": {"accuracy": 1.00, "source": "published (UEA bake-off, ROCKET-class)"},
+        "train_config": "configs/train/small_labelled.yaml",
     },
     "japanesevowels": {
         "modality": "signal",
@@ -87,15 +88,18 @@ DATASETS: dict[str, dict] = {
             "normalize": "dataset",
         },
         "published": {"accuracy": 0.98, "source": "published (UEA bake-off, ROCKET-class)"},
+        "train_config": "configs/train/small_labelled.yaml",
     },
     "digits": {
         "modality": "image",
         "what": "scikit-learn digits: 10 classes, 8x8 grey, seeded stratified 75/25 split",
         "features": {"size": 32},
         "published": {"accuracy": None, "source": "no official split"},
+        "train_config": "configs/train/small_labelled.yaml",
     },
 }
 DATA_CONFIG = "configs/data/omnidigits.yaml"
+#: The train config when a data set names none (``--train-config`` overrides every set's).
 TRAIN_CONFIG = "configs/train/demo_small.yaml"
 
 
@@ -316,7 +320,9 @@ def run_dataset(name: str, args, work: Path) -> dict:
 
     run_name = f"pub_{name}"
     runs = d / "runs"
-    tc = load_train_yaml(args.train_config)
+    train_config = args.train_config or spec.get("train_config") or TRAIN_CONFIG
+    res["train_config"] = train_config
+    tc = load_train_yaml(train_config)
     tov = [f"data.shards_dir={shards}", f"name={run_name}", f"runs_dir={runs}"]
     stages = ["pretrain", "align", "finetune"] if args.captions else ["pretrain", "finetune"]
     for st in stages:
@@ -327,7 +333,7 @@ def run_dataset(name: str, args, work: Path) -> dict:
     tov.append(f"align.pairs=[[text,{mod}]]" if args.captions else "align.pairs=null")
     if args.quick:
         tov += ["model=tiny", "log_every=1", "data.batch_size=4", "max_failures=0"]
-    train = [py, "-m", "jobs.train", "--config", args.train_config, *tov,
+    train = [py, "-m", "jobs.train", "--config", train_config, *tov,
              "--stages", ",".join(stages)]  # fmt: skip
     steps["train"] = run_cmd(train, d / "train.log")
     if steps["train"]["rc"] != 0:
@@ -420,7 +426,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke: tiny model, few rows/steps")
     ap.add_argument("--captions", action="store_true", help="add text captions + align")
     ap.add_argument("--normalize", default=None, help="per_sample|dataset|none for signals")
-    ap.add_argument("--train-config", default=TRAIN_CONFIG)
+    ap.add_argument("--train-config", default=None,
+                    help="one train config for every set (default: each set's own)")  # fmt: skip
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -447,7 +454,7 @@ def main() -> int:
         "quick": args.quick,
         "steps_scale": args.steps,
         "captions": args.captions,
-        "train_config": args.train_config,
+        "train_config": args.train_config or "per data set (see each set's train_config)",
         "data_config": DATA_CONFIG,
         "datasets": {},
     }

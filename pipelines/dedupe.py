@@ -32,15 +32,25 @@ def image_phash(image: np.ndarray) -> int:
     The image is converted to grey and resized to 32x32 (the featurized images already
     are); the 8x8 lowest DCT frequencies are compared with their median.
     """
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 3:
-        img = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (H, W)
-    if img.shape != (32, 32):
+    a = np.asarray(image)
+    if a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3 and a.shape[:2] != (32, 32):
+        # A large uint8 RGB image (224 px at the realistic preset): PIL's grey conversion
+        # (ITU-R 601-2 luma, the weights below) and resize on 8-bit data, ~2x faster than
+        # the float path and the same bits on photos (the hash thresholds a 8x8 DCT).
         from PIL import Image
 
-        img = np.asarray(
-            Image.fromarray(img.astype(np.float32)).resize((32, 32), Image.Resampling.BILINEAR)
-        )
+        grey = Image.fromarray(np.ascontiguousarray(a), "RGB").convert("L")
+        img = np.asarray(grey.resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32)
+    else:
+        img = a.astype(np.float32)
+        if img.ndim == 3:
+            img = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # (H, W)
+        if img.shape != (32, 32):
+            from PIL import Image
+
+            img = np.asarray(
+                Image.fromarray(img.astype(np.float32)).resize((32, 32), Image.Resampling.BILINEAR)
+            )
     low = scipy.fft.dctn(img, type=2, norm="ortho")[:8, :8].ravel()  # (64,)
     # The DC term only measures brightness; leave it out of the median.
     bits = low > np.median(low[1:])

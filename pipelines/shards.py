@@ -67,10 +67,16 @@ def route_block(block: pa.Table, groups: list[tuple[str, int]]) -> tuple[pa.Tabl
     index = {g: i for i, g in enumerate(groups)}
     keys = zip(block.column("_split").to_pylist(), block.column("_shard").to_pylist(), strict=True)
     gid = np.fromiter((index[(s, int(k))] for s, k in keys), dtype=np.int64, count=block.num_rows)
+    if len(groups) == 1:
+        return block
     order = np.argsort(gid, kind="stable")
-    bounds = np.cumsum(np.bincount(gid, minlength=len(groups)))[:-1]
-    parts = tuple(block.take(pa.array(idx)) for idx in np.split(order, bounds))
-    return parts if len(groups) > 1 else parts[0]
+    bounds = np.cumsum(np.bincount(gid, minlength=len(groups)))
+    # One take in group order (none when the block is in that order already), then
+    # zero-copy slices: each row's tensor bytes are copied at most once here.
+    if not np.array_equal(order, np.arange(len(order))):
+        block = block.take(pa.array(order))
+    starts = np.concatenate([[0], bounds[:-1]])
+    return tuple(block.slice(int(a), int(b - a)) for a, b in zip(starts, bounds, strict=True))
 
 
 def write_group(out: str, num_shards: dict[str, int], *pieces: pa.Table) -> pa.Table:

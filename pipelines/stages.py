@@ -442,7 +442,8 @@ class FinalizeRows:
             if err is None and rid is not None and rid not in self.drop_rows:
                 if offset + i not in self.drop_index:
                     keep.append(i)
-        batch = batch.take(pa.array(keep, type=pa.int64()))
+        if len(keep) < batch.num_rows:  # a take copies every column (pixels included)
+            batch = batch.take(pa.array(keep, type=pa.int64()))
         ids = batch.column("id").to_pylist()
         groups = batch.column("group").to_pylist()
         present = batch.column("_present").to_pylist()
@@ -470,6 +471,18 @@ class FinalizeRows:
                         f.finalize(v) if m in have else None
                         for v, have in zip(items, mods, strict=True)
                     ],
+                )
+            elif all(m in have for have in mods) or not any(m in have for have in mods):
+                # Nothing to null out (every row keeps it, or none has it): no copy of
+                # the column (224-px pixels are ~150 kB a row).
+                have_any = any(m in have for have in mods)
+                data = (
+                    batch.column(m) if have_any else pa.nulls(len(mods), batch.schema.field(m).type)
+                )
+                shape = (
+                    batch.column(f"{m}_shape")
+                    if have_any
+                    else pa.nulls(len(mods), pa.list_(pa.int32()))
                 )
             else:
                 keep_m = pa.array([m in have for have in mods], type=pa.bool_())

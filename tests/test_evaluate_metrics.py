@@ -217,3 +217,31 @@ def test_classification_report_on_an_imbalanced_set():
     assert rep["confusion"][0] == [0.5, 0.5, 0.0]
     with pytest.raises(ValueError, match="class names"):
         M.classification_report(tied, [0, 1], ["a", "b"])
+
+
+def test_format_classification_block_for_a_summary_screen():
+    """jobs.evaluation.report.format_classification: the head's accuracy / balanced
+    accuracy per panel, recall per class and zero-shot; missing sections give no lines."""
+    from jobs.evaluation.report import format_classification
+
+    names = ["a", "b", "c"]
+    scores = np.zeros((10, 3))
+    scores[:9, 0] = 1.0
+    scores[9, 2] = 1.0
+    rep = M.classification_report(scores, [0] * 9 + [1], names)
+    result = {
+        "classification": {"class_names": names, "fused": rep, "per_modality": {"image": rep}},
+        "zero_shot": {"class_names": names, "per_modality": {"image": rep}},
+    }
+    lines = format_classification(result)
+    assert lines[0].startswith("classification head, per sample (3 classes, chance 0.333)")
+    assert "fused" in lines[1] and "0.900 / 0.500  (n=10)" in lines[1]
+    assert lines[2].split()[0] == "image" and "0.900 / 0.500" in lines[2]
+    assert lines[3].strip() == "recall per class (fused): a 1.00, b 0.00"
+    assert lines[4] == "zero-shot accuracy/balanced (3 classes): image 0.900/0.500"
+    assert format_classification({}) == []
+    skipped = {"classification": {"skipped": "no labels"}, "zero_shot": {"skipped": "no text"}}
+    assert format_classification(skipped) == [
+        "classification head: skipped (no labels)",
+        "zero-shot: skipped (no text)",
+    ]

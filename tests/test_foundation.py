@@ -15,7 +15,7 @@ import yaml
 
 from common.config import ConfigError, load_config, parse_overrides
 from common.modalities import MODALITIES
-from pipelines.schema import read_shard, shard_schema, unpack_column, write_shard
+from pipelines.schema import TENSOR_TYPE, read_shard, shard_schema, unpack_column, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_shard_schema_round_trip_with_nulls(tmp_path):
     assert got["id"] == ["a", "b", "c"]  # sorted by id
     order = [1, 0, 2]
     for m in mods:
-        assert back.schema.field(m).type == pa.list_(pa.from_numpy_dtype(MODALITIES[m].np_dtype))
+        assert back.schema.field(m).type == TENSOR_TYPE  # one byte string per tensor
         for j, i in enumerate(order):
             want, have = tensors[m][i], got[m][j]
             if want is None:
@@ -137,6 +137,38 @@ def test_shard_schema_round_trip_with_nulls(tmp_path):
     # A subset of the modalities, and column input.
     sub = read_shard(write_shard(tmp_path / "t.parquet", {"id": ["x"], m: [tensors[m][0]]}), [m])
     assert set(sub) == {"id", "label", "group", "modalities", m}
+
+
+def test_shards_with_list_tensor_columns_still_read(tmp_path):
+    """Shards of the earlier layout (flat ``list<dtype>`` tensor columns) read as before and
+    convert when rewritten; a tensor column of another type is a clear error."""
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    sig = np.linspace(-1, 1, 8, dtype=np.float16).reshape(2, 4)
+    old = pa.table(
+        {
+            "id": ["a", "b"],
+            "label": ["x", None],
+            "group": [None, None],
+            "modalities": [["image", "signal"], ["signal"]],
+            "image": pa.array([img.ravel(), None], pa.list_(pa.uint8())),
+            "image_shape": pa.array([[2, 3, 3], None], pa.list_(pa.int32())),
+            "signal": pa.array([sig.ravel(), sig.ravel()], pa.list_(pa.float16())),
+            "signal_shape": pa.array([[2, 4], [2, 4]], pa.list_(pa.int32())),
+        }
+    )
+    pq.write_table(old, tmp_path / "old.parquet")
+    got = read_shard(tmp_path / "old.parquet", ["image", "signal"])
+    np.testing.assert_array_equal(got["image"][0], img)
+    assert got["image"][1] is None
+    np.testing.assert_array_equal(got["signal"][1], sig)
+    assert got["signal"][1].dtype == np.float16
+    new = write_shard(tmp_path / "new.parquet", old, ["image", "signal"])
+    assert new.schema.field("image").type == TENSOR_TYPE
+    again = read_shard(tmp_path / "new.parquet", ["image", "signal"])
+    np.testing.assert_array_equal(again["image"][0], img)
+    np.testing.assert_array_equal(again["signal"][0], sig)
+    with pytest.raises(TypeError, match="image tensor column has type string"):
+        unpack_column("image", pa.array(["x"]), pa.array([[1]], pa.list_(pa.int32())))
 
 
 def test_cli_entry_points_have_help():

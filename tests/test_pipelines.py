@@ -806,3 +806,58 @@ def test_phash_skips_images_stored_below_its_resolution():
     item, data = png(digits[0], 64)
     assert near_key("phash", item, cfg, data) is not None
     assert near_key("phash", item, cfg) is not None  # an inline array: compared
+
+
+def test_stage2_in_process_drops_routes_and_writes_sorted(tmp_path):
+    """Stage 2 without Ray (FinalizeRows -> route_block -> write_group): dropped rows and
+    modalities stay out, rows reach their (split, shard) in any block order, each shard
+    is written sorted by id with its tensors intact (one byte string per tensor)."""
+    from common.config import to_dict
+    from pipelines.schema import TENSOR_TYPE, read_shard
+    from pipelines.shards import route_block, write_group
+    from pipelines.stages import DecodeRows, FinalizeRows
+
+    cfg = load_data_config(ROOT / "configs/data/omnidigits.yaml")
+    rng = np.random.default_rng(0)
+    ids = [f"r{i:02d}" for i in (5, 3, 9, 1, 7, 0, 8, 2, 6, 4)]  # not in id order
+    sig = {i: rng.normal(size=(3, 40)).round(3) for i in ids}
+    for i in ids:
+        np.save(tmp_path / f"{i}.npy", sig[i].astype(np.float32))
+    rows = [{"id": i, "label": str(k % 2), "signal": f"{i}.npy"} for k, i in enumerate(ids)]
+    lines = pa.table({"text": [json.dumps(r) for r in rows]})
+    block = DecodeRows(to_dict(cfg), str(tmp_path), True, "m.jsonl")(lines)
+    split_of = {i: ("test" if i in ("r03", "r08") else "train") for i in ids}
+    plan = {
+        "drop_rows": ["r09"],
+        "drop_index": [],
+        "drop_mods": {"r07": ["signal"]},
+        "group_split": split_of,
+        "num_shards": {"train": 2, "val": 0, "test": 1},
+    }
+    final = FinalizeRows(to_dict(cfg), plan, None)(block)
+    assert "r09" not in final.column("id").to_pylist()
+    groups = [("train", 0), ("train", 1), ("test", 0)]
+    parts = route_block(final, groups)
+    assert sum(p.num_rows for p in parts) == 9
+    for (split, shard), p in zip(groups, parts, strict=True):
+        assert set(p.column("_split").to_pylist()) <= {split}
+        assert set(p.column("_shard").to_pylist()) <= {shard}
+    # Two blocks of one group (halves of the parts) concatenate into one sorted shard.
+    seen = []
+    for p in parts:
+        half = p.num_rows // 2
+        w = write_group(str(tmp_path / "out"), plan["num_shards"], p.slice(half), p.slice(0, half))
+        if not p.num_rows:
+            assert w.num_rows == 0
+            continue
+        path = tmp_path / "out" / w.column("file")[0].as_py()
+        assert pq.read_schema(path).field("signal").type == TENSOR_TYPE
+        got = read_shard(path, ["signal"])
+        assert got["id"] == sorted(got["id"]) and len(got["id"]) == p.num_rows
+        for rid, x, mods in zip(got["id"], got["signal"], got["modalities"], strict=True):
+            seen.append(rid)
+            if rid == "r07":
+                assert x is None and "signal" not in mods
+            else:
+                assert x.shape == (3, 128) and "signal" in mods
+    assert sorted(seen) == sorted(set(ids) - {"r09"})

@@ -387,3 +387,23 @@ def test_prepare_mixed_sensors_with_dataset_normalization(ray_local, motions, vo
             # What serving computes from the raw file equals what prepare wrote.
             np.testing.assert_array_equal(f.featurize((root / src).read_bytes()), x)
     assert shapes == {(6, 128), (12, 128)}
+
+
+def test_channel_embedding_init_is_configurable():
+    """encoders.signal.channel_init sets the channel table's init scale (default 0.02, as
+    the demo's models were trained); it must be positive."""
+    from models import OmniConfig, build_model
+    from models.encoders.signal import SignalEncoder
+
+    torch.manual_seed(0)
+    cfg = OmniConfig.from_name("tiny", modalities=["signal"], encoders={"signal": {"channels": 12}})
+    assert SignalEncoder(cfg, cfg.encoder_section("signal")).channel_embed.std().item() == (
+        pytest.approx(0.02, rel=0.2)
+    )
+    loud = OmniConfig.from_name(
+        "tiny", modalities=["signal"], encoders={"signal": {"channels": 12, "channel_init": 0.5}}
+    )
+    model = build_model(loud)
+    assert model.encoders["signal"].channel_embed.std().item() == pytest.approx(0.5, rel=0.2)
+    with pytest.raises(ConfigError, match="channel_init must be > 0"):
+        SignalEncoder.Config(channel_init=0.0)

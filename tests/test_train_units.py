@@ -188,6 +188,49 @@ def test_rank_batches_cache_reproduces_the_data_position():
     assert [[s["id"] for s in b] for b in rb2.epoch(1, skip=2)] == e1[2:]
 
 
+def test_rank_batches_balanced_sampling_draws_classes_equally():
+    """finetune.sampling=balanced: a 9:1 imbalanced rank draws both classes about equally,
+    reproducibly per (epoch, rank); without the cache it is refused."""
+    from jobs.training.data import balanced_order
+
+    t = _table(200)
+    labels = ["rare" if i % 10 == 0 else "common" for i in range(200)]
+    t = t.set_column(t.column_names.index("label"), "label", pa.array(labels))
+    rb = RankBatches(
+        _FakeShard(t), modalities=["text"], batch_size=20, cache=True, shuffle=True, seed=0,
+        rank=0, sampling="balanced",
+    )  # fmt: skip
+    drawn = [s["label"] for e in range(5) for b in rb.epoch(e) for s in b]
+    assert len(drawn) == 5 * 200
+    assert 0.4 < drawn.count("rare") / len(drawn) < 0.6  # 0.1 with uniform sampling
+    again = RankBatches(
+        _FakeShard(t), modalities=["text"], batch_size=20, cache=True, shuffle=True, seed=0,
+        rank=0, sampling="balanced",
+    )  # fmt: skip
+    assert [s["id"] for b in again.epoch(3) for s in b] == [s["id"] for b in rb.epoch(3) for s in b]
+    # Unlabelled rows weigh as the mean labelled row; no labels at all: uniform.
+    order = balanced_order(["a", "a", "a", "b", None], np.random.default_rng(0))
+    assert len(order) == 5 and set(order) <= set(range(5))
+    assert len(balanced_order([None, None], np.random.default_rng(0))) == 2
+    with pytest.raises(ValueError, match="needs cache"):
+        RankBatches(
+            _FakeShard(t), modalities=["text"], batch_size=4, cache=False, shuffle=True, seed=0,
+            rank=0, sampling="balanced",
+        )  # fmt: skip
+
+
+def test_sampling_and_label_smoothing_config_errors():
+    tiny = str(ROOT / "configs/train/tiny.yaml")
+    with pytest.raises(ConfigError, match=r"finetune: sampling must be one of"):
+        load_train_config(tiny, ["finetune.sampling=oversample"])
+    with pytest.raises(ConfigError, match=r"sampling=balanced .*data.cache=true"):
+        load_train_config(tiny, ["finetune.sampling=balanced", "data.cache=false"])
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\)"):
+        load_train_config(tiny, ["finetune.label_smoothing=1.5"])
+    tc = load_train_config(tiny, ["finetune.sampling=balanced", "finetune.label_smoothing=0.1"])
+    assert tc.finetune.sampling == "balanced" and tc.finetune.label_smoothing == 0.1
+
+
 def test_rank_batches_streaming_mode_skips_consumed_batches():
     shard = _FakeShard(_table(20))
     rb = RankBatches(
@@ -487,6 +530,11 @@ def test_balanced_class_weights_and_weighted_cross_entropy():
     # Equal weights change nothing; no selected row gives a zero with a graph.
     torch.testing.assert_close(
         masked_cross_entropy(logits, labels, rows, torch.full((3,), 2.5)), ce.mean()
+    )
+    # Label smoothing as PyTorch's.
+    torch.testing.assert_close(
+        masked_cross_entropy(logits, labels, rows, label_smoothing=0.1),
+        torch.nn.functional.cross_entropy(logits[:5], labels[:5], label_smoothing=0.1),
     )
     x = logits.clone().requires_grad_()
     zero = masked_cross_entropy(x, labels, torch.zeros(6, dtype=torch.bool), wt)

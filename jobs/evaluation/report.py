@@ -160,6 +160,53 @@ def merge_into_export_metrics(path: Path, split: str, result: dict[str, Any]) ->
     write_json(path, existing)
 
 
+def format_classification(result: dict[str, Any]) -> list[str]:
+    """The classification block of the summary screen: the classifier head's per-sample
+    accuracy / balanced accuracy (fused and each modality), recall per class, and the
+    zero-shot accuracies.
+
+    Args:
+        result: Evaluation's result (``metrics.json`` of ``jobs.evaluate --out``); only its
+            ``classification`` and ``zero_shot`` sections are read, and either may be
+            missing (e.g. the demo report of an older evaluation).
+
+    Returns:
+        Lines of text (empty when neither section is there).
+    """
+    lines: list[str] = []
+    cl = result.get("classification") or {}
+    panels = classification_panels(cl)
+    if panels:
+        n_cls = len(cl["class_names"])
+        lines.append(
+            f"classification head, per sample ({n_cls} classes, chance {1 / n_cls:.3f}):"
+            "  accuracy / balanced accuracy"
+        )
+        for k, v in panels.items():
+            what = "fused (all of a row's modalities)" if k == "fused" else k
+            lines.append(
+                f"     {what:<34} {v['accuracy']:.3f} / {v['balanced_accuracy']:.3f}  (n={v['n']})"
+            )
+        best = panels.get("fused") or next(iter(panels.values()))
+        which = "fused" if "fused" in panels else next(iter(panels))
+        lines.append(f"     recall per class ({which}): {_recall_line(best)}")
+    elif "skipped" in cl:
+        lines.append(f"classification head: skipped ({cl['skipped']})")
+    zs = result.get("zero_shot") or {}
+    if "per_modality" in zs:
+        accs = ", ".join(
+            f"{m} {v['accuracy']:.3f}/{v['balanced_accuracy']:.3f}"
+            for m, v in zs["per_modality"].items()
+            if "accuracy" in v
+        )
+        lines.append(
+            f"zero-shot accuracy/balanced ({len(zs['class_names'])} classes): {accs or 'none'}"
+        )
+    elif "skipped" in zs:
+        lines.append(f"zero-shot: skipped ({zs['skipped']})")
+    return lines
+
+
 def format_summary(result: dict[str, Any]) -> str:
     """A compact text table of the headline numbers."""
     mods = result["modalities"]
@@ -181,36 +228,7 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"     {a[:14]:<14} " + " ".join(cells))
     if emergent:
         lines.append("     (* emergent: pair never seen together in training)")
-    cl = result.get("classification", {})
-    panels = classification_panels(cl)
-    if panels:
-        n_cls = len(cl["class_names"])
-        lines.append(
-            f"classification head, per sample ({n_cls} classes, chance {1 / n_cls:.3f}):"
-            "  accuracy / balanced accuracy"
-        )
-        for k, v in panels.items():
-            what = "fused (all of a row's modalities)" if k == "fused" else k
-            lines.append(
-                f"     {what:<34} {v['accuracy']:.3f} / {v['balanced_accuracy']:.3f}  (n={v['n']})"
-            )
-        best = panels.get("fused") or next(iter(panels.values()))
-        which = "fused" if "fused" in panels else next(iter(panels))
-        lines.append(f"     recall per class ({which}): {_recall_line(best)}")
-    elif "skipped" in cl:
-        lines.append(f"classification head: skipped ({cl['skipped']})")
-    zs = result["zero_shot"]
-    if "per_modality" in zs:
-        accs = ", ".join(
-            f"{m} {v['accuracy']:.3f}/{v['balanced_accuracy']:.3f}"
-            for m, v in zs["per_modality"].items()
-            if "accuracy" in v
-        )
-        lines.append(
-            f"zero-shot accuracy/balanced ({len(zs['class_names'])} classes): {accs or 'none'}"
-        )
-    else:
-        lines.append(f"zero-shot: skipped ({zs['skipped']})")
+    lines += format_classification(result)
     fu = result["fusion"]
     if "fused_accuracy" in fu:
         lines.append(

@@ -14,6 +14,7 @@ from common.config import ConfigError, load_config
 STAGES: tuple[str, ...] = ("pretrain", "align", "finetune")
 FREEZE_CHOICES: tuple[str, ...] = ("none", "encoders", "top_k", "connectors")
 CLASS_WEIGHTING: tuple[str, ...] = ("none", "balanced")
+SAMPLING: tuple[str, ...] = ("uniform", "balanced")
 
 
 @dataclass
@@ -138,6 +139,14 @@ class StageSection:
             ``balanced`` (class ``c`` weighs ``N / (C * n_c)`` with ``n_c`` its train rows, as
             scikit-learn's ``class_weight="balanced"``): imbalanced labels stop drowning
             the rare classes.
+        sampling: finetune rows per epoch: ``uniform`` (each row once, shuffled) or
+            ``balanced`` (as many rows, drawn with replacement with probability
+            ``1 / n_c`` of the row's class on that rank, so every class is drawn about
+            equally often; unlabelled rows weigh as the mean class). Needs
+            ``data.cache: true``. An alternative to ``class_weighting`` (the two at once
+            over-correct).
+        label_smoothing: finetune classification loss: PyTorch's ``label_smoothing``
+            (0 = plain cross-entropy).
         checkpoint_every: Report a DeepSpeed checkpoint every N steps (and at the end).
     """
 
@@ -161,6 +170,8 @@ class StageSection:
     towers: dict[str, str] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=lambda: ["classification", "retrieval", "description"])
     class_weighting: str = "none"
+    sampling: str = "uniform"
+    label_smoothing: float = 0.0
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
@@ -179,6 +190,10 @@ class StageSection:
             raise ValueError(
                 f"class_weighting must be one of {CLASS_WEIGHTING}, got {self.class_weighting!r}"
             )
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {SAMPLING}, got {self.sampling!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         unknown = set(self.tasks) - {"classification", "retrieval", "description"}
         if unknown:
             raise ValueError(f"unknown finetune task(s) {sorted(unknown)}")
@@ -279,6 +294,14 @@ class TrainConfig:
                 f"zero_shot_templates must be a non-empty list of strings containing "
                 f"'{{label}}', got {t!r}"
             )
+
+        for name in STAGES:
+            st = getattr(self, name)
+            if st.sampling == "balanced" and not self.data.cache:
+                raise ValueError(
+                    f"{name}.sampling=balanced draws from the rows a worker caches: "
+                    "set data.cache=true (or sampling=uniform)"
+                )
 
     def stage(self, name: str) -> StageSection:
         if name not in STAGES:

@@ -150,6 +150,24 @@ def table_to_samples(table: pa.Table, modalities: list[str]) -> list[dict[str, A
     return samples
 
 
+def balanced_order(labels: list[Any], rng: np.random.Generator) -> np.ndarray:
+    """``len(labels)`` row indices drawn with replacement, row ``i`` with probability
+    proportional to ``1 / n[labels[i]]``: every class is drawn about equally often.
+    Unlabelled rows (None/"") weigh as the mean labelled row."""
+    n = len(labels)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    keys = [None if lab in (None, "") else lab for lab in labels]
+    counts: dict[Any, int] = {}
+    for k in keys:
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    w = np.array([0.0 if k is None else 1.0 / counts[k] for k in keys])
+    labelled = w > 0
+    w[~labelled] = w[labelled].mean() if labelled.any() else 1.0
+    return rng.choice(n, size=n, replace=True, p=w / w.sum())
+
+
 class RankBatches:
     """Epoch iterator over one rank's rows, as lists of sample dicts (micro-batches).
 
@@ -166,6 +184,9 @@ class RankBatches:
         shuffle: Shuffle every epoch.
         seed: Base seed; epoch ``e`` of rank ``r`` uses ``seed + 1000 * e + r``.
         rank: This worker's rank.
+        sampling: ``uniform`` (every cached row once an epoch) or ``balanced`` (as many
+            rows, drawn with replacement with probability ``1 / n_c`` of the row's label
+            among this rank's rows: :func:`balanced_order`); needs ``cache``.
     """
 
     def __init__(
@@ -178,7 +199,13 @@ class RankBatches:
         shuffle: bool,
         seed: int,
         rank: int,
+        sampling: str = "uniform",
     ) -> None:
+        if sampling not in ("uniform", "balanced"):
+            raise ValueError(f"sampling must be uniform|balanced, got {sampling!r}")
+        if sampling == "balanced" and not cache:
+            raise ValueError("sampling=balanced needs cache=True (data.cache)")
+        self.sampling = sampling
         self.data_iter = data_iter
         self.modalities = modalities
         self.batch_size = batch_size
@@ -216,9 +243,13 @@ class RankBatches:
                     yield batch
             return
         rows = self._fill_cache()
-        order = np.arange(len(rows))
-        if self.shuffle:
-            np.random.default_rng(self.seed + 1000 * epoch + self.rank).shuffle(order)
+        rng = np.random.default_rng(self.seed + 1000 * epoch + self.rank)
+        if self.sampling == "balanced":
+            order = balanced_order([r.get("label") for r in rows], rng)
+        else:
+            order = np.arange(len(rows))
+            if self.shuffle:
+                rng.shuffle(order)
         n_batches = len(rows) // self.batch_size
         for b in range(skip, n_batches):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]

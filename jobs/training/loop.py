@@ -163,6 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shuffle=tc.data.shuffle,
         seed=tc.seed,
         rank=rank,
+        sampling=st.sampling if stage == "finetune" else "uniform",
     )
     fault = tc.fault_injection
     marker = os.path.join(config["run_dir"], fault.marker)

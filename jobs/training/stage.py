@@ -278,8 +278,9 @@ class StageObjective:
                 # Zero-with-graph fallbacks keep every rank's graph over the same parameters.
                 valid = labels != IGNORE_INDEX
                 cw = self.class_weights
+                ls = self.st.label_smoothing
                 terms["cls_fused"] = self.w("classification") * masked_cross_entropy(
-                    out.logits, labels, valid, cw
+                    out.logits, labels, valid, cw, ls
                 )
                 # Each modality's own head term: loss_weights.classification_modality, by
                 # default the fused term's weight shared out over the modalities.
@@ -288,7 +289,7 @@ class StageObjective:
                 w_mod = self.w("classification") / n_mod if w_mod is None else float(w_mod)
                 for m, lg in out.modality_logits.items():
                     rows = valid & out.present[m]
-                    terms[f"cls_{m}"] = w_mod * masked_cross_entropy(lg, labels, rows, cw)
+                    terms[f"cls_{m}"] = w_mod * masked_cross_entropy(lg, labels, rows, cw, ls)
             if "retrieval" in tasks:
                 for a, b in self.pairs:
                     if a in out.embeds and b in out.embeds:

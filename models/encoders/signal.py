@@ -36,15 +36,24 @@ class SignalEncoder(ModalityEncoder):
                 (the featurizer's ``max_output_shape()[0]``); a batch may have fewer.
             length: Longest series L.
             patch: PatchTST patch length.
+            channel_init: Standard deviation of the channel-embedding table's init. The
+                default 0.02 (that of every position table) makes channels nearly
+                indistinguishable at first next to the fan-in scaled patch embedding
+                (~0.6 per unit): a corpus whose classes live in WHICH channel is high
+                (LPC cepstra) learns that late. ~0.5 makes the channel identity as loud as
+                the values from the first step.
         """
 
         channels: int = 3
         length: int = 128
         patch: int = 16
+        channel_init: float = 0.02
 
         def __post_init__(self) -> None:
             if self.channels < 1:
                 raise ConfigError(f"channels must be >= 1, got {self.channels}")
+            if not self.channel_init > 0:
+                raise ConfigError(f"channel_init must be > 0, got {self.channel_init}")
             if self.length % self.patch:
                 raise ConfigError("sizes must divide evenly: ['length % patch']")
 
@@ -74,7 +83,9 @@ class SignalEncoder(ModalityEncoder):
         self.proj = nn.Linear(sec.patch, cfg.d_model)
         n_time = sec.length // sec.patch
         self.time_pos = nn.Parameter(torch.randn(1, 1, n_time, cfg.d_model) * 0.02)
-        self.channel_embed = nn.Parameter(torch.randn(1, sec.channels, 1, cfg.d_model) * 0.02)
+        self.channel_embed = nn.Parameter(
+            torch.randn(1, sec.channels, 1, cfg.d_model) * sec.channel_init
+        )
 
     @classmethod
     def random_item(cls, cfg: OmniConfig, section: Config, rng: np.random.Generator) -> np.ndarray:

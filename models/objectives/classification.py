@@ -11,6 +11,7 @@ def masked_cross_entropy(
     labels: torch.Tensor,
     rows: torch.Tensor,
     weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy over the selected rows (fused or single-modality classifier).
 
@@ -21,6 +22,7 @@ def masked_cross_entropy(
             the modality).
         weight: Optional ``(C,)`` class weights: the loss is then the weighted mean
             ``sum_i w[y_i] * ce_i / sum_i w[y_i]`` over ``rows`` (PyTorch's ``weight=``).
+        label_smoothing: PyTorch's ``label_smoothing`` (0 = plain cross-entropy).
 
     Returns:
         Scalar mean over ``rows``; a zero attached to ``logits`` when there is none.
@@ -29,4 +31,6 @@ def masked_cross_entropy(
         return logits.sum() * 0.0
     if weight is not None:
         weight = weight.to(device=logits.device, dtype=torch.float32)
-    return F.cross_entropy(logits[rows].float(), labels[rows].long(), weight=weight)
+    return F.cross_entropy(
+        logits[rows].float(), labels[rows].long(), weight=weight, label_smoothing=label_smoothing
+    )
