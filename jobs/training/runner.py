@@ -88,6 +88,12 @@ def model_config_from_data(
         **model_sizes(build_featurizers(fc, modalities, assets_dir=shards_dir)),
     }
     kw = deep_merge(kw, upgrade_legacy(dict(tc.model_overrides)))
+    gen = kw.get("generation")
+    if gen and gen.get("targets") is not None:
+        # Generation follows the data like align pairs do: a target the prepared data lacks
+        # (or data.modalities leaves out) is dropped; none left = no generation heads.
+        targets = [t for t in gen["targets"] if t in modalities]
+        kw["generation"] = {**gen, "targets": targets} if targets else {}
     return OmniConfig.from_name(tc.model, **kw)
 
 
