@@ -141,6 +141,12 @@ class OmniConfig:
             missing = [t for t in gen.targets if t not in self.modalities]
             if missing:
                 raise ConfigError(f"generation.targets {missing} not in modalities")
+            towers = [t for t in gen.targets if self.encoders.get(t, {}).get("kind") == "hf"]
+            if towers:
+                raise ConfigError(
+                    f"generation.targets {towers}: generation writes into a modality's own "
+                    "featurized space; a pretrained tower's input space has no generator"
+                )
             self.generation = to_dict(gen)
 
     @property

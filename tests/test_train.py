@@ -232,6 +232,7 @@ def test_zero0_single_worker_freezes_unused_parts_and_exports(
         "fusion",
         "decoder",
         "classifier",
+        "generators",
         "projections",
         "logit_scale",
     ]

@@ -92,7 +92,11 @@ def model_config_from_data(
     if gen and gen.get("targets") is not None:
         # Generation follows the data like align pairs do: a target the prepared data lacks
         # (or data.modalities leaves out) is dropped; none left = no generation heads.
-        targets = [t for t in gen["targets"] if t in modalities]
+        # So is a target whose branch is a pretrained tower (no generator for its input).
+        encs = kw.get("encoders") or {}
+        targets = [
+            t for t in gen["targets"] if t in modalities and (encs.get(t) or {}).get("kind") != "hf"
+        ]
         kw["generation"] = {**gen, "targets": targets} if targets else {}
     return OmniConfig.from_name(tc.model, **kw)
 
