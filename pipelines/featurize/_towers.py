@@ -30,7 +30,7 @@ from common.towers import TowerError, check_tower, load_config, load_processor, 
 from common.towers import tower_revision as _revision
 from pipelines.featurize.audio import AudioFeaturizer, resample
 from pipelines.featurize.base import SampleError, check_finite
-from pipelines.featurize.image import ImageFeaturizer, to_rgb
+from pipelines.featurize.image import ImageFeaturizer
 from pipelines.featurize.text import TextFeaturizer
 from pipelines.featurize.video import VideoFeaturizer
 
@@ -155,14 +155,8 @@ class TowerImageFeaturizer(_TowerMixin, ImageFeaturizer):
         return {"size": self.section.size, "max_tokens": int(self.tower_info.get("tokens", 0))}
 
     def from_bytes(self, data: bytes, suffix: str | None = None) -> np.ndarray:
-        import io
-
-        from PIL import Image
-
-        arr = super().from_bytes(data, suffix)  # decode + limits of the image featurizer
-        del arr
-        img = to_rgb(Image.open(io.BytesIO(data)))
-        return _pixels(self.processor, [img])[0]
+        # Decoded once, with the image featurizer's limits; the processor resizes.
+        return _pixels(self.processor, [self.decode_image(data)])[0]
 
     def from_array(self, array: np.ndarray, **_: Any) -> np.ndarray:
         from PIL import Image

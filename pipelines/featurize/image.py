@@ -110,6 +110,15 @@ class ImageFeaturizer(Featurizer):
         Raises:
             SampleError: ``empty``, ``decode_error``, ``truncated`` or ``too_large``.
         """
+        return resize_center_crop(self.decode_image(data), self.section.size)
+
+    def decode_image(self, data: bytes) -> Image.Image:
+        """One image file -> a loaded RGB PIL image, its limits checked (also the decode step
+        of the pretrained-tower featurizer, whose processor does the resizing).
+
+        Raises:
+            SampleError: ``empty``, ``decode_error``, ``truncated`` or ``too_large``.
+        """
         if not data:
             raise SampleError("empty", "zero-byte image")
         cfg = self.section
@@ -144,7 +153,7 @@ class ImageFeaturizer(Featurizer):
                 raise SampleError(reason, msg) from e
             except Exception as e:  # noqa: BLE001
                 raise SampleError("decode_error", f"{type(e).__name__}: {e}") from e
-            return resize_center_crop(to_rgb(img), cfg.size)
+            return to_rgb(img)
 
     def from_array(self, array: np.ndarray, **_: Any) -> np.ndarray:
         """Featurizes an (H, W), (H, W, 1|3|4) array: uint8, or float in [0, 1].
