@@ -60,16 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.embedding.index import build_index
     from jobs.embedding.run import run_embed
+    from jobs.ray_connect import connect_ray
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    started = False
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-        started = True
+    started = connect_ray(args.address, args.num_cpus)
     try:
         run_embed(
             args.export,

@@ -68,20 +68,14 @@ def _run(args: argparse.Namespace, cfg) -> int:
     import ray
 
     from jobs.console import format_duration, ray_data_progress, say
+    from jobs.ray_connect import connect_ray
     from pipelines.prepare import run_prepare
     from pipelines.stages import ManifestError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     say(f"[prepare] {args.manifest} -> {args.out}")
     t0 = time.perf_counter()
-    started = False
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-        started = True
+    started = connect_ray(args.address, args.num_cpus)
     try:
         with ray_data_progress("[prepare]"):
             stats = run_prepare(args.manifest, args.out, cfg)
