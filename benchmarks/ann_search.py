@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--threads", type=int, default=None, help="FAISS build threads")
     ap.add_argument("--out", default="benchmarks/results/ann_search.json")
+    ap.add_argument(
+        "--cache",
+        default=None,
+        help="folder for built indexes: a later run with the same size/dim/M/efConstruction "
+        "loads the index (its build time is the one recorded at build) instead of rebuilding, "
+        "so a slow 1M build can run apart from the latency measurement",
+    )
+    ap.add_argument("--build-only", action="store_true", help="build (and cache) indexes, no search")
     a = ap.parse_args(argv)
 
     import faiss
@@ -64,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         faiss.omp_set_num_threads(a.threads)
     dim = a.dim or OmniConfig.from_name("small").embed_dim
-    rng = np.random.default_rng(0)
     load0 = os.getloadavg()[0]
     results = []
     for n in a.sizes:
+        # One generator per size: the same vectors whatever other sizes this run has.
+        rng = np.random.default_rng([0, n, int(a.uniform)])
         if a.uniform:
             base = rng.normal(size=(n, dim)).astype(np.float32)
             queries = rng.normal(size=(a.queries, dim)).astype(np.float32)
@@ -75,6 +84,28 @@ def main(argv: list[str] | None = None) -> int:
             base, centers = mixture(n, dim, a.clusters, rng)
             queries, _ = mixture(a.queries, dim, a.clusters, rng, centers)
         base, queries = normalize(base), normalize(queries)
+        key = f"{'uniform' if a.uniform else f'mix{a.clusters}'}_n{n}_d{dim}_m{a.m}_efc{a.ef_construction}"
+        cached = Path(a.cache) / f"{key}.faiss" if a.cache else None
+        if cached is not None and cached.exists():
+            index = HnswIndex.load(cached, a.ef_search[0])
+            build_s = json.loads(cached.with_suffix(".json").read_text())["build_s"]
+            build_how = "loaded from cache (build time recorded when built)"
+        else:
+            t = time.perf_counter()
+            index = HnswIndex(dim, a.m, a.ef_construction, a.ef_search[0])
+            index.add(base)
+            build_s = time.perf_counter() - t
+            build_how = f"built in this run (load avg {os.getloadavg()[0]:.1f})"
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                index.save(cached)
+                cached.with_suffix(".json").write_text(
+                    json.dumps({"build_s": round(build_s, 1), "loadavg_1min": os.getloadavg()[0]})
+                )
+        print(f"n={n}: index {build_how}, {build_s:.1f} s", file=sys.stderr, flush=True)
+        if a.build_only:
+            del base, index
+            continue
         t = time.perf_counter()
         truth = exact_topk(base, queries, a.k)
         exact_batch_s = time.perf_counter() - t
@@ -84,14 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             s = base @ q
             np.argpartition(-s, a.k)[: a.k]
             lat.append((time.perf_counter() - t) * 1000)
-        t = time.perf_counter()
-        index = HnswIndex(dim, a.m, a.ef_construction, a.ef_search[0])
-        index.add(base)
-        build_s = time.perf_counter() - t
         entry = {
             "n": n,
             "dim": dim,
             "build_s": round(build_s, 1),
+            "build": build_how,
             "exact": {
                 "p50_ms": round(float(np.percentile(lat, 50)), 3),
                 "p99_ms": round(float(np.percentile(lat, 99)), 3),
@@ -117,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"n={n} {row}", file=sys.stderr, flush=True)
         results.append(entry)
         del base, index
+    if a.build_only:
+        return 0
     out = {
         "benchmark": "ann_search",
         "library": f"faiss {faiss.__version__} IndexHNSWFlat (inner product, M={a.m}, efConstruction={a.ef_construction})",
