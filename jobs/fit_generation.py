@@ -13,6 +13,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from jobs.training.generation import FitGenerationConfig, fit_generation_heads
+    from models.generation import generation_targets
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", required=True, help="export directory (Contract 3)")
@@ -26,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--targets",
         nargs="+",
-        default=["image", "audio", "signal", "pointcloud"],
-        help="heads added to an export without any",
+        default=None,
+        help="heads added to an export without any (default: every modality with a "
+        "generation space)",
     )
     ap.add_argument("--hidden", type=int, default=256, help="width of added vector heads")
     ap.add_argument("--blocks", type=int, default=3, help="residual blocks of added heads")
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         lr=a.lr,
         max_rows=a.max_rows,
         seed=a.seed,
-        generation={"targets": list(a.targets), "hidden": a.hidden, "blocks": a.blocks},
+        generation={
+            "targets": list(a.targets or generation_targets()),
+            "hidden": a.hidden,
+            "blocks": a.blocks,
+        },
         cache=a.cache,
         log_every=a.log_every,
     )

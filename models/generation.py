@@ -17,15 +17,13 @@ velocities) sharpens the class identity.
 Because the condition lives in the shared space, one head per *target* serves every input
 modality: text -> image and spoken audio -> image use the same image head.
 
-A target's featurized form maps to the flow's data space through a :class:`GenSpace`
-(registered per modality with :func:`register_space`; a new modality brings its own):
-
-* ``image``: uint8 (H, W, 3) -> floats in [-1, 1]; an MLP velocity net over the flat image.
-* ``audio``: normalized log-mel (T, F) padded to ``max_frames`` with each bin's quietest
-  value; an MLP velocity net.
-* ``signal``: (C, L) with C cropped/padded to ``signal_channels`` (loss over real channels).
-* ``pointcloud``: (N, 3) as a *set*: a per-point velocity net (points are i.i.d. draws from
-  the shape's surface density given the condition), so point order never matters.
+A target's featurized form maps to the flow's data space through a :class:`GenSpace`,
+registered per modality with :func:`register_space` in that modality's encoder module
+(``models/encoders/<modality>.py``): its data-space shape, ``vector`` (one MLP velocity net
+over the flat item) or ``set`` (a per-point velocity net: rows are i.i.d. draws, so their
+order never matters), the conversions to and from the featurized form, and what the
+generation evaluation reads of it (classifier features, a grid cell, default sources).
+This module names no modality; a new modality brings its own space.
 
 Sampling is seeded (``torch.Generator``): the same condition, seed and steps give the same
 samples on any batch composition.
@@ -119,9 +117,16 @@ class GenSpace:
     Attributes:
         shape: Data-space shape of one item.
         kind: ``vector`` (one MLP over the flat item) or ``set`` (rows are i.i.d. points).
+        modality: The modality it is registered for (set by :func:`register_space`).
+        eval_sources: Source modalities whose translation into this one the generation
+            evaluation scores by default (``jobs.evaluation.generation``).
+        plot_projection: matplotlib projection of a grid cell (``None``: 2-D axes).
     """
 
     kind: str = "vector"
+    modality: str = ""
+    eval_sources: tuple[str, ...] = ()
+    plot_projection: str | None = None
 
     def __init__(self, shape: Sequence[int]) -> None:
         self.shape = tuple(int(s) for s in shape)
@@ -144,119 +149,57 @@ class GenSpace:
         """One data-space sample ``shape`` -> the featurized form (the record's dtype)."""
         raise NotImplementedError
 
+    def probe_features(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        """``(N, D)`` float32 features of featurized items from which a linear classifier
+        can read the concept (the generation evaluation's independent classifiers).
 
+        Default: the data-space form (:meth:`from_batch` of the collated items), flattened.
+        """
+        from models.data import collate
+
+        m = self.modality
+        feats = []
+        for i in range(0, len(items), 256):
+            b = collate([{m: x} for x in items[i : i + 256]], modalities=(m,))
+            z, _ = self.from_batch(b[m], b.get(f"{m}_mask"))
+            feats.append(z.flatten(1).numpy())
+        return np.concatenate(feats).astype(np.float32)
+
+    def plot(self, ax: Any, item: np.ndarray) -> None:
+        """Draws one featurized item into a matplotlib axes (a cell of a sample grid)."""
+        raise NotImplementedError(f"{type(self).__name__}.plot")
+
+
+#: modality -> its :class:`GenSpace` class. Filled when ``models.encoders`` is imported
+#: (each encoder module registers its modality's space), which importing ``models`` does.
 SPACES: dict[str, type[GenSpace]] = {}
 
 
 def register_space(name: str) -> Callable[[type[GenSpace]], type[GenSpace]]:
-    """Class decorator: the :class:`GenSpace` of modality ``name``."""
+    """Class decorator: the :class:`GenSpace` of modality ``name`` (a declared modality)."""
 
     def deco(cls: type[GenSpace]) -> type[GenSpace]:
+        from common.modalities import check_registered
+
+        check_registered("register_space", name)
+        cls.modality = name
         SPACES[name] = cls
         return cls
 
     return deco
 
 
-@register_space("image")
-class ImageSpace(GenSpace):
-    """uint8 (H, W, 3) <-> float [-1, 1]."""
+def generation_targets() -> list[str]:
+    """Every modality with a generation space, in the modality table's order."""
+    from common.modalities import modality_names
 
-    def from_batch(self, x, mask):
-        z = x.float() / 127.5 - 1.0
-        return z, torch.ones_like(z)
-
-    def to_item(self, z):
-        a = ((z.float().clamp(-1, 1) + 1.0) * 127.5).round()
-        return a.to(torch.uint8).cpu().numpy()
+    return [m for m in modality_names() if m in SPACES]
 
 
-@register_space("audio")
-class AudioSpace(GenSpace):
-    """Normalized log-mel (T, F), T <= max_frames, padded with each bin's quietest value
-    (so a generated clip ends in near-silence rather than in the utterance's mean)."""
-
-    def from_batch(self, x, mask):
-        x = x.float()
-        b, t, f = x.shape
-        tm = self.shape[0]
-        valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if mask is None else mask
-        valid = valid.bool()
-        quiet = x.masked_fill(~valid[..., None], float("inf")).amin(1, keepdim=True)  # (B,1,F)
-        quiet = torch.where(torch.isfinite(quiet), quiet, torch.zeros_like(quiet))
-        z = torch.where(valid[..., None], x, quiet)
-        if t < tm:
-            z = torch.cat([z, quiet.expand(b, tm - t, f)], 1)
-        return z[:, :tm], torch.ones(b, tm, f, device=x.device)
-
-    def to_item(self, z):
-        # Re-normalized per bin as the featurizer normalizes a decoded clip.
-        z = z.float()
-        z = (z - z.mean(0, keepdim=True)) / (z.std(0, unbiased=False, keepdim=True) + 1e-5)
-        return z.cpu().numpy().astype(np.float16)
-
-
-@register_space("signal")
-class SignalSpace(GenSpace):
-    """(C, L) standardized series; C cropped/padded to ``signal_channels``."""
-
-    @classmethod
-    def for_model(cls, cfg, gen, modality):
-        from models.encoders import ENCODERS
-
-        _, length = ENCODERS[modality].input_shape(cfg, cfg.encoder_section(modality))
-        return cls((gen.signal_channels, length))
-
-    def from_batch(self, x, mask):
-        x = x.float()
-        b, c, length = x.shape
-        cg, lg = self.shape
-        w = torch.ones(b, c, device=x.device) if mask is None else mask.float()
-        if length != lg:
-            x = F.interpolate(x, size=lg, mode="linear", align_corners=True)
-        if c < cg:
-            x = torch.cat([x, x.new_zeros(b, cg - c, lg)], 1)
-            w = torch.cat([w, w.new_zeros(b, cg - c)], 1)
-        z, w = x[:, :cg], w[:, :cg]
-        return z, w[..., None].expand(b, cg, lg).contiguous()
-
-    def to_item(self, z):
-        return z.float().cpu().numpy().astype(np.float16)
-
-
-@register_space("pointcloud")
-class PointSpace(GenSpace):
-    """(N, C) centred, unit-sphere points; xyz generated as a set (extra channels 0)."""
-
-    kind = "set"
-
-    @classmethod
-    def for_model(cls, cfg, gen, modality):
-        from models.encoders import ENCODERS
-
-        n, c = ENCODERS[modality].input_shape(cfg, cfg.encoder_section(modality))
-        space = cls((n, 3))
-        space.channels = int(c)
-        return space
-
-    def from_batch(self, x, mask):
-        z = x.float()[..., :3]
-        w = torch.ones_like(z)
-        if mask is not None:
-            w = w * mask.float()[..., None]
-        n = self.shape[0]
-        if z.shape[1] < n:  # padded batches: pad rows carry no weight
-            pad = n - z.shape[1]
-            z = torch.cat([z, z.new_zeros(z.shape[0], pad, 3)], 1)
-            w = torch.cat([w, w.new_zeros(w.shape[0], pad, 3)], 1)
-        return z[:, :n], w[:, :n]
-
-    def to_item(self, z):
-        z = z.float()
-        c = getattr(self, "channels", 3)
-        if c > 3:
-            z = torch.cat([z, z.new_zeros(z.shape[0], c - 3)], 1)
-        return z.cpu().numpy().astype(np.float16)
+def default_directions(targets: Sequence[str]) -> list[tuple[str, str]]:
+    """``(source, target)`` pairs the evaluation scores by default: each target's
+    :attr:`GenSpace.eval_sources`, targets in the given order."""
+    return [(s, t) for t in targets if t in SPACES for s in SPACES[t].eval_sources]
 
 
 # ---------------------------------------------------------------------------- networks

@@ -248,3 +248,27 @@ def test_fit_generation_adds_heads_to_an_export_and_evaluation_runs(
     assert all(Path(p).is_file() for p in res["grids"])
     # Untrained encoders and 20 steps: recognition means nothing here; the figures'
     # plumbing is what this test checks (the demo's numbers are in benchmarks/results).
+
+
+def test_generation_code_names_no_modality():
+    """Each modality's generation facts live with its encoder (``register_space`` there);
+    the shared generation code is modality-agnostic."""
+    import importlib
+
+    from common.modalities import modality_names
+    from models.encoders import ENCODERS
+
+    for name in (
+        "models.generation",
+        "models.objectives.generation",
+        "serve.generation",
+        "jobs.evaluation.generation",
+        "jobs.training.generation",
+        "jobs.fit_generation",
+    ):
+        src = Path(importlib.import_module(name).__file__).read_text()
+        named = [m for m in modality_names() if f'"{m}"' in src or f"'{m}'" in src]
+        assert not named, (name, named)
+    for m, space in SPACES.items():
+        assert space.modality == m
+        assert space.__module__ == ENCODERS[m].__module__, (m, space.__module__)

@@ -5,9 +5,9 @@ on standardized features of the *real* featurized train items; the generator nev
 is fitted, and its own accuracy on the real items of the evaluated split is reported beside
 every figure it produces (a figure whose classifier is below ``min_classifier_accuracy`` is
 flagged ``"meaningful": false``). Features are chosen so that a linear model can read the
-concept: image pixels (grey), audio log-mel frames *not* time-pooled (padded to the longest
-clip as the head pads them), signal samples, and an order-free 3-D occupancy histogram of a
-point cloud.
+concept, by each target's generation space (``GenSpace.probe_features``, next to its encoder):
+e.g. grey pixels of an image, log-mel frames of audio *not* time-pooled (padded as the head
+pads them), an order-free 3-D occupancy histogram of a point cloud.
 
 Per direction ``source -> target`` (prompts: the split's rows with a label and the source):
 
@@ -34,23 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-#: The directions the issue asks for, then any other source -> target pair present.
-DEFAULT_DIRECTIONS: tuple[tuple[str, str], ...] = (
-    ("text", "image"),
-    ("audio", "image"),
-    ("image", "audio"),
-    ("text", "signal"),
-    ("text", "pointcloud"),
-    ("text", "audio"),
-)
-
 
 @dataclass
 class GenerationEvalConfig:
     """Settings of :func:`evaluate_generation`.
 
     Attributes:
-        directions: ``[[source, target], ...]`` (default :data:`DEFAULT_DIRECTIONS`, those
+        directions: ``[[source, target], ...]`` (default: each target's
+            ``GenSpace.eval_sources``, :func:`models.generation.default_directions`, those
             the model and split support).
         max_prompts: Prompts per direction (split rows, balanced over labels).
         seeds: Samples per prompt (seeds 0..seeds-1), for recognition and diversity.
@@ -74,29 +65,12 @@ class GenerationEvalConfig:
 
 # ----------------------------------------------------------------------------- features
 def classifier_features(target: str, items: Sequence[np.ndarray], model_cfg: Any) -> np.ndarray:
-    """``(N, D)`` float32 features of featurized items of ``target`` for the classifiers."""
+    """``(N, D)`` float32 features of featurized items of ``target`` for the classifiers:
+    the target's ``GenSpace.probe_features`` (defined with its encoder)."""
     from models.generation import SPACES, GenerationConfig
 
-    if target == "image":
-        return np.stack([np.asarray(x, np.float32).mean(-1).ravel() / 255.0 for x in items])
-    if target == "pointcloud":
-        out = []
-        for x in items:
-            p = np.asarray(x, np.float32)[:, :3]
-            h, _ = np.histogramdd(p, bins=(6, 6, 6), range=[(-1, 1)] * 3)
-            out.append(h.ravel() / max(len(p), 1))
-        return np.stack(out).astype(np.float32)
-    # audio / signal: the generation space (padded frames, cropped channels), flattened.
-    from models.data import collate
-
     gen = GenerationConfig.from_model(model_cfg)
-    space = SPACES[target].for_model(model_cfg, gen, target)
-    feats = []
-    for i in range(0, len(items), 256):
-        b = collate([{target: x} for x in items[i : i + 256]], modalities=(target,))
-        z, _ = space.from_batch(b[target], b.get(f"{target}_mask"))
-        feats.append(z.flatten(1).numpy())
-    return np.concatenate(feats).astype(np.float32)
+    return SPACES[target].for_model(model_cfg, gen, target).probe_features(items)
 
 
 @dataclass
@@ -270,6 +244,7 @@ def draw_grid(
     import matplotlib.pyplot as plt
 
     labs = sorted(grid, key=str)
+    space = model.generators[target].space
     cols = max(1, min(seeds, max(len(v) for v in grid.values())))
     fig = plt.figure(figsize=(1.4 * cols + 0.6, 1.2 * len(labs) + 0.6))
     for r, lab in enumerate(labs):
@@ -277,22 +252,12 @@ def draw_grid(
             if c >= len(grid[lab]):
                 continue
             x = np.asarray(grid[lab][c], np.float32)
-            proj = "3d" if target == "pointcloud" else None
-            ax = fig.add_subplot(len(labs), cols, r * cols + c + 1, projection=proj)
-            if target == "image":
-                ax.imshow(x.astype(np.uint8))
-            elif target == "audio":
-                ax.imshow(x.T, origin="lower", aspect="auto", cmap="magma")
-            elif target == "signal":
-                for ch in x:
-                    ax.plot(ch, lw=0.6)
-            elif target == "pointcloud":
-                ax.scatter(x[:, 0], x[:, 1], x[:, 2], s=1)
-                ax.view_init(elev=90, azim=-90)
+            ax = fig.add_subplot(
+                len(labs), cols, r * cols + c + 1, projection=space.plot_projection
+            )
+            space.plot(ax, x)
             ax.set_xticks([])
             ax.set_yticks([])
-            if target == "pointcloud":
-                ax.set_zticks([])
             if c == 0:
                 ax.set_title(str(lab), fontsize=7, loc="left")
     fig.suptitle(title, fontsize=9)
@@ -323,11 +288,13 @@ def evaluate_generation(
     Returns:
         ``{"classifiers": {target: {...}}, "directions": {"src->tgt": {...}}, "grids": [...]}``.
     """
+    from models.generation import default_directions
+
     cfg = cfg or GenerationEvalConfig()
     if not len(getattr(model, "generators", {})):
         return {"skipped": "the export has no generation heads"}
     targets = list(model.generators)
-    dirs = cfg.directions or [list(d) for d in DEFAULT_DIRECTIONS]
+    dirs = cfg.directions or [list(d) for d in default_directions(targets)]
     dirs = [d for d in dirs if d[1] in targets and d[0] in model.modalities and d[0] != d[1]]
     out: dict[str, Any] = {"classifiers": {}, "directions": {}, "grids": []}
     clfs: dict[str, TargetClassifier | None] = {}

@@ -25,6 +25,12 @@ import numpy as np
 import torch
 
 
+def _every_target() -> dict[str, Any]:
+    from models.generation import generation_targets
+
+    return {"targets": generation_targets()}
+
+
 @dataclass
 class FitGenerationConfig:
     """Settings of :func:`fit_generation_heads`.
@@ -37,7 +43,8 @@ class FitGenerationConfig:
         max_rows: Train rows embedded (None: all).
         seed: Seed of the pair sampling and of the flow draws.
         generation: The ``generation`` section for an export that has none (ignored when
-            the export already has heads, which are then refined).
+            the export already has heads, which are then refined); default: a head for
+            every modality with a generation space.
         log_every: Steps between progress lines.
         cache: A file for the embedded train split (written once, reused when it exists:
             iterating on the heads skips the encoder pass). None: no cache.
@@ -49,9 +56,7 @@ class FitGenerationConfig:
     weight_decay: float = 0.0
     max_rows: int | None = None
     seed: int = 0
-    generation: dict[str, Any] = field(
-        default_factory=lambda: {"targets": ["image", "audio", "signal", "pointcloud"]}
-    )
+    generation: dict[str, Any] = field(default_factory=_every_target)
     log_every: int = 250
     cache: str | None = None
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +15,7 @@ from common.config import ConfigError
 from models.config import OmniConfig
 from models.encoders import register_encoder
 from models.encoders.base import ModalityEncoder, Tokenized
+from models.generation import GenSpace, register_space
 
 
 @register_encoder("audio")
@@ -89,3 +91,37 @@ class AudioEncoder(ModalityEncoder):
         return Tokenized(
             x=self.proj(self.as_params(patches)), pos=self.pos[:, :n], mask=mask, targets=patches
         )
+
+
+@register_space("audio")
+class AudioSpace(GenSpace):
+    """Generation space of audio: normalized log-mel (T, F), T <= max_frames, padded with
+    each bin's quietest value (so a generated clip ends in near-silence rather than in the
+    utterance's mean); an MLP velocity net. Its classifier features are the padded frames,
+    not time-pooled (the default :meth:`GenSpace.probe_features`). Evaluated from images
+    and from text by default."""
+
+    eval_sources = ("image", "text")
+
+    def from_batch(self, x, mask):
+        x = x.float()
+        b, t, f = x.shape
+        tm = self.shape[0]
+        valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if mask is None else mask
+        valid = valid.bool()
+        quiet = x.masked_fill(~valid[..., None], float("inf")).amin(1, keepdim=True)  # (B,1,F)
+        quiet = torch.where(torch.isfinite(quiet), quiet, torch.zeros_like(quiet))
+        z = torch.where(valid[..., None], x, quiet)
+        if t < tm:
+            z = torch.cat([z, quiet.expand(b, tm - t, f)], 1)
+        return z[:, :tm], torch.ones(b, tm, f, device=x.device)
+
+    def to_item(self, z):
+        # Re-normalized per bin as the featurizer normalizes a decoded clip.
+        z = z.float()
+        z = (z - z.mean(0, keepdim=True)) / (z.std(0, unbiased=False, keepdim=True) + 1e-5)
+        return z.cpu().numpy().astype(np.float16)
+
+    def plot(self, ax, item):
+        x = np.asarray(item, np.float32)
+        ax.imshow(x.T, origin="lower", aspect="auto", cmap="magma")

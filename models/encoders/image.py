@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,6 +15,7 @@ from common.config import ConfigError
 from models.config import OmniConfig
 from models.encoders import register_encoder
 from models.encoders.base import ModalityEncoder, Tokenized, standardize
+from models.generation import GenSpace, register_space
 
 
 def patchify_image(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -122,3 +124,26 @@ class ImageEncoder(ModalityEncoder):
             tokens = self.stem(self.as_params(patches))
         mask = torch.ones(patches.shape[:2], dtype=torch.bool, device=img.device)
         return Tokenized(x=tokens, pos=self.pos, mask=mask, targets=patches)
+
+
+@register_space("image")
+class ImageSpace(GenSpace):
+    """Generation space of an image: uint8 (H, W, 3) <-> float [-1, 1]; an MLP velocity net
+    over the flat image. Evaluated from text and from spoken audio by default."""
+
+    eval_sources = ("text", "audio")
+
+    def from_batch(self, x, mask):
+        z = x.float() / 127.5 - 1.0
+        return z, torch.ones_like(z)
+
+    def to_item(self, z):
+        a = ((z.float().clamp(-1, 1) + 1.0) * 127.5).round()
+        return a.to(torch.uint8).cpu().numpy()
+
+    def probe_features(self, items):
+        """Grey pixels in [0, 1]."""
+        return np.stack([np.asarray(x, np.float32).mean(-1).ravel() / 255.0 for x in items])
+
+    def plot(self, ax, item):
+        ax.imshow(np.asarray(item, np.float32).astype(np.uint8))

@@ -13,6 +13,7 @@ from common.config import ConfigError
 from models.config import OmniConfig
 from models.encoders import register_encoder
 from models.encoders.base import ModalityEncoder, Tokenized
+from models.generation import GenSpace, register_space
 
 
 @torch.no_grad()
@@ -169,3 +170,58 @@ class PointCloudEncoder(ModalityEncoder):
         mask = torch.ones(f.shape[:2], dtype=torch.bool, device=pts.device)
         targets = groups[..., :3].reshape(*groups.shape[:2], -1)  # (B, G, K*3)
         return Tokenized(x=f, pos=self.pos_mlp(self.as_params(centres)), mask=mask, targets=targets)
+
+
+@register_space("pointcloud")
+class PointSpace(GenSpace):
+    """Generation space of a point cloud: (N, C) centred, unit-sphere points; xyz generated
+    as a *set* by a per-point velocity net (points are i.i.d. draws from the shape's surface
+    density given the condition, so point order never matters); extra channels are 0.
+    Evaluated from text by default."""
+
+    kind = "set"
+    eval_sources = ("text",)
+    plot_projection = "3d"
+
+    @classmethod
+    def for_model(cls, cfg, gen, modality):
+        from models.encoders import ENCODERS
+
+        n, c = ENCODERS[modality].input_shape(cfg, cfg.encoder_section(modality))
+        space = cls((n, 3))
+        space.channels = int(c)
+        return space
+
+    def from_batch(self, x, mask):
+        z = x.float()[..., :3]
+        w = torch.ones_like(z)
+        if mask is not None:
+            w = w * mask.float()[..., None]
+        n = self.shape[0]
+        if z.shape[1] < n:  # padded batches: pad rows carry no weight
+            pad = n - z.shape[1]
+            z = torch.cat([z, z.new_zeros(z.shape[0], pad, 3)], 1)
+            w = torch.cat([w, w.new_zeros(w.shape[0], pad, 3)], 1)
+        return z[:, :n], w[:, :n]
+
+    def to_item(self, z):
+        z = z.float()
+        c = getattr(self, "channels", 3)
+        if c > 3:
+            z = torch.cat([z, z.new_zeros(z.shape[0], c - 3)], 1)
+        return z.cpu().numpy().astype(np.float16)
+
+    def probe_features(self, items):
+        """An order-free 6x6x6 occupancy histogram of the xyz points in [-1, 1]^3."""
+        out = []
+        for x in items:
+            p = np.asarray(x, np.float32)[:, :3]
+            h, _ = np.histogramdd(p, bins=(6, 6, 6), range=[(-1, 1)] * 3)
+            out.append(h.ravel() / max(len(p), 1))
+        return np.stack(out).astype(np.float32)
+
+    def plot(self, ax, item):
+        x = np.asarray(item, np.float32)
+        ax.scatter(x[:, 0], x[:, 1], x[:, 2], s=1)
+        ax.view_init(elev=90, azim=-90)
+        ax.set_zticks([])

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.config import ConfigError
 from models.config import OmniConfig
 from models.encoders import register_encoder
 from models.encoders.base import ModalityEncoder, Tokenized
+from models.generation import GenSpace, register_space
 
 
 @register_encoder("signal")
@@ -114,3 +116,40 @@ class SignalEncoder(ModalityEncoder):
         pos = (self.channel_embed[:, :c] + self.time_pos[:, :, :n]).reshape(1, c * n, -1)
         mask = ch_mask.repeat_interleave(n, dim=1)  # (B, C*N)
         return Tokenized(x=self.proj(self.as_params(patches)), pos=pos, mask=mask, targets=patches)
+
+
+@register_space("signal")
+class SignalSpace(GenSpace):
+    """Generation space of a signal: (C, L) standardized series, C cropped/padded to
+    ``generation.signal_channels`` (the loss counts real channels only); an MLP velocity
+    net. Its classifier features are the samples (default :meth:`GenSpace.probe_features`).
+    Evaluated from text by default."""
+
+    eval_sources = ("text",)
+
+    @classmethod
+    def for_model(cls, cfg, gen, modality):
+        from models.encoders import ENCODERS
+
+        _, length = ENCODERS[modality].input_shape(cfg, cfg.encoder_section(modality))
+        return cls((gen.signal_channels, length))
+
+    def from_batch(self, x, mask):
+        x = x.float()
+        b, c, length = x.shape
+        cg, lg = self.shape
+        w = torch.ones(b, c, device=x.device) if mask is None else mask.float()
+        if length != lg:
+            x = F.interpolate(x, size=lg, mode="linear", align_corners=True)
+        if c < cg:
+            x = torch.cat([x, x.new_zeros(b, cg - c, lg)], 1)
+            w = torch.cat([w, w.new_zeros(b, cg - c)], 1)
+        z, w = x[:, :cg], w[:, :cg]
+        return z, w[..., None].expand(b, cg, lg).contiguous()
+
+    def to_item(self, z):
+        return z.float().cpu().numpy().astype(np.float16)
+
+    def plot(self, ax, item):
+        for ch in np.asarray(item, np.float32):
+            ax.plot(ch, lw=0.6)
