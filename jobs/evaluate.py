@@ -7,13 +7,16 @@ Runs unchanged under ``ray job submit --working-dir . -- python -m jobs.evaluate
 test split is small: it is read with pyarrow and encoded in batches on the driver).
 
 Writes ``<out>/metrics.json`` (default ``<export>/eval/<split>/``), merges the same results
-under ``"evaluation" → <split>`` into ``<export>/metrics.json``, draws
-``retrieval_r1.png``, ``embeddings_2d.png``, ``zero_shot.png``, ``fusion.png`` and the confusion
-matrices ``confusion_classification.png`` (the head, per sample: each row fused over its
-modalities, and each modality alone) and ``confusion_zero_shot.png``, and prints a compact
-summary (accuracy, balanced accuracy and per-class recall of every labelled modality). A metric that cannot be computed (no text branch, no classification head,
-modality absent from the split, ...) is recorded as ``{"skipped": "<reason>"}``; user errors
-(missing export or split, corrupt config) exit with status 2 and a one-line message.
+under ``"evaluation" → <split>`` into ``<export>/metrics.json``, draws ``retrieval_r1.png``,
+``embeddings_2d.png``, ``zero_shot.png``, ``fusion.png`` and the confusion matrices
+``confusion_classification.png`` (the head, per sample: each row fused over its modalities,
+and each modality alone) and ``confusion_zero_shot.png``, writes ``per_class_recall.csv``
+(recall of each class per head panel and zero-shot modality), and prints a compact summary:
+retrieval, the emergent pairs (each direction), a table of the per-sample accuracy /
+balanced accuracy of the head and of zero-shot for every labelled modality (``--brief``
+leaves it out), fusion. A metric that cannot be computed (no text branch, no classification
+head, modality absent from the split, ...) is recorded as ``{"skipped": "<reason>"}``; user
+errors (missing export or split, corrupt config) exit with status 2 and a one-line message.
 The library behind this script is :mod:`jobs.evaluation` (:func:`~jobs.evaluation.run.run_evaluation`).
 """
 
@@ -58,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the export's training info)",
     )
     p.add_argument(
+        "--brief",
+        action="store_true",
+        help="leave the per-sample accuracy table off the console (jobs.demo shows it on its "
+        "summary screen)",
+    )
+    p.add_argument(
         "--verbose", action="store_true", help="everything on the terminal (no log file)"
     )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config")
@@ -94,7 +103,7 @@ def _main(args: argparse.Namespace) -> int:
         say(f"jobs.evaluate: error: {one_line(e)}", err=True)
         return EXIT_USER_ERROR
     print(format_summary(result))  # the full table: into the log when the console is quiet
-    for line in compact_summary(result):
+    for line in compact_summary(result, table=not args.brief):
         say(f"[evaluate] {line}")
     out = Path(args.out) if args.out else Path(args.export) / "eval" / cfg.split
     say(

@@ -200,7 +200,12 @@ def test_cli_end_to_end(setup, tmp_path):
     for v in [cl["fused"], *cl["per_modality"].values()]:
         assert np.sum(v["confusion"]) == pytest.approx(v["n"])
         assert v["support"] == ({"0": 7, "1": 7, "2": 5, "3": 5} if v["n"] == 24 else v["support"])
-    assert "classification head, per sample" in proc.stdout and "balanced" in proc.stdout
+    # The console's table: head and zero-shot per-sample accuracy/balanced per modality.
+    table = proc.stdout.split("[evaluate] accuracy/balanced per sample")[1].splitlines()
+    assert "head" in table[0] and "zero-shot" in table[0] and "(4 classes" in table[0]
+    assert [ln.split()[1] for ln in table[1 : 2 + len(SPLIT_MODS)]] == ["fused", *SPLIT_MODS]
+    recall = (out / "per_class_recall.csv").read_text().splitlines()
+    assert recall[0].endswith(",".join(LABELS)) and len(recall) == 1 + 2 * len(SPLIT_MODS) + 1
 
     fu = res["fusion"]
     assert fu["modalities"] == list(SPLIT_MODS) and fu["n"] == 19

@@ -59,6 +59,7 @@ def test_demo_config_leaves_an_emergent_pair_out():
     cfg = load_train_config(str(ROOT / "configs/train/demo_small.yaml"))
     pairs = {frozenset(p) for p in cfg.align.pairs}
     assert frozenset({"audio", "pointcloud"}) not in pairs
+    assert cfg.align.held_out_pairs == [["audio", "pointcloud"]]
     assert len(pairs) == 17  # 14 of the 15 pairs of the six media modalities + 3 tabular
     # The corpus' own prompts travel into the export; other configs keep the neutral ones.
     assert "the digit {label}" in cfg.zero_shot_templates
@@ -418,7 +419,7 @@ def test_align_pairs_default_to_the_pairs_the_data_has(tmp_path):
     """text+image and text+signal rows, never image+signal: only the two pairs are aligned;
     an explicit pair naming a modality the data lacks is a one-line error naming the key."""
     from jobs.training.data import inspect_shards
-    from jobs.training.runner import aligned_pairs
+    from jobs.training.runner import aligned_pairs, held_out_pairs
 
     rows = [("a", ["text", "image"])] * 3 + [("b", ["text", "signal"])] * 2
     rows += [("b", ["image"]), ("c", ["signal"])]
@@ -434,6 +435,20 @@ def test_align_pairs_default_to_the_pairs_the_data_has(tmp_path):
     tc = load_train_config(tiny, ["align.pairs=[[image,signal],[text,audio]]"])
     with pytest.raises(ConfigError, match=r"^align.pairs: pair \['text', 'audio'\] names 'audio'"):
         aligned_pairs(tc, info.modalities, info)
+    # A held-out pair leaves the default pairs; it must name trained modalities and may not
+    # be aligned as well.
+    tc = load_train_config(tiny, ["align.held_out_pairs=[[signal,text]]"])
+    assert aligned_pairs(tc, info.modalities, info) == [["text", "image"]]
+    # A pair naming a modality the run does not train holds nothing out; a typo is an error.
+    tc = load_train_config(tiny, ["align.held_out_pairs=[[text,audio],[text,signal]]"])
+    assert held_out_pairs(tc, info.modalities) == [["text", "signal"]]
+    tc = load_train_config(tiny, ["align.held_out_pairs=[[text,audi]]"])
+    with pytest.raises(ConfigError, match=r"^align.held_out_pairs: pair \['text', 'audi'\]"):
+        aligned_pairs(tc, info.modalities, info)
+    with pytest.raises(ConfigError, match="also in pairs"):
+        load_train_config(
+            tiny, ["align.pairs=[[text,image]]", "align.held_out_pairs=[[image,text]]"]
+        )
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,9 @@ class Orchestrator:
         missing = [str(p) for p in step.outputs if not p.exists()]
         if missing:
             raise SystemExit(f"demo: step '{step.name}' finished but did not produce {missing}")
-        print(f"[demo] {step.name}: done in {dt:.1f}s", flush=True)
+        # Each job's own last line says it is done (and how long it took); the summary
+        # lists every step's time: the console gets no extra line.
+        self._log(f"[{step.name}] done in {dt:.1f}s")
         self.timings[step.name] = {"seconds": round(dt, 1), "skipped": False}
         self.state[step.name] = fp
         self._upstream += fp
@@ -409,6 +411,7 @@ def build_steps(args: argparse.Namespace, prof: Profile, paths: Paths) -> list[S
                 "test",
                 "--out",
                 str(paths.eval_dir),
+                "--brief",  # the accuracy table is on the summary screen
             ],
             inputs=[paths.export / "model.safetensors"],
             outputs=[paths.eval_dir / "metrics.json"],
@@ -556,11 +559,24 @@ def build_report(paths: Paths, timings: dict, serving: dict, total_s: float) -> 
         "training": train_summary,
         "evaluation": {
             k: metrics.get(k)
-            for k in ("retrieval_summary", "mean_R@1", "emergent", "fusion", "zero_shot")
+            for k in (
+                "modalities",
+                "retrieval_summary",
+                "mean_R@1",
+                "emergent",
+                "fusion",
+                "zero_shot",
+                "classification",
+            )
             if k in metrics
         },
         "serving": serving,
         "baselines": _baselines_line(paths.reports / "baselines.json"),
+        "baselines_result": {
+            k: v
+            for k, v in _read_json(paths.reports / "baselines.json").items()
+            if k in ("per_modality", "comparison")
+        },
         "paths": {
             "export": str(paths.export),
             "reports": str(paths.reports),
@@ -580,8 +596,10 @@ def _baselines_line(path: Path) -> str | None:
 
 def format_report(report: dict) -> str:
     """A one-screen summary of :func:`build_report` (the page ``reports/index.html`` has
-    the rest)."""
-    from jobs.demo.html_report import TARGETS, headline, meets
+    the rest): steps, corpus, the targets, the per-sample accuracy table (classifier head,
+    zero-shot, baseline per labelled modality), the example searches, where things are."""
+    from jobs.demo.html_report import TARGETS, headline, meets, target_label
+    from jobs.evaluation.report import accuracy_table
 
     lines = ["=" * 30 + " OmniRay demo report " + "=" * 30]
     steps = ", ".join(
@@ -598,18 +616,26 @@ def format_report(report: dict) -> str:
     if metrics:
         h = headline(metrics)
         cells = []
-        for key, label, op, target in TARGETS:
+        for key, _, op, target in TARGETS:
             ok = meets(h.get(key), op, target)
             v = "n/a" if h.get(key) is None else f"{h[key]:.3f}"
-            cells.append(f"{label.split(' (')[0]} {v} ({op} {target}: {_mark(ok)})")
+            cells.append(
+                f"{target_label(key, metrics, short=True)} {v} ({op} {target}: {_mark(ok)})"
+            )
         lines.append("targets: " + "; ".join(cells))
-    if report.get("baselines"):
+    table = accuracy_table(metrics, report.get("baselines_result") or None)
+    lines += table
+    if report.get("baselines") and not table:
         lines.append(report["baselines"])
-    sv = report.get("serving") or {}
-    for name, ex in (sv.get("examples") or {}).items():
+    examples = (report.get("serving") or {}).get("examples") or {}
+    if examples:
+        right = sum(1 for ex in examples.values() if ex["top1_right"])
+        cells = "; ".join(
+            f"{name.removeprefix('search ')} {','.join(map(str, ex['top5_labels']))}"
+            for name, ex in examples.items()
+        )
         lines.append(
-            f"example {name}: top-5 labels {','.join(map(str, ex['top5_labels']))} "
-            f"(true {ex['true']}; top-1 {'right' if ex['top1_right'] else 'WRONG'})"
+            f"example searches, top-5 labels: {cells} (top-1 right {right}/{len(examples)})"
         )
     lines.append(f"export: {report['paths']['export']}")
     html = report["paths"].get("html")

@@ -27,6 +27,10 @@ class EvalConfig:
             else the sorted labels of the split (then fusion is skipped: no head order).
         aligned_pairs: modality pairs seen together in training, e.g. ``["text-image"]``;
             default: the export's training info. Every other pair is "emergent".
+        emergent_pairs: the pairs never trained together that the emergent-alignment
+            figure is about, e.g. ``["audio-pointcloud"]`` (each direction is reported);
+            default: the export's record (the training config's ``align.held_out_pairs``),
+            else every pair never trained together. Naming an aligned pair is an error.
         fusion_modalities: modalities fused for the fusion-gain metric; default: the
             largest modality set that at least ``min_fusion_rows`` rows of the split have.
         min_fusion_rows: minimum rows for the fusion-gain metric.
@@ -49,6 +53,7 @@ class EvalConfig:
     prompt_modality: str = "text"
     label_names: list[str] | None = None
     aligned_pairs: list[str] | None = None
+    emergent_pairs: list[str] | None = None
     fusion_modalities: list[str] | None = None
     min_fusion_rows: int = 16
     min_retrieval_rows: int = 2

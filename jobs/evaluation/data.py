@@ -139,11 +139,14 @@ class TrainingInfo:
     Attributes:
         aligned_pairs: unordered modality pairs trained together (None: unknown).
         label_names: class names in classification-head order (None: unknown).
+        emergent_pairs: unordered pairs held out of alignment on purpose (None: none
+            recorded; the emergent figure then covers every pair never trained together).
         source: where each came from, for the report.
     """
 
     aligned_pairs: list[list[str]] | None = None
     label_names: list[str] | None = None
+    emergent_pairs: list[list[str]] | None = None
     source: dict[str, str] = field(default_factory=dict)
 
 
@@ -190,7 +193,8 @@ def _as_pairs(value: Any) -> list[list[str]] | None:
 
 
 def read_training_info(export_dir: Path) -> TrainingInfo:
-    """Looks for ``aligned_pairs`` and ``label_names`` in the export's training files.
+    """Looks for ``aligned_pairs``, ``emergent_pairs`` and ``label_names`` in the export's
+    training files.
 
     Searched in order: ``training.yaml``, ``training.json``, ``model_config.yaml``,
     ``metrics.json`` (nested keys allowed, first match wins).
@@ -205,6 +209,11 @@ def read_training_info(export_dir: Path) -> TrainingInfo:
             if pairs is not None:
                 info.aligned_pairs = pairs
                 info.source["aligned_pairs"] = name
+        if info.emergent_pairs is None:
+            held = _as_pairs(_find_key(data, "emergent_pairs"))
+            if held:  # an empty record: nothing held out on purpose
+                info.emergent_pairs = held
+                info.source["emergent_pairs"] = name
         if info.label_names is None:
             names = _find_key(data, "label_names")
             if isinstance(names, list | tuple) and names:

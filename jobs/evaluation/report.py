@@ -33,9 +33,7 @@ def draw_plots(
             entry = result["retrieval"].get(pair_key(a, b), {})
             if entry and "skipped" not in entry:
                 mat[i, j] = headline_r1(entry)
-    emergent = {
-        tuple(k.split("->")) for k in result["emergent_alignment"].get("emergent_pairs", [])
-    }
+    emergent = {tuple(k.split("->")) for k in never_trained_pairs(result)}
     paths["retrieval_r1"] = str(
         P.retrieval_heatmap(
             mat,
@@ -107,6 +105,13 @@ def draw_plots(
             )
         )
     return paths
+
+
+def never_trained_pairs(result: dict[str, Any]) -> list[str]:
+    """Ordered pairs never trained together (``"a->b"``), starred in tables and plots;
+    results of older evaluations only list ``emergent_pairs``."""
+    em = result.get("emergent_alignment") or {}
+    return list(em.get("never_trained_pairs", em.get("emergent_pairs", [])))
 
 
 def classification_panels(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -215,7 +220,7 @@ def format_summary(result: dict[str, Any]) -> str:
         f"({result['n_rows']} rows; {result['retrieval_level']}-level retrieval)",
         "R@1  query\\gallery " + " ".join(f"{m[:10]:>10}" for m in mods),
     ]
-    emergent = set(result["emergent_alignment"].get("emergent_pairs", []))
+    emergent = set(never_trained_pairs(result))
     for a in mods:
         cells = []
         for b in mods:
@@ -245,23 +250,10 @@ def format_summary(result: dict[str, Any]) -> str:
             )
     else:
         lines.append(f"fusion gain: skipped ({fu['skipped']})")
-    em = result["emergent_alignment"]
-    if "mean_R@1" in em:
-        al = em.get("mean_R@1_aligned")
-        lines.append(
-            f"emergent alignment: mean R@1 {em['mean_R@1']:.3f} over {len(em['R@1'])} pairs"
-            + (f" (aligned pairs {al:.3f})" if al is not None else "")
-        )
-    else:
-        lines.append(f"emergent alignment: skipped ({em['skipped']})")
+    lines.append(emergent_line(result["emergent_alignment"]))
     for k, why in result["skipped"].items():
         lines.append(f"skipped {k}: {why}")
     return "\n".join(lines)
-
-
-#: The six modalities of the first OmniDigits release: the quality targets (mean R@1 over
-#: their 30 ordered pairs) are stated over these, whatever was added since.
-ORIGINAL_MODALITIES = ("text", "image", "audio", "video", "pointcloud", "signal")
 
 
 def mean_r1_over(result: dict[str, Any], modalities: tuple[str, ...] | list[str]) -> dict:
@@ -276,35 +268,129 @@ def mean_r1_over(result: dict[str, Any], modalities: tuple[str, ...] | list[str]
     return {"mean": float(np.mean(vals)) if vals else None, "pairs": len(vals)}
 
 
-def compact_summary(result: dict[str, Any]) -> list[str]:
+def emergent_line(em: dict[str, Any]) -> str:
+    """``emergent alignment R@1, held out in training (training.yaml): audio->pointcloud 0.715,
+    pointcloud->audio 0.891, mean 0.803; aligned pairs 0.861; 6 other pairs never trained
+    together 0.475`` (or why it was skipped)."""
+    if "mean_R@1" not in em:
+        return f"emergent alignment: skipped ({em.get('skipped', 'not measured')})"
+    which = em.get("selected_by") or "pairs never trained together"
+    r1 = em["R@1"]
+    if len(r1) <= 6:  # each direction
+        cells = ", ".join(f"{k} {v:.3f}" for k, v in r1.items())
+        line = f"emergent alignment R@1, {which}: {cells}"
+        if len(r1) > 1:
+            line += f", mean {em['mean_R@1']:.3f}"
+    else:
+        lo, hi = min(r1, key=r1.get), max(r1, key=r1.get)
+        line = (
+            f"emergent alignment R@1, {which}: mean {em['mean_R@1']:.3f} over {len(r1)} "
+            f"ordered pairs (lowest {lo} {r1[lo]:.3f}, highest {hi} {r1[hi]:.3f})"
+        )
+    if em.get("mean_R@1_aligned") is not None:
+        line += f"; aligned pairs {em['mean_R@1_aligned']:.3f}"
+    other = em.get("other_never_trained") or {}
+    if other.get("R@1"):
+        line += f"; {len(other['R@1'])} other pairs never trained together {other['mean_R@1']:.3f}"
+    return line
+
+
+def accuracy_table(result: dict[str, Any], baselines: dict[str, Any] | None = None) -> list[str]:
+    """Per-sample accuracy / balanced accuracy of every labelled modality, one row each:
+    the classifier head (and its fused row) and zero-shot, with the baseline's accuracy
+    as a last column when ``baselines`` (``benchmarks.baselines``' result) is given.
+
+    A section that was not measured (a label-only corpus has no zero-shot: no text
+    branch) shows ``-`` and its reason under the table. Empty when neither was measured.
+    """
+    cl = result.get("classification") or {}
+    zs = result.get("zero_shot") or {}
+    head = classification_panels(cl)
+    zero = {m: v for m, v in (zs.get("per_modality") or {}).items() if "balanced_accuracy" in v}
+    base = (baselines or {}).get("per_modality") or {}
+    rows = list(dict.fromkeys([*head, *zero]))
+    if not rows:
+        return []
+    names = cl.get("class_names") or zs.get("class_names") or []
+    notes = [f"{len(names)} classes, chance {1 / len(names):.2f}"] if names else []
+    comp = (baselines or {}).get("comparison") or {}
+    if comp:
+        n_ok = sum(1 for r in comp.values() if r.get("omniray_matches_baseline"))
+        notes.append(f"OmniRay >= baseline on {n_ok}/{len(comp)}")
+    title = "accuracy/balanced per sample"
+    width = max(len(title), *(len(r) + 4 for r in rows))
+
+    def cell(rep: dict[str, Any] | None) -> str:
+        if not rep or "accuracy" not in rep:
+            return f"{'-':<10}"
+        return f"{rep['accuracy']:.2f}/{rep['balanced_accuracy']:.2f} "
+
+    header = f"{title:<{width}}  {'head':<10} {'zero-shot':<10}" + (" baseline" if base else "")
+    lines = [header + (f"  ({'; '.join(notes)})" if notes else "")]
+    for r in rows:
+        line = f"    {r:<{width - 4}}  {cell(head.get(r))} {cell(zero.get(r))}"
+        if base:
+            b = (base.get(r) or {}).get("accuracy")
+            line += f" {'-' if b is None else f'{b:.2f}'}"
+        lines.append(line.rstrip())
+    for what, sec in (("classification head", cl), ("zero-shot", zs)):
+        if "skipped" in sec:
+            lines.append(f"    {what}: skipped ({sec['skipped']})")
+    return lines
+
+
+def write_per_class_recall(result: dict[str, Any], path: Path) -> Path | None:
+    """``per_class_recall.csv``: one row per classifier-head panel (fused, each modality)
+    and zero-shot modality: source, modality, n, accuracy, balanced accuracy, then the
+    recall of each class (empty where the split has no row of that class)."""
+    import csv
+
+    rows = []
+    for source, key in (("head", "classification"), ("zero-shot", "zero_shot")):
+        for name, rep in classification_panels(result.get(key) or {}).items():
+            rows.append((source, name, rep))
+    if not rows:
+        return None
+    classes = list(rows[0][2]["per_class_recall"])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["source", "modality", "n", "accuracy", "balanced_accuracy", *classes])
+        for source, name, rep in rows:
+            rec = rep["per_class_recall"]
+            w.writerow(
+                [
+                    source,
+                    name,
+                    rep["n"],
+                    f"{rep['accuracy']:.4f}",
+                    f"{rep['balanced_accuracy']:.4f}",
+                ]
+                + ["" if rec.get(c) is None else f"{rec[c]:.4f}" for c in classes]
+            )
+    os.replace(tmp, path)
+    return path
+
+
+def compact_summary(result: dict[str, Any], *, table: bool = True) -> list[str]:
     """The headline numbers in a few lines of at most ~250 characters (the console's; the
-    full table of :func:`format_summary` goes to the log and ``metrics.json``)."""
+    full table of :func:`format_summary` goes to the log and ``metrics.json``).
+
+    With ``table`` the per-sample accuracy table of :func:`accuracy_table` is part of it
+    (``jobs.demo`` leaves it out: its summary screen shows it next to the baselines).
+    """
     lines = []
     r1 = (result.get("retrieval_summary") or {}).get("R@1", {})
     if r1:
         worst = min(r1, key=r1.get)
-        orig = mean_r1_over(result, ORIGINAL_MODALITIES)
-        line = f"retrieval R@1: mean {np.mean(list(r1.values())):.3f} over {len(r1)} pairs"
-        if orig["mean"] is not None and orig["pairs"] != len(r1):
-            line += f" ({orig['mean']:.3f} over the {orig['pairs']} pairs of the first 6)"
-        lines.append(line + f", lowest {worst} {r1[worst]:.3f}")
-    em = result["emergent_alignment"]
-    if "mean_R@1" in em:
-        pairs = ", ".join(f"{k} {v:.3f}" for k, v in em["R@1"].items())
-        lines.append(f"emergent alignment: mean R@1 {em['mean_R@1']:.3f} ({pairs})"[:250])
-    cl = result.get("classification", {})
-    panels = classification_panels(cl)
-    if panels:
-        cells = ", ".join(
-            f"{k} {v['accuracy']:.2f}/{v['balanced_accuracy']:.2f}" for k, v in panels.items()
+        n_mod = len(result.get("modalities") or [])
+        lines.append(
+            f"retrieval R@1: mean {np.mean(list(r1.values())):.3f} over {len(r1)} ordered pairs"
+            f" of {n_mod} modalities, lowest {worst} {r1[worst]:.3f}"
         )
-        lines.append(f"classification head, per sample (acc/balanced): {cells}"[:250])
-    zs = result["zero_shot"]
-    if "per_modality" in zs:
-        cells = ", ".join(
-            f"{m} {v['accuracy']:.2f}" for m, v in zs["per_modality"].items() if "accuracy" in v
-        )
-        lines.append(f"zero-shot accuracy: {cells}"[:250])
+    lines.append(emergent_line(result["emergent_alignment"])[:250])
+    if table:
+        lines += accuracy_table(result)
     fu = result["fusion"]
     if "fused_accuracy" in fu:
         lines.append(

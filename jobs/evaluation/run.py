@@ -30,7 +30,12 @@ from jobs.evaluation.data import (
 from jobs.evaluation.encode import SamplePass
 from jobs.evaluation.fusion import fusion_pairs, fusion_plan, fusion_result
 from jobs.evaluation.metrics import headline_r1, pair_key
-from jobs.evaluation.report import draw_plots, merge_into_export_metrics, write_json
+from jobs.evaluation.report import (
+    draw_plots,
+    merge_into_export_metrics,
+    write_json,
+    write_per_class_recall,
+)
 
 Embeds = dict[str, tuple[np.ndarray, np.ndarray]]  # modality -> (rows (n,), embeddings (n, E))
 
@@ -82,6 +87,11 @@ def run_evaluation(
         aligned, source = _parse_pairs(cfg.aligned_pairs), "config"
     else:
         aligned, source = info.aligned_pairs, info.source.get("aligned_pairs", "")
+    if cfg.emergent_pairs is not None:
+        held_out, held_source = _parse_pairs(cfg.emergent_pairs), "chosen in the config"
+    else:
+        held_out = info.emergent_pairs
+        held_source = f"held out in training ({info.source.get('emergent_pairs', '')})"
     data = load_split(data_loc, cfg.split, cfg.max_rows)
     t = lap("load_split", t0)
     try:
@@ -132,7 +142,7 @@ def run_evaluation(
     )
     zero_shot = _zero_shot(export, data, embeds, class_names, cfg)
     t = lap("zero_shot", t)
-    emergent = _emergent(retrieval, mods, aligned, source)
+    emergent = _emergent(retrieval, mods, aligned, source, held_out, held_source)
     generation = _generation(model, data, data_loc, cfg, out_dir)
     t = lap("generation", t)
     r1 = {k: round(headline_r1(v), 4) for k, v in retrieval.items() if "skipped" not in v}
@@ -157,7 +167,9 @@ def run_evaluation(
         "mean_R@1": mean_r1,
         "retrieval_summary": {"level": level, "R@1": r1},
         "emergent": {
-            k: emergent[k] for k in ("mean_R@1", "mean_R@1_aligned", "skipped") if k in emergent
+            k: emergent[k]
+            for k in ("mean_R@1", "R@1", "selected_by", "mean_R@1_aligned", "skipped")
+            if k in emergent
         },
         "skipped": skipped,
         "config": cfg.to_dict(),
@@ -166,6 +178,9 @@ def run_evaluation(
     if cfg.plots:
         result["plots"] = draw_plots(result, data, embeds, out_dir, cfg)
         lap("plots", t)
+    recall_csv = write_per_class_recall(result, out_dir / "per_class_recall.csv")
+    if recall_csv is not None:
+        result["tables"] = {"per_class_recall": str(recall_csv)}
     result["timings_s"] = timings
     result["wall_time_s"] = round(time.perf_counter() - t0, 3)
     write_json(out_dir / "metrics.json", result)
@@ -327,21 +342,47 @@ def _zero_shot(
 
 
 def _emergent(
-    retrieval: dict[str, Any], mods: list[str], aligned: list[list[str]] | None, source: str
+    retrieval: dict[str, Any],
+    mods: list[str],
+    aligned: list[list[str]] | None,
+    source: str,
+    held_out: list[list[str]] | None = None,
+    held_source: str = "",
 ) -> dict[str, Any]:
-    """Mean R@1 of the pairs never trained together next to that of the aligned pairs."""
+    """R@1 of the emergent pairs, each direction, next to that of the aligned pairs.
+
+    The emergent pairs are ``held_out`` (pairs kept out of alignment on purpose: the
+    export's record, or the evaluation config's) when given, else every pair of ``mods``
+    never trained together; never-trained pairs outside ``held_out`` are reported apart
+    (``other_never_trained``).
+
+    Raises:
+        EvaluationError: a ``held_out`` pair was aligned in training.
+    """
     if aligned is None:
         return {
             "skipped": "the export records no aligned modality pairs "
             "(pass --aligned-pairs a-b,c-d or aligned_pairs=[...])"
         }
-    pairs = M.emergent_pairs(mods, aligned)
-    measured = {
-        pair_key(a, b): headline_r1(retrieval[pair_key(a, b)])
-        for a, b in pairs
-        if "skipped" not in retrieval.get(pair_key(a, b), {"skipped": 1})
-    }
     aligned_set = {frozenset(p) for p in aligned}
+    never = M.emergent_pairs(mods, aligned)
+    held = {frozenset(p) for p in held_out or []}
+    trained = sorted("-".join(sorted(p)) for p in held & aligned_set)
+    if trained:
+        raise EvaluationError(
+            f"emergent pair(s) {trained} ({held_source}) were aligned in training "
+            f"({source}): an emergent pair is one never trained together"
+        )
+    pairs = [p for p in never if frozenset(p) in held] if held else never
+
+    def r1(ps: list[tuple[str, str]]) -> dict[str, float]:
+        return {
+            pair_key(a, b): headline_r1(retrieval[pair_key(a, b)])
+            for a, b in ps
+            if "skipped" not in retrieval.get(pair_key(a, b), {"skipped": 1})
+        }
+
+    measured = r1(pairs)
     aligned_r1 = [
         headline_r1(v)
         for k, v in retrieval.items()
@@ -350,12 +391,23 @@ def _emergent(
     out: dict[str, Any] = {
         "aligned_pairs": sorted("-".join(sorted(p)) for p in aligned_set),
         "source": source,
+        "selected_by": held_source if held else "every pair never trained together",
         "emergent_pairs": [pair_key(a, b) for a, b in pairs],
+        "never_trained_pairs": [pair_key(a, b) for a, b in never],
         "R@1": measured,
         "mean_R@1_aligned": float(np.mean(aligned_r1)) if aligned_r1 else None,
     }
-    if not pairs:
+    others = r1([p for p in never if p not in pairs])
+    if others:
+        out["other_never_trained"] = {
+            "R@1": others,
+            "mean_R@1": float(np.mean(list(others.values()))),
+        }
+    if not never:
         out["skipped"] = "every pair of modalities present was aligned in training"
+    elif not pairs:
+        names = sorted("-".join(sorted(p)) for p in held)
+        out["skipped"] = f"the emergent pair(s) {names} need modalities this split lacks"
     elif not measured:
         out["skipped"] = "no emergent pair has enough rows with both modalities"
     else:

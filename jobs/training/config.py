@@ -115,6 +115,11 @@ class StageSection:
         pairs: align: modality pairs aligned with InfoNCE; ``None`` = every pair of the
             trained modalities that at least one train row holds together (the pairs the
             prepared data has). A pair naming a modality the data lacks is an error.
+        held_out_pairs: align: pairs kept out of alignment on purpose (left out of the
+            default ``pairs``; listing one in ``pairs`` too is an error). The export records
+            them as ``emergent_pairs`` and evaluation reports their R@1, each direction, as
+            the emergent-alignment figure (other pairs never trained together are reported
+            apart from it).
         label_positives: align: every same-label key is a positive in InfoNCE (multi-positive,
             for corpora whose pairs are category-level like OmniDigits); False = the same row.
         norm_pix_targets: pretrain/align: masked patches are regressed normalized per patch
@@ -160,6 +165,7 @@ class StageSection:
     grad_clip: float = 1.0
     mask_ratio: float = 0.3
     pairs: list[list[str]] | None = None
+    held_out_pairs: list[list[str]] = field(default_factory=list)
     label_positives: bool = False
     norm_pix_targets: bool = False
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -197,9 +203,17 @@ class StageSection:
         unknown = set(self.tasks) - {"classification", "retrieval", "description"}
         if unknown:
             raise ValueError(f"unknown finetune task(s) {sorted(unknown)}")
-        for p in self.pairs or []:
+        for p in [*(self.pairs or []), *self.held_out_pairs]:
             if len(p) != 2 or p[0] == p[1]:
                 raise ValueError(f"align pair {p!r} must name two different modalities")
+        both = {frozenset(p) for p in self.pairs or []} & {
+            frozenset(p) for p in self.held_out_pairs
+        }
+        if both:
+            raise ValueError(
+                f"held_out_pairs {sorted(sorted(p) for p in both)} are also in pairs: a pair "
+                "is either aligned or held out"
+            )
 
 
 @dataclass

@@ -113,13 +113,7 @@ def aligned_pairs(
         ConfigError: A pair of ``align.pairs`` names a modality that is not trained (the
             data lacks it, or ``data.modalities`` leaves it out).
     """
-    if tc.align.pairs is None:
-        return [
-            list(p)
-            for p in combinations(modalities, 2)
-            if info is None or info.rows_with_pair(*p) > 0
-        ]
-    for p in tc.align.pairs:
+    for p in tc.align.pairs or []:
         for m in p:
             if m not in modalities:
                 raise ConfigError(
@@ -127,7 +121,34 @@ def aligned_pairs(
                     f"(trained modalities: {modalities}); remove the pair, or leave align.pairs "
                     "unset to align the pairs the data has"
                 )
+    held_out = {frozenset(p) for p in held_out_pairs(tc, modalities)}  # checks the names
+    if tc.align.pairs is None:
+        return [
+            list(p)
+            for p in combinations(modalities, 2)
+            if (info is None or info.rows_with_pair(*p) > 0) and frozenset(p) not in held_out
+        ]
     return [list(p) for p in tc.align.pairs]
+
+
+def held_out_pairs(tc: TrainConfig, modalities: list[str]) -> list[list[str]]:
+    """``align.held_out_pairs`` among the trained modalities (a pair naming a declared
+    modality the run does not train holds nothing out and is left out).
+
+    Raises:
+        ConfigError: A pair names a modality that is not declared at all (a typo).
+    """
+    from common.modalities import modality_names
+
+    known = set(modality_names())
+    for p in tc.align.held_out_pairs:
+        for m in p:
+            if m not in known:
+                raise ConfigError(
+                    f"align.held_out_pairs: pair {list(p)} names {m!r}, which is no modality "
+                    f"(declared: {sorted(known)})"
+                )
+    return [list(p) for p in tc.align.held_out_pairs if set(p) <= set(modalities)]
 
 
 @dataclass
@@ -562,6 +583,8 @@ def _export_info(
     }
     training_info = {
         "aligned_pairs": pairs,
+        # Pairs held out of alignment on purpose: the evaluation's emergent-alignment figure.
+        "emergent_pairs": held_out_pairs(tc, mods),
         "label_names": info.label_names,
         "modalities": mods,
         "exported_stage": stage,
