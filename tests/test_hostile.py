@@ -90,6 +90,60 @@ def test_sandbox_limits_memory_and_time():
     assert out["y"].tolist() == [0, 1, 2, 3, 4]
 
 
+def _pid() -> dict[str, np.ndarray]:
+    import os
+
+    return {"pid": np.array(os.getpid())}
+
+
+def test_sandbox_child_is_reused_and_replaced_after_a_death():
+    """One decode server per process and memory budget serves call after call; a job that
+    kills it, exceeds its memory or its time gets its error, and the next job runs in a
+    fresh child (a fork per call cost 5-25x a small clip's decode)."""
+    import os
+    import signal
+
+    from pipelines.featurize.sandbox import server_pid
+
+    first = int(run_isolated(_pid, memory_mb=300, timeout_s=30)["pid"])
+    assert first != os.getpid() and server_pid(300) == first
+    assert int(run_isolated(_pid, memory_mb=300, timeout_s=30)["pid"]) == first
+
+    def abort() -> dict[str, np.ndarray]:
+        os.kill(os.getpid(), signal.SIGABRT)
+        return {}
+
+    with pytest.raises(SampleError) as e:
+        run_isolated(abort, memory_mb=300, timeout_s=30)
+    assert e.value.reason == "decoder_crashed" and "SIGABRT" in e.value.detail
+    second = int(run_isolated(_pid, memory_mb=300, timeout_s=30)["pid"])
+    assert second != first
+
+    def hog() -> dict[str, np.ndarray]:
+        return {"x": np.ones(2 * GiB // 8)}
+
+    with pytest.raises(SampleError) as e:
+        run_isolated(hog, memory_mb=300, timeout_s=30)
+    assert e.value.reason == "too_large"
+    # Within budget after a refused hog: the budget is per job, not used up.
+    big = run_isolated(lambda: {"x": np.ones(100 * 2**20 // 8)}, memory_mb=300, timeout_s=30)
+    assert big["x"].shape == (100 * 2**20 // 8,)
+
+    with pytest.raises(SampleError) as e:
+        run_isolated(lambda: time.sleep(30) or {}, memory_mb=300, timeout_s=0.5)
+    assert e.value.reason == "too_large" and "time limit" in e.value.detail
+    third = int(run_isolated(_pid, memory_mb=300, timeout_s=30)["pid"])
+    assert third not in (first, second)
+    # A job that cannot be pickled still runs isolated, in a child of its own.
+    import threading
+
+    lock = threading.Lock()
+    own = run_isolated(
+        lambda: {"pid": np.array(os.getpid() + 0 * lock.locked())}, memory_mb=300, timeout_s=30
+    )
+    assert int(own["pid"]) not in (os.getpid(), third) and server_pid(300) == third
+
+
 def test_resampling_cost_bounded_for_any_rate():
     from pipelines.featurize.audio import MAX_RESAMPLE_FACTOR, _polyphase_filter, resample_factors
 
