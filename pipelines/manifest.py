@@ -7,7 +7,9 @@ modalities), CSV/TSV or Parquet, on any pyarrow filesystem. Columns: ``id``, ``l
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -75,6 +77,38 @@ def estimate_rows(manifest: str) -> int | None:
         lines = head.count(b"\n") + (not head.endswith(b"\n"))
         return max(1, round(info.size * lines / max(1, len(head))))
     except (OSError, pa.ArrowException):
+        return None
+
+
+def head_modalities(manifest: str, modalities: Sequence[str]) -> list[str] | None:
+    """Which of ``modalities`` the manifest's first rows use (JSONL: the values of the
+    complete lines of its first 64 KiB; CSV: the header; Parquet: the schema); ``None``
+    when that cannot be told. A hint only (which featurizers to warm up): a modality that
+    first appears later is still decoded, just without the warm-up."""
+    try:
+        fs, path = _filesystem(manifest)
+        fmt = manifest_format(manifest)
+        if fmt == "parquet":
+            import pyarrow.dataset as pads
+
+            names = set(pads.dataset(path, format="parquet", filesystem=fs).schema.names)
+            return [m for m in modalities if m in names]
+        with fs.open_input_stream(path) as f:
+            head = f.read(_PEEK_BYTES)
+        if fmt == "csv":
+            names = {c.strip().strip('"') for c in head.split(b"\n", 1)[0].decode().split(",")}
+            return [m for m in modalities if m in names]
+        seen: set[str] = set()
+        lines = head.split(b"\n")
+        for line in lines[:-1] if len(head) == _PEEK_BYTES else lines:
+            try:
+                obj = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue  # a bad line: DecodeRows quarantines it
+            if isinstance(obj, dict):
+                seen.update(k for k, v in obj.items() if v not in (None, ""))
+        return [m for m in modalities if m in seen]
+    except (OSError, ValueError, pa.ArrowException):
         return None
 
 

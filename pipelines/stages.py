@@ -1,6 +1,7 @@
-"""The Ray Data stages of ``prepare`` (run inside workers; pure functions of a batch).
+"""The stages of ``prepare`` (run inside workers; pure functions of a batch).
 
-1. :class:`DecodeRows` (via :func:`decode_batch`): manifest rows -> each modality's stage-1
+1. :class:`DecodeRows` (via :func:`decode_block`, one plain Ray task per block read by Ray
+   Data, or :func:`decode_batch`, a ``map_batches`` UDF): manifest rows -> each modality's stage-1
    (decoded) form + dedupe keys + quarantine records. Every failure is caught per
    modality; a bad file never takes the worker down.
 2. :class:`FinalizeRows` (via :func:`finalize_batch`): applies the driver's plan
@@ -368,6 +369,19 @@ def decode_batch(
     return _decoder(config, root, jsonl, source)(batch)
 
 
+def decode_block(
+    block: pa.Table, batch_size: int, config: dict[str, Any], root: str, jsonl: bool, source: str
+) -> pa.Table:
+    """Task around :class:`DecodeRows` for one whole read block: its rows in batches of
+    ``batch_size`` (what one decode call holds in memory), one stage-1 table back."""
+    dec = _decoder(config, root, jsonl, source)
+    step = max(1, int(batch_size))
+    parts = [dec(block.slice(i, step)) for i in range(0, block.num_rows, step)]
+    if len(parts) == 1:
+        return parts[0]
+    return pa.concat_tables(parts) if parts else dec(block)
+
+
 def _decoder(config: dict[str, Any], root: str, jsonl: bool, source: str) -> DecodeRows:
     key = json.dumps([config, root, jsonl, source], sort_keys=True, default=str)
     dec = _DECODERS.get(key)
@@ -377,13 +391,21 @@ def _decoder(config: dict[str, Any], root: str, jsonl: bool, source: str) -> Dec
     return dec
 
 
-def warm_decoder(config: dict[str, Any], root: str, jsonl: bool, source: str) -> None:
-    """Task that loads in a worker process what its first decode task would: Ray Data,
-    this module, the cached :class:`DecodeRows` and its featurizers' lazy libraries."""
-    import ray.data  # noqa: F401 - Ray Data's task code needs it in the worker
-
-    for f in _decoder(config, root, jsonl, source).featurizers.values():
-        f.warm_up()
+def warm_decoder(
+    config: dict[str, Any],
+    root: str,
+    jsonl: bool,
+    source: str,
+    modalities: list[str] | None = None,
+) -> None:
+    """Task that loads in a worker process what its first decode task would: this module,
+    the cached :class:`DecodeRows` and its featurizers' lazy libraries (of ``modalities``
+    only, e.g. those the manifest's first rows hold; ``None``: all). A featurizer left
+    cold loads its libraries on its first item. (Decode tasks are plain Ray tasks
+    (:func:`decode_block`): no Ray Data, and its ~2 s import of pandas & co., here.)"""
+    for m, f in _decoder(config, root, jsonl, source).featurizers.items():
+        if modalities is None or m in modalities:
+            f.warm_up()
 
 
 class FinalizeRows:

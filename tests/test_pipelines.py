@@ -110,6 +110,72 @@ def test_phash_and_minhash_near_duplicates():
     assert find_duplicates(["x", "y", "z"], minhash=mh, jaccard=0.8) == {1: (0, "near")}
 
 
+def test_phash_bits_equal_the_median_reference():
+    # image_phash thresholds at np.partition's middle element; the reference below is the
+    # former np.median formula: the same 64 bits on photos-like, flat and tiny images.
+    import scipy.fft
+
+    def reference(a):
+        if a.shape[:2] != (32, 32):
+            grey = Image.fromarray(a, "RGB").convert("L")
+            img = np.asarray(grey.resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32)
+        else:
+            img = a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        low = scipy.fft.dctn(img, type=2, norm="ortho")[:8, :8].ravel()
+        bits = low > np.median(low[1:])
+        return int(np.packbits(bits.astype(np.uint8)).view(">u8")[0])
+
+    rng = np.random.default_rng(1)
+    images = [(rng.random((224, 224, 3)) * 255).astype(np.uint8) for _ in range(30)]
+    smooth = Image.fromarray(images[0]).resize((8, 8)).resize((224, 224), Image.BICUBIC)
+    images += [np.asarray(smooth), np.full((224, 224, 3), 7, np.uint8)]
+    images += [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(5)]
+    assert [image_phash(a) for a in images] == [reference(a) for a in images]
+
+
+def test_head_modalities_and_warm_decoder_only_warm_what_the_manifest_uses(tmp_path, monkeypatch):
+    from common.config import to_dict
+    from pipelines import stages
+    from pipelines.manifest import head_modalities
+
+    mods = stages.pipeline_modalities()
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"id": "a", "image": "a.png", "text": ""}\nnot json\n{"id": "b", "text": "hi"}\n')
+    assert head_modalities(str(m), mods) == [x for x in mods if x in ("image", "text")]
+    (tmp_path / "m.csv").write_text("id,audio,label\nx,x.wav,1\n")
+    assert head_modalities(str(tmp_path / "m.csv"), mods) == ["audio"]
+    assert head_modalities(str(tmp_path / "missing.jsonl"), mods) is None
+    warmed = []
+    for name, cls in stages.FEATURIZERS.items():
+        monkeypatch.setattr(cls, "warm_up", lambda self, n=name: warmed.append(n))
+    args = {"config": to_dict(_quiet_config()), "root": str(tmp_path), "jsonl": True}
+    stages.warm_decoder(**args, source="w1", modalities=["image"])
+    assert warmed == ["image"]
+    warmed.clear()
+    stages.warm_decoder(**args, source="w2")  # None: every featurizer
+    assert sorted(warmed) == sorted(mods)
+
+
+def test_decode_block_equals_the_batches_it_is_made_of(tmp_path):
+    # Stage 1's plain task decodes a whole read block in batch_size slices: the same rows
+    # as decode_batch on each slice (what Ray Data's map_batches ran before), in order.
+    from common.config import to_dict
+    from pipelines import stages
+
+    img = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(img, "PNG")
+    (tmp_path / "a.png").write_bytes(img.getvalue())
+    lines = [json.dumps({"id": f"r{i}", "image": "a.png", "text": f"t {i}"}) for i in range(7)]
+    lines += ["not json", json.dumps({"id": "m", "image": "missing.png"})]
+    block = pa.table({"text": lines, "line": list(range(1, len(lines) + 1))})
+    args = {"config": to_dict(_quiet_config()), "root": str(tmp_path), "jsonl": True, "source": "s"}
+    whole = stages.decode_block(block, 4, **args)
+    parts = [stages.decode_batch(block.slice(i, 4), **args) for i in range(0, block.num_rows, 4)]
+    assert whole.equals(pa.concat_tables(parts)) and whole.num_rows == 9
+    empty = stages.decode_block(block.slice(0, 0), 4, **args)
+    assert empty.num_rows == 0 and empty.schema == whole.schema
+
+
 def test_split_groups_deterministic_and_nonempty():
     cfg = DataConfig()
     groups = {f"g{i}": 10 for i in range(20)}

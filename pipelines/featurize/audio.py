@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
-import scipy.signal
 import soundfile as sf
 
 from pipelines.featurize import register
@@ -62,12 +61,16 @@ MAX_RESAMPLE_FACTOR = 1000
 def _polyphase_filter(up: int, down: int) -> np.ndarray:
     # The filter resample_poly would design on every call (Kaiser, beta 5); cached. At most
     # 2 * 10 * MAX_RESAMPLE_FACTOR + 1 taps (160 KB), so the cache is at most ~5 MB.
+    import scipy.signal  # ~1 s to import: loaded by the first audio item (or warm_up)
+
     max_rate = max(up, down)
     return scipy.signal.firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
 
 
 @lru_cache(maxsize=8)
 def _hann(win: int) -> np.ndarray:
+    import scipy.signal
+
     return scipy.signal.get_window("hann", win, fftbins=True).astype(np.float32)
 
 
@@ -86,6 +89,8 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     up, down = resample_factors(sr_in, sr_out)
     if up == down:
         return x
+    import scipy.signal
+
     return scipy.signal.resample_poly(x, up, down, window=_polyphase_filter(up, down)).astype(
         np.float32
     )
@@ -157,6 +162,9 @@ class AudioFeaturizer(Featurizer):
 
     suffixes = (".wav", ".flac", ".ogg", ".aiff", ".aif")
     windowed = True
+
+    def warm_up(self) -> None:
+        import scipy.signal  # noqa: F401 - ~1 s; imported lazily so other modalities skip it
 
     def output_shape(self) -> tuple[int | None, int]:
         return (None, self.section.num_features)
