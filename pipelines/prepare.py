@@ -1,6 +1,7 @@
 """The ``prepare`` pipeline (Contract 2): manifest -> Parquet shards per split.
 
-Ray Data does the heavy work in parallel; the driver only sees small per-row keys::
+Ray Data reads the manifest (any format, any pyarrow filesystem); Ray tasks do the heavy work
+in parallel; the driver only sees small per-row keys::
 
     read manifest (Ray Data, JSONL/CSV/Parquet, any pyarrow filesystem), split by the
       read task itself into blocks of ~rows_per_block rows (the unit of parallelism)
