@@ -190,7 +190,8 @@ def _serve(req: int, rep: int, memory_mb: int) -> None:
             del body
             payload = _answer(fn, memory_mb, limit=False)
             del fn
-        _write_all(rep, _LEN.pack(len(payload)) + payload)
+        _write_all(rep, _LEN.pack(len(payload)))  # apart: no copy of a big answer
+        _write_all(rep, payload)
         del payload
         if trim is not None:
             trim(0)
@@ -252,7 +253,8 @@ class _Server:
                 self.stop()
                 self._start()
             try:
-                _write_all(self.req, _LEN.pack(len(job)) + job)
+                _write_all(self.req, _LEN.pack(len(job)))
+                _write_all(self.req, job)
                 break
             except BrokenPipeError:
                 # The child was already gone (killed from outside): not this input's doing.
