@@ -135,6 +135,7 @@ def run_one(
     from jobs.training.data import inspect_shards, table_to_samples
     from jobs.training.engine import apply_freeze, build_stage_model
     from jobs.training.runner import aligned_pairs, model_config_from_data
+    from jobs.training.schedule import build_scheduler
     from jobs.training.stage import StageObjective
     from models.data import collate
     from pipelines.config import load_feature_config
@@ -160,13 +161,25 @@ def run_one(
         counts = apply_freeze(model, st)
         obj.freeze_unused(model)
         log[f"{stage}_trainable_fraction"] = round(counts["trainable_fraction"], 4)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=st.lr)
+        # The training loop's optimizer (configs/deepspeed: AdamW betas 0.9/0.98, the stage's
+        # weight decay, global-norm clip, warmup + cosine): plain AdamW at a constant lr
+        # without clipping left both arms at chance.
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=st.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=st.weight_decay
+        )
+        sched = build_scheduler(
+            opt, warmup_steps=st.warmup_steps, total_steps=steps[stage], min_lr_ratio=st.min_lr_ratio
+        )  # fmt: skip
         losses = []
         for step, rows in enumerate(_batches(train, tc.data.batch_size, steps[stage], seed)):
             terms, _ = obj(model, obj.collate(rows, info.label_names), step=step)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
+            if st.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, st.grad_clip)
             opt.step()
+            sched.step()
             losses.append(float(terms["loss"].detach()))
         log[f"{stage}_loss_first_last"] = [round(losses[0], 3), round(losses[-1], 3)]
     log["train_seconds"] = round(time.perf_counter() - t0, 1)
@@ -232,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="KEY=VALUE",
         help="override of the training config (repeatable)",
     )
+    ap.add_argument("--arms", default="scratch,minilm", help="which arms to run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/text_tower_ab.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -269,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
                 ("scratch", "configs/data/omnidigits.yaml"),
                 ("minilm", "configs/data/omnidigits_minilm.yaml"),
             ):
+                if name not in args.arms.split(","):
+                    continue
                 shards = work / f"shards_{args.rows}_{'_'.join(mods)}_{name}"
                 _prepare(manifest, shards, str(ROOT / data_cfg))
                 tc = load_train_config(args.config, [f"data.shards_dir={shards}", *args.set])
