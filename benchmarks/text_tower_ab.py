@@ -12,9 +12,9 @@ policy, plain AdamW, no Ray Train). Measured on the test split:
   (paraphrases, typos, numerals vs words): R@1 of query -> nearest X item's label;
 * the training wall time of both.
 
-The recorded run (the demo's model size and align recipe: same-label positives; ~1 min per
-arm on a quiet 2-core machine, much longer loaded; at 300 rows / 40 steps of ``tiny`` both
-arms stayed at chance and the comparison said nothing):
+The recorded run (the demo's model size and align recipe: same-label positives; the
+scratch arm trained 448 s at load average ~9 on 2 shared cores; at 300 rows / 40 steps of
+``tiny`` with constant-lr AdamW both arms stayed at chance and the comparison said nothing):
     python benchmarks/text_tower_ab.py --rows 2000 --steps 60 --align-steps 300 \
         --config configs/train/demo_small.yaml --work /tmp/text_tower_ab
 Only the media columns of ``--modalities`` are prepared; ``align.pairs`` of the config is cut
