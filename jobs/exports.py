@@ -168,6 +168,59 @@ def _copy_towers(export: Path) -> None:
         mc_path.write_text(yaml.safe_dump(mc, sort_keys=False))
         if dc:
             dc_path.write_text(yaml.safe_dump(dc, sort_keys=False))
+        _drop_tower_copies(
+            export,
+            {
+                m: sec["tower"]
+                for m, sec in mc["encoders"].items()
+                if isinstance(sec, dict) and sec.get("tower") in copied.values()
+            },
+        )
+
+
+def _drop_tower_copies(export: Path, towers: dict[str, str]) -> None:
+    """Stores every tower's weights once: the tensors of ``model.safetensors`` under
+    ``encoders.<m>.tower.`` that equal the copy in ``towers/<m>/`` are dropped, and the
+    file's metadata names the modalities whose tower weights come from there
+    (:data:`models.pretrained.EXTERNAL_TOWERS_KEY`; the loader builds the tower from that
+    directory, which is what it does anyway). What training changed (``last_k`` layers,
+    LoRA adapters) stays in ``model.safetensors``."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from common.towers import load_model, tower_module
+    from models.pretrained import EXTERNAL_TOWERS_KEY
+
+    wpath = export / WEIGHTS_FILE
+    if not towers or not wpath.is_file():
+        return
+    with safe_open(str(wpath), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    external = set(json.loads(meta.get(EXTERNAL_TOWERS_KEY, "[]")))
+    refs: dict[str, dict[str, Any]] = {}
+    dropped = 0
+    for m, rel in towers.items():
+        prefix = f"encoders.{m}.tower."
+        if rel not in refs:
+            refs[rel] = tower_module(load_model(str(export / rel)), m).state_dict()
+        ref = refs[rel]
+        keys = [k for k in state if k.startswith(prefix)]
+        drop = []
+        for k in keys:
+            name = k[len(prefix) :].replace(".base_layer.", ".")  # LoRA wraps the base Linear
+            r = ref.get(name)
+            if r is not None and r.shape == state[k].shape and torch.equal(r, state[k]):
+                drop.append(k)
+        if keys and drop:
+            for k in drop:
+                del state[k]
+            dropped += len(drop)
+            external.add(m)
+    if dropped:
+        meta[EXTERNAL_TOWERS_KEY] = json.dumps(sorted(external))
+        save_file(state, str(wpath), metadata=meta)
 
 
 # --------------------------------------------------------------------------- reading

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model_config.yaml"
+#: ``model.safetensors`` metadata: JSON list of the modalities whose pretrained tower's
+#: unchanged weights are not in the file but in the export's ``towers/<m>/`` (written by
+#: ``jobs.exports``; the encoder loads them from there when it is built).
+EXTERNAL_TOWERS_KEY = "external_towers"
 
 
 def save_pretrained(model: OmniModel, directory: str | Path) -> Path:
@@ -91,12 +95,20 @@ def load_pretrained(
     for p in (wpath, cpath):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found (expected an export directory)")
+    import json
+
+    from safetensors import safe_open
+
     cfg = read_config(directory)
     model = build_model(cfg, modalities=modalities, parts=parts)
     state = load_file(str(wpath), device=str(map_location))
-    wanted = model.state_dict().keys()
-    missing = [k for k in wanted if k not in state]
+    with safe_open(str(wpath), framework="pt") as f:
+        external = json.loads((f.metadata() or {}).get(EXTERNAL_TOWERS_KEY, "[]"))
+    # Tower tensors kept only in towers/<m>/: the build just loaded them from there.
+    from_towers = tuple(f"encoders.{m}.tower." for m in external)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(from_towers)]
     if missing:
         raise KeyError(f"{wpath} lacks {len(missing)} tensors, e.g. {missing[:5]}")
-    model.load_state_dict({k: state[k] for k in wanted}, strict=True)
+    model.load_state_dict({k: state.get(k, v) for k, v in own.items()}, strict=True)
     return model.to(map_location).eval()

@@ -163,6 +163,10 @@ def test_export_roundtrip_and_cached_features(featurized, tmp_path):
     cfg = _model_cfg(feats)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    # A tower tensor that training changed (as last_k does) must stay in model.safetensors.
+    with torch.no_grad():
+        changed = "encoders.image.tower.layernorm.weight"
+        dict(model.named_parameters())[changed].add_(0.5)
     weights, shards = tmp_path / "w", tmp_path / "shards"
     save_pretrained(model, weights)
     shards.mkdir()
@@ -177,9 +181,27 @@ def test_export_roundtrip_and_cached_features(featurized, tmp_path):
         yaml.safe_load((out / "model_config.yaml").read_text())["encoders"]["text"]["tower"]
         == "towers/text"
     )
+    # Each tower's weights are stored once: in towers/<m>/, not again in model.safetensors
+    # (except what differs from the tower, e.g. trained layers).
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())  # noqa: SIM118
+        assert json.loads(f.metadata()["external_towers"]) == ["audio", "image", "text", "video"]
+    own = set(model.state_dict())
+    assert {k for k in own - stored if ".tower." not in k} == set()
+    for m in ("text", "image", "audio", "video"):
+        assert not any(k.startswith(f"encoders.{m}.tower.") for k in stored - {changed})
+    assert changed in stored
+    assert (out / "model.safetensors").stat().st_size < (
+        weights / "model.safetensors"
+    ).stat().st_size
     # The export works without the original tower directories.
     moved = {m: f.tower_ref for m, f in feats.items()}
     ex = load_export(out)
+    torch.testing.assert_close(
+        dict(ex.model.named_parameters())[changed], dict(model.named_parameters())[changed]
+    )
     batch = collate(rows, modalities=list(feats), label_names=LABELS)
     with torch.no_grad():
         for m in ("text", "image", "audio", "video"):
