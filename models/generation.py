@@ -150,8 +150,12 @@ class GenSpace:
         raise NotImplementedError
 
     def probe_features(self, items: Sequence[np.ndarray]) -> np.ndarray:
-        """``(N, D)`` float32 features of featurized items from which a linear classifier
-        can read the concept (the generation evaluation's independent classifiers).
+        """Float32 features of featurized items from which the generation evaluation's
+        independent classifiers read the concept (``jobs.evaluation.generation``):
+
+        * ``(N, D)``: read by a standardized logistic regression;
+        * ``(N, C, L)``: a sequence (C channels at L positions) where the concept may sit
+          anywhere along L, read by a small shift-invariant 1-D CNN (global max pooling).
 
         Default: the data-space form (:meth:`from_batch` of the collated items), flattened.
         """
