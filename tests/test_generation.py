@@ -368,3 +368,24 @@ def test_generation_fit_section_and_fit_in_place(corpus_rows, tmp_path):
         first, last = res["loss"][t]
         assert last < first, (t, res["loss"])
     assert res["steps"] == 40 and res["wall_s"] > 0
+
+
+def test_scale_condition_multiplies_the_condition_by_sqrt_e():
+    """``generation.scale_condition``: the velocity net reads ``sqrt(E) * cond``; off (the
+    default, as in exports made before it) it reads the unit-norm condition as is."""
+    base = {"targets": ["image"], "hidden": 32, "blocks": 1}
+    on = build_model(OmniConfig.from_name("tiny", generation={**base, "scale_condition": True}))
+    off = build_model(OmniConfig.from_name("tiny", generation=base))
+    e = on.config.embed_dim
+    assert on.generators["image"].net.cond_gain == pytest.approx(e**0.5)
+    assert off.generators["image"].net.cond_gain == 1.0
+    off.generators.load_state_dict(on.generators.state_dict())  # same parameters
+    net_on, net_off = on.generators["image"].net, off.generators["image"].net
+    torch.nn.init.normal_(net_on.out.weight)
+    net_off.out.weight.data.copy_(net_on.out.weight.data)
+    x = torch.randn(2, 32 * 32 * 3)
+    t = torch.tensor([0.3, 0.7])
+    c = torch.nn.functional.normalize(torch.randn(2, e), dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(net_on(x, t, c), net_off(x, t, c * e**0.5))
+        assert not torch.allclose(net_on(x, t, c), net_off(x, t, c))
