@@ -5,8 +5,9 @@
         [--no-http] [--out benchmarks/results/generation_eval.json]
 
 1. Quality (``jobs.evaluation.generation``): on the split's (``--split``, default test) prompts,
-   the fraction of generated samples that an independent logistic regression (fitted on real
-   train items; its own held-out accuracy is printed beside) assigns to the prompt's digit,
+   the fraction of generated samples that an independent classifier (HOG + logistic
+   regression for images, a small 1-D CNN over log-mel frames for audio, ...; fitted on real
+   train items only; its own held-out accuracy is printed beside) assigns to the prompt's digit,
    for text->image, audio->image, image->audio, text->signal, text->pointcloud (goal >= 0.8;
    chance 0.1); diversity and novelty; sample grids into ``--reports``.
 2. Latency through HTTP: the app deployed in-process (``serve.run(build_app(args))``, the

@@ -66,6 +66,10 @@ class GenerationConfig:
         train_points: Points per cloud scored in one training draw of a ``set`` target
             (a random subset: the points are i.i.d. given the condition, so the subset is an
             unbiased estimate of the full loss at a fraction of the per-point net's cost).
+        scale_condition: The velocity nets read the condition times ``sqrt(E)`` (entries of
+            unit RMS, like the time embedding's) instead of the unit-norm vector, whose
+            entries (~1/sqrt(E)) are swamped by the time embedding's. False in exports made
+            before it (they were trained without it).
     """
 
     targets: list[str] = field(default_factory=list)
@@ -80,6 +84,7 @@ class GenerationConfig:
     repeats: int = 2
     signal_channels: int = 3
     train_points: int = 64
+    scale_condition: bool = False
 
     def __post_init__(self) -> None:
         self.targets = list(dict.fromkeys(self.targets))
@@ -150,8 +155,12 @@ class GenSpace:
         raise NotImplementedError
 
     def probe_features(self, items: Sequence[np.ndarray]) -> np.ndarray:
-        """``(N, D)`` float32 features of featurized items from which a linear classifier
-        can read the concept (the generation evaluation's independent classifiers).
+        """Float32 features of featurized items from which the generation evaluation's
+        independent classifiers read the concept (``jobs.evaluation.generation``):
+
+        * ``(N, D)``: read by a standardized logistic regression;
+        * ``(N, C, L)``: a sequence (C channels at L positions) where the concept may sit
+          anywhere along L, read by a small shift-invariant 1-D CNN (global max pooling).
 
         Default: the data-space form (:meth:`from_batch` of the collated items), flattened.
         """
@@ -235,9 +244,12 @@ class VelocityNet(nn.Module):
     """``v(x_t, t, cond)``: ``(B, D)`` or ``(B, N, D)`` data, ``(B,)`` time, ``(B, E)``
     condition -> velocity of the same shape as the data."""
 
-    def __init__(self, data_dim: int, embed_dim: int, width: int, blocks: int) -> None:
+    def __init__(
+        self, data_dim: int, embed_dim: int, width: int, blocks: int, cond_gain: float = 1.0
+    ) -> None:
         super().__init__()
         ctx = width
+        self.cond_gain = float(cond_gain)
         self.t_dim = 64
         self.t_mlp = nn.Sequential(nn.Linear(self.t_dim, ctx), nn.SiLU(), nn.Linear(ctx, ctx))
         self.c_mlp = nn.Sequential(nn.Linear(embed_dim, ctx), nn.SiLU(), nn.Linear(ctx, ctx))
@@ -251,7 +263,7 @@ class VelocityNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         temb = time_embedding(t, self.t_dim).to(cond.dtype)
-        c = F.silu(self.t_mlp(temb) + self.c_mlp(cond))  # (B, ctx)
+        c = F.silu(self.t_mlp(temb) + self.c_mlp(cond * self.cond_gain))  # (B, ctx)
         h = self.inp(x)
         bias = self.cond_in(c)
         h = h + (bias[:, None] if h.dim() == 3 else bias)
@@ -291,11 +303,12 @@ class FlowGenerator(nn.Module):
         super().__init__()
         self.space = space
         self.gen = gen
+        gain = math.sqrt(embed_dim) if gen.scale_condition else 1.0
         if space.kind == "set":
-            self.net = VelocityNet(space.shape[-1], embed_dim, gen.point_hidden, gen.blocks)
+            self.net = VelocityNet(space.shape[-1], embed_dim, gen.point_hidden, gen.blocks, gain)
         else:
             d = int(np.prod(space.shape))
-            self.net = VelocityNet(d, embed_dim, gen.hidden, gen.blocks)
+            self.net = VelocityNet(d, embed_dim, gen.hidden, gen.blocks, gain)
         # Learned "no condition" vector for classifier-free guidance.
         self.null_cond = nn.Parameter(torch.zeros(embed_dim))
 

@@ -272,3 +272,120 @@ def test_generation_code_names_no_modality():
     for m, space in SPACES.items():
         assert space.modality == m
         assert space.__module__ == ENCODERS[m].__module__, (m, space.__module__)
+
+
+def test_probe_features_shapes_and_hog_properties():
+    """Each target's classifier features: HOG of an image (invariant to contrast, not to
+    the digit), audio frames as a (bins, frames) sequence for the CNN; bad shapes refused."""
+    from models.encoders.image import hog_features
+
+    cfg = OmniConfig.from_name("tiny", generation={"targets": list(TARGETS)})
+    gen = GenerationConfig.from_model(cfg)
+    rng = np.random.default_rng(0)
+    img = (rng.random((2, 32, 32, 3)) * 255).astype(np.uint8)
+    f = SPACES["image"].for_model(cfg, gen, "image").probe_features(list(img))
+    assert f.shape == (2, 7 * 7 * 4 * 9) and f.dtype == np.float32
+    grey = img.astype(np.float32).mean(-1)
+    np.testing.assert_allclose(hog_features(grey * 0.5), hog_features(grey), atol=1e-3)
+    assert np.abs(hog_features(grey[:1]) - hog_features(grey[1:])).max() > 0.1
+    with pytest.raises(ValueError, match="grey"):
+        hog_features(img)
+    with pytest.raises(ValueError, match="too small"):
+        hog_features(grey[:, :6, :6])
+    space = SPACES["audio"].for_model(cfg, gen, "audio")
+    clips = [rng.normal(size=(n, space.shape[1])).astype(np.float16) for n in (5, space.shape[0])]
+    a = space.probe_features(clips)
+    assert a.shape == (2, space.shape[1], space.shape[0])
+    # Padded with each bin's quietest value, as the head pads.
+    np.testing.assert_allclose(a[0][:, -1], clips[0].astype(np.float32).min(0), atol=1e-6)
+
+
+def test_sequence_classifier_reads_a_shifted_pattern_and_bad_features_are_refused(
+    monkeypatch,
+):
+    """The sequence probe finds a class pattern wherever it sits in the sequence (a linear
+    model on flat features cannot: its position is random); 4-D features are refused."""
+    from jobs.evaluation import generation as ge
+    from jobs.evaluation.data import SplitData
+
+    rng = np.random.default_rng(0)
+    protos = rng.normal(size=(4, 6, 8)).astype(np.float32)
+
+    def make(n):
+        y = rng.integers(0, 4, n)
+        x = rng.normal(scale=0.5, size=(n, 6, 48)).astype(np.float32)
+        for i, c in enumerate(y):
+            p = rng.integers(0, 40)
+            x[i, :, p : p + 8] += 2 * protos[c]
+        return x, np.asarray([str(c) for c in y])
+
+    xtr, ytr = make(400)
+    xte, yte = make(100)
+    cnn = ge.SequenceCNN(width=32, epochs=15).fit(xtr, ytr)
+    assert (cnn.predict(xte) == yte).mean() >= 0.9
+    assert cnn.transform(xte).shape == (100, 6 * 48)
+
+    split = SplitData(ids=["a", "b", "c"], labels=["0", "1", "0"])
+    split.tensors["image"] = [np.zeros((32, 32, 3), np.uint8)] * 3
+    monkeypatch.setattr(ge, "classifier_features", lambda t, items, cfg: np.zeros((3, 2, 2, 2)))
+    with pytest.raises(ValueError, match=r"\(N, D\) or \(N, C, L\)"):
+        ge.fit_classifier("image", split, split, None, 10)
+
+
+def test_generation_fit_section_and_fit_in_place(corpus_rows, tmp_path):
+    """``generation_fit`` after training: the export's heads are refit in place on its
+    frozen encoders (encoder weights untouched, heads changed, loss falls); bad settings
+    are refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from jobs.training.config import GenerationFitSection, load_train_config
+    from jobs.training.runner import fit_heads_on_export
+    from serve.devtools import write_gallery_split
+
+    assert load_train_config(None).generation_fit.steps == 0  # off unless asked
+    demo = load_train_config("configs/train/demo_small.yaml")
+    assert demo.generation_fit.steps > 0
+    assert demo.align.loss_weights.get("generate") == 0.0
+    for bad in ({"steps": -1}, {"batch": 0}, {"lr": 0.0}, {"max_rows": 0}):
+        with pytest.raises(ValueError, match="generation_fit"):
+            GenerationFitSection(**bad)
+    rows, export = corpus_rows
+    ex = tmp_path / "export"
+    shutil.copytree(export, ex)
+    write_gallery_split(rows, tmp_path / "shards" / "train")
+    before = load_file(str(ex / "model.safetensors"))
+    res = fit_heads_on_export(
+        str(ex), str(tmp_path / "shards"), GenerationFitSection(steps=40, batch=32, lr=3e-3)
+    )
+    after = load_file(str(ex / "model.safetensors"))
+    assert set(before) == set(after)
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        assert same != k.startswith("generators."), k  # encoders frozen, heads trained
+    for t in TARGETS:
+        first, last = res["loss"][t]
+        assert last < first, (t, res["loss"])
+    assert res["steps"] == 40 and res["wall_s"] > 0
+
+
+def test_scale_condition_multiplies_the_condition_by_sqrt_e():
+    """``generation.scale_condition``: the velocity net reads ``sqrt(E) * cond``; off (the
+    default, as in exports made before it) it reads the unit-norm condition as is."""
+    base = {"targets": ["image"], "hidden": 32, "blocks": 1}
+    on = build_model(OmniConfig.from_name("tiny", generation={**base, "scale_condition": True}))
+    off = build_model(OmniConfig.from_name("tiny", generation=base))
+    e = on.config.embed_dim
+    assert on.generators["image"].net.cond_gain == pytest.approx(e**0.5)
+    assert off.generators["image"].net.cond_gain == 1.0
+    off.generators.load_state_dict(on.generators.state_dict())  # same parameters
+    net_on, net_off = on.generators["image"].net, off.generators["image"].net
+    torch.nn.init.normal_(net_on.out.weight)
+    net_off.out.weight.data.copy_(net_on.out.weight.data)
+    x = torch.randn(2, 32 * 32 * 3)
+    t = torch.tensor([0.3, 0.7])
+    c = torch.nn.functional.normalize(torch.randn(2, e), dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(net_on(x, t, c), net_off(x, t, c * e**0.5))
+        assert not torch.allclose(net_on(x, t, c), net_off(x, t, c))

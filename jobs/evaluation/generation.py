@@ -1,13 +1,13 @@
 """Evaluation of the generation heads that no generator can fool.
 
-For every generation target, an **independent** classifier (scikit-learn logistic regression
-on standardized features of the *real* featurized train items; the generator never sees it)
-is fitted, and its own accuracy on the real items of the evaluated split is reported beside
-every figure it produces (a figure whose classifier is below ``min_classifier_accuracy`` is
-flagged ``"meaningful": false``). Features are chosen so that a linear model can read the
-concept, by each target's generation space (``GenSpace.probe_features``, next to its encoder):
-e.g. grey pixels of an image, log-mel frames of audio *not* time-pooled (padded as the head
-pads them), an order-free 3-D occupancy histogram of a point cloud.
+For every generation target, an **independent** classifier (a standardized logistic
+regression, or a small shift-invariant 1-D CNN for sequence features; fitted on the *real*
+featurized train items only, the generator never sees it) is fitted, and its own accuracy
+on the real items of the evaluated split is reported beside every figure it produces (a figure whose classifier is below ``min_classifier_accuracy`` is
+flagged ``"meaningful": false``). Features are chosen by each target's generation space
+(``GenSpace.probe_features``, next to its encoder) so that the classifier reads the concept:
+e.g. HOG of an image, log-mel frames of audio as a ``(bins, frames)`` sequence (padded as
+the head pads them; read by the CNN), an order-free 3-D occupancy histogram of a point cloud.
 
 Per direction ``source -> target`` (prompts: the split's rows with a label and the source):
 
@@ -73,9 +73,74 @@ def classifier_features(target: str, items: Sequence[np.ndarray], model_cfg: Any
     return SPACES[target].for_model(model_cfg, gen, target).probe_features(items)
 
 
+class SequenceCNN:
+    """A small shift-invariant 1-D CNN over ``(N, C, L)`` sequence features: three
+    convolutions (GELU, max pooling) and a global max over positions, trained with AdamW on
+    per-channel standardized inputs with random shifts (seeded: the same data give the same
+    classifier). The sequence probe of :func:`fit_classifier`.
+
+    Args:
+        width: Channels of the convolutions. epochs: Passes over the train items.
+        seed: Seed of the initialization, the batches and the shifts.
+    """
+
+    kind = "1-D CNN (global max pooling)"
+
+    def __init__(self, width: int = 96, epochs: int = 20, lr: float = 2e-3, seed: int = 0):
+        self.width, self.epochs, self.lr, self.seed = width, epochs, lr, seed
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> SequenceCNN:
+        from torch import nn
+
+        self.classes_ = np.asarray(sorted(set(y.tolist())))
+        idx = {c: i for i, c in enumerate(self.classes_.tolist())}
+        xt = torch.as_tensor(np.asarray(x, np.float32))
+        yt = torch.as_tensor([idx[c] for c in y.tolist()])
+        self.mu = xt.mean((0, 2), keepdim=True)
+        self.sd = xt.std((0, 2), keepdim=True) + 1e-5
+        xt = (xt - self.mu) / self.sd
+        c, w = xt.shape[1], self.width
+        g = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            self.net = nn.Sequential(
+                nn.Conv1d(c, w, 5, padding=2), nn.GELU(), nn.MaxPool1d(2),
+                nn.Conv1d(w, w, 5, padding=2), nn.GELU(), nn.MaxPool1d(2),
+                nn.Conv1d(w, w, 3, padding=1), nn.GELU(), nn.AdaptiveMaxPool1d(1),
+                nn.Flatten(), nn.Dropout(0.2), nn.Linear(w, len(self.classes_)),
+            )  # fmt: skip
+            opt = torch.optim.AdamW(self.net.parameters(), self.lr, weight_decay=1e-2)
+            shift = max(1, xt.shape[2] // 16)
+            self.net.train()
+            with torch.enable_grad():
+                for _ in range(self.epochs):
+                    perm = torch.randperm(len(xt), generator=g)
+                    for i in range(0, len(perm), 64):
+                        b = perm[i : i + 64]
+                        k = int(torch.randint(-shift, shift + 1, (1,), generator=g))
+                        loss = nn.functional.cross_entropy(self.net(torch.roll(xt[b], k, 2)), yt[b])
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+        self.net.eval()
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Per-channel standardized, flattened (the space of diversity and novelty)."""
+        z = (torch.as_tensor(np.asarray(x, np.float32)) - self.mu) / self.sd
+        return z.flatten(1).numpy()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        z = (torch.as_tensor(np.asarray(x, np.float32)) - self.mu) / self.sd
+        with torch.inference_mode():
+            pred = torch.cat([self.net(z[i : i + 256]).argmax(1) for i in range(0, len(z), 256)])
+        return self.classes_[pred.numpy()]
+
+
 @dataclass
 class TargetClassifier:
-    """A standardized logistic regression on one target's real items."""
+    """One target's classifier, fitted on real train items: a standardized logistic
+    regression on ``(N, D)`` features, a :class:`SequenceCNN` on ``(N, C, L)`` ones."""
 
     target: str
     pipe: Any
@@ -86,18 +151,26 @@ class TargetClassifier:
     train_feats: np.ndarray
     test_feats: np.ndarray
     test_labels: np.ndarray
+    kind: str = "standardized logistic regression"
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.pipe.predict(x)
 
     def scaled(self, x: np.ndarray) -> np.ndarray:
+        """Features in the classifier's standardized space, ``(N, D)``."""
+        if isinstance(self.pipe, SequenceCNN):
+            return self.pipe.transform(x)
         return self.pipe[0].transform(x)
 
 
 def fit_classifier(
     target: str, train: Any, test: Any, model_cfg: Any, max_train_rows: int, seed: int = 0
 ) -> TargetClassifier | None:
-    """Fits the target's classifier on real train items; scores it on real test items."""
+    """Fits the target's classifier on real train items; scores it on real test items.
+
+    The features are the target space's ``probe_features``: ``(N, D)`` -> a standardized
+    logistic regression; ``(N, C, L)`` -> a :class:`SequenceCNN`.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -114,11 +187,20 @@ def fit_classifier(
         return None
     ftr = classifier_features(target, xtr, model_cfg)
     fte = classifier_features(target, xte, model_cfg)
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.05))
-    pipe.fit(ftr, ytr)
+    if ftr.ndim == 3:
+        pipe: Any = SequenceCNN(seed=seed).fit(ftr, ytr)
+        kind = SequenceCNN.kind
+    elif ftr.ndim == 2:
+        pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.05))
+        pipe.fit(ftr, ytr)
+        kind = "standardized logistic regression"
+    else:
+        raise ValueError(
+            f"{target}: probe_features must be (N, D) or (N, C, L), got shape {ftr.shape}"
+        )
     acc = float((pipe.predict(fte) == yte).mean())
     return TargetClassifier(
-        target, pipe, sorted(set(ytr.tolist())), acc, len(ytr), len(yte), ftr, fte, yte
+        target, pipe, sorted(set(ytr.tolist())), acc, len(ytr), len(yte), ftr, fte, yte, kind
     )
 
 
@@ -308,7 +390,7 @@ def evaluate_generation(
             {"skipped": "too few labelled real items"}
             if clf is None
             else {
-                "kind": "standardized logistic regression",
+                "kind": clf.kind,
                 "held_out_accuracy": round(clf.accuracy, 4),
                 "train_items": clf.n_train,
                 "test_items": clf.n_test,

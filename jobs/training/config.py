@@ -217,6 +217,37 @@ class StageSection:
 
 
 @dataclass
+class GenerationFitSection:
+    """``generation_fit:``: after the last stage, the generation heads are fitted on the
+    final, frozen encoders (:func:`jobs.training.generation.fit_generation_heads`, in place
+    on the export): every train row embedded once, the heads trained on the cached
+    shared-space conditions. The stages' own ``gen_<target>`` terms see each target a few
+    thousand times, on conditions that move while the encoders train; this phase gives the
+    heads the steps they need on the conditions they will be served (docs/GENERATION.md).
+
+    Attributes:
+        steps: Optimizer steps (0: no fit; the heads stay as the stages left them).
+        batch: (condition, target) pairs per target per step.
+        lr: Peak AdamW learning rate (50 warm-up steps, cosine decay).
+        max_rows: Train rows embedded (None: all).
+    """
+
+    steps: int = 0
+    batch: int = 256
+    lr: float = 1e-3
+    max_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch < 1 or self.lr <= 0:
+            raise ValueError(
+                f"generation_fit needs steps >= 0, batch >= 1, lr > 0; got steps={self.steps}, "
+                f"batch={self.batch}, lr={self.lr}"
+            )
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"generation_fit.max_rows must be >= 1, got {self.max_rows}")
+
+
+@dataclass
 class FaultInjection:
     """Tests only: make one worker raise once, mid-run.
 
@@ -270,6 +301,8 @@ class TrainConfig:
             ``None``: the neutral defaults of :data:`models.zeroshot.DEFAULT_TEMPLATES`.
         zero_shot_label_text: Text written into ``{label}`` per class name (e.g.
             ``{"7": "seven"}`` where captions spell labels out), carried in the export too.
+        generation_fit: Fit of the generation heads on the frozen final encoders after the
+            export (:class:`GenerationFitSection`; off by default).
     """
 
     name: str = "run"
@@ -294,6 +327,7 @@ class TrainConfig:
     pretrain: StageSection = field(default_factory=StageSection)
     align: StageSection = field(default_factory=StageSection)
     finetune: StageSection = field(default_factory=StageSection)
+    generation_fit: GenerationFitSection = field(default_factory=GenerationFitSection)
     fault_injection: FaultInjection = field(default_factory=FaultInjection)
 
     def __post_init__(self) -> None:

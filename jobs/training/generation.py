@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ class FitGenerationConfig:
     cache: str | None = None
 
 
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def _embed_split(model: Any, data: Any, batch_size: int = 128) -> dict[str, torch.Tensor]:
     """``{m: (N, E)}`` embeddings (zeros where a row lacks ``m``) of every modality."""
     from models.data import collate
@@ -89,8 +94,11 @@ def fit_generation_heads(
     shards_dir: str | Path,
     out_dir: str | Path,
     cfg: FitGenerationConfig | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Trains the export's generation heads on cached train-split embeddings.
+
+    ``log`` receives the progress lines (every ``cfg.log_every`` steps).
 
     Returns:
         ``{"steps", "seconds", "loss": {target: [first, last]}, "out"}``; the new export is
@@ -190,7 +198,7 @@ def fit_generation_heads(
             hist[m].append(float(v.detach()))
         if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             msg = " ".join(f"{m}={np.mean(hist[m][-50:]):.4f}" for m in hist)
-            print(f"[fit_generation] step {step}/{cfg.steps} {msg}", flush=True)
+            (log or _print)(f"[fit_generation] step {step}/{cfg.steps} {msg}")
     heads.eval()
     out_dir = Path(out_dir)
     if out_dir.resolve() != Path(export_dir).resolve():

@@ -345,10 +345,13 @@ def run_training(
         )
 
     export_dir = None
+    gen_fit = None
     last = next((s for s in reversed(STAGES) if Path(paths.done(s)).is_file()), None)
     if tc.export_at_end and last is not None and stages and last == stages[-1]:
         export_dir = export_run(tc, paths, info, pairs, mods)
         say(f"[train] exported {last} weights to {export_dir}")
+        if tc.generation_fit.steps > 0:
+            gen_fit = fit_heads_on_export(export_dir, paths.shards, tc.generation_fit)
     records = read_jsonl(paths.metrics)
     from jobs.training.plots import expert_load_heatmap, gate_weights
 
@@ -361,6 +364,7 @@ def run_training(
         "export_dir": export_dir,
         "run_dir": paths.run_dir,
         "disk": disk,
+        "generation_fit": gen_fit,
     }
     with open(os.path.join(paths.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
@@ -412,6 +416,37 @@ class StageProgress:
             self.bar.update_to(
                 int(r["step"]), loss=r.get("loss"), samples_per_s=r.get("samples_per_s")
             )
+
+
+def fit_heads_on_export(export_dir: str, shards: str, fit: Any) -> dict[str, Any]:
+    """``generation_fit``: the export's generation heads fitted in place on its frozen
+    encoders (:func:`jobs.training.generation.fit_generation_heads`); an export without
+    heads is left as it is."""
+    from jobs.exports import load_export
+    from jobs.training.generation import FitGenerationConfig, fit_generation_heads
+
+    if not len(load_export(export_dir).model.generators):
+        say("[train] generation_fit: the model has no generation heads; skipped")
+        return {"skipped": "no generation heads"}
+    t0 = time.time()
+    say(f"[train] generation_fit: {fit.steps} steps on the frozen encoders' train embeddings")
+    res = fit_generation_heads(
+        export_dir,
+        shards,
+        export_dir,
+        FitGenerationConfig(
+            steps=fit.steps,
+            batch=fit.batch,
+            lr=fit.lr,
+            max_rows=fit.max_rows,
+            log_every=max(1, fit.steps // 4),
+        ),
+        log=say,
+    )
+    res["wall_s"] = time.time() - t0
+    loss = " ".join(f"{m} {a:.3f}->{b:.3f}" for m, (a, b) in res["loss"].items())
+    say(f"[train] generation_fit: done in {format_duration(res['wall_s'])}, loss {loss}")
+    return res
 
 
 def export_run(
