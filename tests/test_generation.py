@@ -332,6 +332,15 @@ def test_sequence_classifier_reads_a_shifted_pattern_and_bad_features_are_refuse
         ge.fit_classifier("image", split, split, None, 10)
 
 
+#: docs/GENERATION.md's recipe: heads fitted after training, not inside the stages.
+FIT_RECIPE = [
+    "model_overrides.generation.scale_condition=true",
+    "generation_fit.steps=1200",
+    "align.loss_weights.generate=0",
+    "finetune.loss_weights.generate=0",
+]
+
+
 def test_generation_fit_section_and_fit_in_place(corpus_rows, tmp_path):
     """``generation_fit`` after training: the export's heads are refit in place on its
     frozen encoders (encoder weights untouched, heads changed, loss falls); bad settings
@@ -345,8 +354,11 @@ def test_generation_fit_section_and_fit_in_place(corpus_rows, tmp_path):
     from serve.devtools import write_gallery_split
 
     assert load_train_config(None).generation_fit.steps == 0  # off unless asked
-    demo = load_train_config("configs/train/demo_small.yaml")
-    assert demo.generation_fit.steps > 0
+    # The fitted-heads recipe of docs/GENERATION.md, as overrides of the demo config.
+    demo = load_train_config("configs/train/demo_small.yaml", FIT_RECIPE)
+    assert (
+        demo.generation_fit.steps == 1200 and demo.model_overrides["generation"]["scale_condition"]
+    )
     assert demo.align.loss_weights.get("generate") == 0.0
     for bad in ({"steps": -1}, {"batch": 0}, {"lr": 0.0}, {"max_rows": 0}):
         with pytest.raises(ValueError, match="generation_fit"):
