@@ -218,7 +218,11 @@ def run_embed(
                 "batch_size": cfg.batch_size,
                 "torch_threads": cfg.torch_threads,
             },
-            batch_size=cfg.batch_size,
+            # A whole part per call: the actor groups its segments by modality (and fused
+            # rows by modality set) and runs the model on chunks of cfg.batch_size. Batches
+            # of cfg.batch_size mixed rows split into sub-batches of a few items each, which
+            # made the actor 1.7x slower per part (250 demo rows: 3.94 s vs 2.33 s).
+            batch_size=None,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cfg.cpus_per_actor,
