@@ -407,29 +407,12 @@ def run_isolated(
         # A whole answer: the exit status adds nothing, and tearing down a copy of a big
         # process (a replica holding a model) takes longer than the decode; reap it later.
         _reap_later(pid)
-        status = 0
+        status = None
     else:
         try:
             _, status = os.waitpid(pid, 0)
         except ChildProcessError:  # reaped by someone else's SIGCHLD handler
             status = 0
-    if timed_out:
-        raise SampleError("too_large", f"{what} exceeded its time limit of {timeout_s:g} s")
-    if os.WIFSIGNALED(status) or not data:
-        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        name = signal.Signals(sig).name if sig else f"exit {os.WEXITSTATUS(status)}"
-        raise SampleError(
-            "decoder_crashed",
-            f"{what} died ({name}) on this input (memory limit {memory_mb} MiB);"
-            " refused, not retried",
-        )
-    tag, body = data[:1], data[1:]
-    if tag == _OK:
-        with np.load(io.BytesIO(body), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    if tag == _SAMPLE_ERROR:
-        reason, detail = json.loads(body)
-        raise SampleError(reason, detail)
-    if tag == _MEMORY:
-        raise SampleError("too_large", f"{what} needed more than {memory_mb} MiB")
-    raise SampleError("decode_error", body.decode("utf-8", "replace"))
+        if timed_out:
+            status = -1
+    return _raise_for(data, status, what, memory_mb, timeout_s)
