@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from jobs.demo.run import SUMMARY_EVAL_KEYS
 from jobs.evaluation import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,18 +256,7 @@ def test_demo_console_fits_the_line_budget():
         "total_seconds": 889.0,
         "steps": {s: {"seconds": 60.0, "skipped": False} for s in ("corpus", "train", "serve")},
         "corpus": {"rows_read": 2000, "rows_written": 1992, "splits": {"test": 195}},
-        "evaluation": {
-            k: res[k]
-            for k in (
-                "modalities",
-                "retrieval_summary",
-                "mean_R@1",
-                "emergent",
-                "fusion",
-                "zero_shot",
-                "classification",
-            )
-        },
+        "evaluation": {k: res[k] for k in SUMMARY_EVAL_KEYS},
         "baselines": "OmniRay/baseline accuracy ...",
         "baselines_result": base,
         "serving": {"examples": examples},

@@ -45,6 +45,17 @@ class Profile:
     extras: tuple[str, ...] = ()
 
 
+#: The evaluation metrics the demo's summary JSON keeps.
+SUMMARY_EVAL_KEYS = (
+    "modalities",
+    "retrieval_summary",
+    "mean_R@1",
+    "emergent",
+    "fusion",
+    "zero_shot",
+    "classification",
+)
+
 PROFILES: dict[str, Profile] = {
     "demo": Profile(
         n=2000,
@@ -557,19 +568,7 @@ def build_report(paths: Paths, timings: dict, serving: dict, total_s: float) -> 
         },
         "quarantine_by_reason": (stats.get("quarantined") or {}).get("by_reason"),
         "training": train_summary,
-        "evaluation": {
-            k: metrics.get(k)
-            for k in (
-                "modalities",
-                "retrieval_summary",
-                "mean_R@1",
-                "emergent",
-                "fusion",
-                "zero_shot",
-                "classification",
-            )
-            if k in metrics
-        },
+        "evaluation": {k: metrics.get(k) for k in SUMMARY_EVAL_KEYS if k in metrics},
         "serving": serving,
         "baselines": _baselines_line(paths.reports / "baselines.json"),
         "baselines_result": {
